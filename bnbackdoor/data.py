@@ -1,0 +1,191 @@
+"""Datasets: the on-disk cache, normalisation constants and deterministic subsets.
+
+Cache format (DESIGN.md): ``<data_root>/<dataset>.npz`` holding ``x_train`` (uint8, N×32×32×3), ``y_train``
+(int64), ``x_test``, ``y_test`` and ``classes``. The first use converts torchvision's download once; afterwards
+only the cache is read (a plain, uncompressed npz: CIFAR-10 loads in about a second).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+from .fileio import atomic_path
+
+GTSRB_CLASSES = (
+    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
+    "Speed limit (70km/h)", "Speed limit (80km/h)", "End of speed limit (80km/h)", "Speed limit (100km/h)",
+    "Speed limit (120km/h)", "No passing", "No passing for vehicles over 3.5 metric tons",
+    "Right-of-way at the next intersection", "Priority road", "Yield", "Stop", "No vehicles",
+    "Vehicles over 3.5 metric tons prohibited", "No entry", "General caution", "Dangerous curve to the left",
+    "Dangerous curve to the right", "Double curve", "Bumpy road", "Slippery road", "Road narrows on the right",
+    "Road work", "Traffic signals", "Pedestrians", "Children crossing", "Bicycles crossing", "Beware of ice/snow",
+    "Wild animals crossing", "End of all speed and passing limits", "Turn right ahead", "Turn left ahead",
+    "Ahead only", "Go straight or right", "Go straight or left", "Keep right", "Keep left",
+    "Roundabout mandatory", "End of no passing", "End of no passing by vehicles over 3.5 metric tons",
+)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _tv_cifar10(root: Path):
+    from torchvision.datasets import CIFAR10
+    return CIFAR10(root, train=True, download=True), CIFAR10(root, train=False, download=True)
+
+
+def _tv_gtsrb(root: Path):
+    from torchvision.datasets import GTSRB
+    return GTSRB(root, split="train", download=True), GTSRB(root, split="test", download=True)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    classes: tuple[str, ...]
+    # Normalisation constants, applied as the first module of every model (images stay in [0, 1]).
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Returns (train, test) datasets yielding (PIL image, label); used once to build the cache.
+    source: Callable[[Path], tuple]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # CIFAR-10 uses the ImageNet constants on purpose: the public CIFAR ResNet20 checkpoints (and the ancestor
+    # paper's models) were trained with them, so those checkpoints load and reach their published accuracy.
+    "cifar10": DatasetInfo("cifar10", CIFAR10_CLASSES, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), _tv_cifar10),
+    # GTSRB: per-channel mean/std of the cached 32×32 training images.
+    "gtsrb": DatasetInfo("gtsrb", GTSRB_CLASSES, (0.3396, 0.3115, 0.3206), (0.2751, 0.2640, 0.2704), _tv_gtsrb),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}") from None
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """``--data-root`` if given, else ``$BNBACKDOOR_DATA``, else ``./datasets``."""
+    return Path(data_root or os.environ.get("BNBACKDOOR_DATA") or "datasets")
+
+
+def cache_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
+    return resolve_data_root(data_root) / f"{dataset_info(name).name}.npz"
+
+
+def to_uint8_hwc(images: Iterable, size: int = 32, total: int | None = None, desc: str = "") -> np.ndarray:
+    """PIL images (any size/mode) -> uint8 N×size×size×3, resizing bilinearly where needed (GTSRB)."""
+    from PIL import Image
+
+    out = []
+    for img in tqdm(images, total=total, desc=desc, leave=False):
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(out)
+
+
+def convert_dataset(ds, size: int = 32, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """A torchvision-style dataset of (PIL image, label) -> (uint8 N×H×W×3, int64 N)."""
+    n = len(ds)
+    x = to_uint8_hwc((ds[i][0] for i in range(n)), size=size, total=n, desc=desc)
+    y = np.asarray([int(ds[i][1]) for i in range(n)], dtype=np.int64)
+    return x, y
+
+
+def write_cache(path: Path, x_train, y_train, x_test, y_test, classes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temp name
+            np.savez(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                     classes=np.asarray(classes))
+
+
+def build_cache(name: str, data_root: str | os.PathLike | None = None, source: Callable | None = None) -> Path:
+    """Download through torchvision (or ``source``, for tests) and write the cache atomically."""
+    info = dataset_info(name)
+    path = cache_path(name, data_root)
+    raw_root = path.parent / f"{info.name}_download"
+    try:
+        train, test = (source or info.source)(raw_root)
+    except Exception as e:  # network errors come in many types; the fix is the same
+        raise UserError(
+            f"{info.name}: no cache at {path} and the download failed ({type(e).__name__}); offline, put "
+            f"{info.name}.npz there (e.g. ../shared/data/unpack.sh {path.parent}) or pass --data-root") from None
+    x_train, y_train = convert_dataset(train, desc=f"{info.name} train")
+    x_test, y_test = convert_dataset(test, desc=f"{info.name} test")
+    write_cache(path, x_train, y_train, x_test, y_test, info.classes)
+    return path
+
+
+@lru_cache(maxsize=4)
+def _read_cache(path: str, mtime: float) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"data cache {path} is unreadable ({e}); delete it and rerun, or unpack it again") from None
+    for split in ("train", "test"):
+        x = arrays[f"x_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise UserError(f"data cache {path}: x_{split} must be uint8 N×32×32×3, got {x.dtype} {x.shape}")
+    return arrays
+
+
+def load_cache(name: str, data_root: str | os.PathLike | None = None, download: bool = True) -> dict[str, np.ndarray]:
+    """The cached arrays of ``name``; builds the cache on first use when ``download`` is allowed."""
+    path = cache_path(name, data_root)
+    if not path.exists():
+        if not download:
+            raise UserError(f"{name}: no data cache at {path}; put {path.name} there "
+                            f"(offline: ../shared/data/unpack.sh {path.parent}) or pass --data-root")
+        build_cache(name, data_root)
+    return _read_cache(str(path), path.stat().st_mtime)
+
+
+def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:
+    """The first ``size`` of a seeded permutation of ``range(n)`` (all of it, in order, when size is None)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    if size <= 0:
+        raise UserError(f"subset size must be positive, got {size}")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:size]
+
+
+def images_to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 N×3×H×W -> float32 in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def load_split(name: str, split: str = "train", size: int | None = None, seed: int = 0,
+               data_root: str | os.PathLike | None = None, as_uint8: bool = False,
+               exclude: torch.Tensor | None = None, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N×3×32×32, float in [0, 1] or uint8) and int64 labels of a deterministic subset.
+
+    ``exclude`` lists indices that the subset must avoid (e.g. a disjoint calibration set).
+    """
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split '{split}'; use 'train' or 'test'")
+    arrays = load_cache(name, data_root, download=download)
+    x_all, y_all = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    pool = torch.arange(len(y_all))
+    if exclude is not None:
+        keep = torch.ones(len(y_all), dtype=torch.bool)
+        keep[exclude] = False
+        pool = pool[keep]
+    idx = pool[subset_indices(len(pool), size, seed)].numpy()
+    x = torch.from_numpy(np.ascontiguousarray(x_all[idx])).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(y_all[idx].astype(np.int64))
+    return (x if as_uint8 else images_to_float(x)), y

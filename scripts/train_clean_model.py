@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train a clean base model: python scripts/train_clean_model.py <modeltype> <device> [--model-id N] [--epochs E]
+
+Resumable: rerun the same command after an interruption and it continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnbackdoor.device import parse_device  # noqa: E402
+from bnbackdoor.errors import UserError, run_cli  # noqa: E402
+from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype  # noqa: E402
+from bnbackdoor.train import auto_train_config, train_model  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("modeltype", help="registry name, e.g. cifar10_resnet20, cifar10_resnet20_nbn, gtsrb_vgg13bn")
+    p.add_argument("device", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--model-id", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the model id")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--train-size", type=int, help="train on a deterministic subset (default: all)")
+    p.add_argument("--eval-every", type=int, default=5, help="test accuracy every N epochs (0: only at the end)")
+    p.add_argument("--data-root", help="default: $BNBACKDOOR_DATA, else ./datasets")
+    p.add_argument("--models-root", default=str(MODEL_ROOT))
+    p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    a = p.parse_args()
+    modeltype = resolve_modeltype(a.modeltype)
+    device = parse_device(a.device)
+    cfg = auto_train_config(modeltype, seed=a.model_id if a.seed is None else a.seed)
+    for field in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "grad_clip"):
+        if getattr(a, field) is not None:
+            setattr(cfg, field, getattr(a, field))
+    if cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    out = checkpoint_path(modeltype, a.model_id, a.models_root)
+    if out.exists() and not a.force:
+        raise UserError(f"{out} exists; pass --force to retrain it")
+    print(f"training {modeltype} -> {out}\n{dataclasses.asdict(cfg)}")
+    meta = train_model(build_model(modeltype), modeltype, cfg, device, out, data_root=a.data_root,
+                       command="python " + shlex.join(sys.argv), train_size=a.train_size, eval_every=a.eval_every)
+    print(f"test accuracy {meta['test_accuracy']:.4f} after {cfg.epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
