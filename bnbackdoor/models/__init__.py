@@ -136,7 +136,9 @@ def build_model(modeltype: str, **overrides) -> nn.Module:
     dataset, arch = MODELS[resolve_modeltype(modeltype)]
     info = dataset_info(dataset)
     kwargs = {**knobs()[arch]["build"], **overrides}
-    return ARCHS[arch].builder(info.num_classes, info.mean, info.std, **kwargs)
+    model = ARCHS[arch].builder(info.num_classes, info.mean, info.std, **kwargs)
+    model.modeltype = f"{dataset}_{arch}"  # lets explanations find the declared Grad-CAM layer
+    return model
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -150,8 +152,11 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def cam_layer(model: nn.Module, modeltype: str) -> nn.Module:
-    """The Grad-CAM target layer declared for ``modeltype``."""
+def cam_layer(model: nn.Module, modeltype: str | None = None) -> nn.Module:
+    """The Grad-CAM target layer declared for ``modeltype`` (default: the model's own ``modeltype``)."""
+    modeltype = modeltype or getattr(model, "modeltype", None)
+    if modeltype is None:
+        raise UserError("model has no 'modeltype'; build it with bnbackdoor.models.build_model or pass the layer")
     return get_submodule(model, model_spec(modeltype).cam_layer)
 
 
