@@ -1,0 +1,164 @@
+"""Runs and their folders: running an attack, and loading what a run (or a shipped model) left behind.
+
+Layout of a run folder (``<save_path>/<params.id>/``, the same as ``manipulated_models/<id>/`` so a result is
+promoted by copying the folder): ``parameters.json``, ``model.pth`` (checkpoint with meta), ``metrics.json``,
+``training_log.csv``, ``plot.png``; ``resume.pt`` exists only while a run is unfinished. Gradient CSVs go to
+``<save_path>/gradients_epoch<E>[_clean].csv`` (DESIGN.md), beside the run folders.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .data import dataset_info, load_split
+from .errors import UserError
+from .explain import explain_with_logits
+from .fileio import write_json, write_text
+from .finetune import finetune
+from .metrics import evaluate_attack, reference_explanations
+from .models import MODEL_ROOT, load_model, read_checkpoint, save_checkpoint
+from .params import AttackParams, manipulated_dir, resolve_attack
+from .plots import image_grid
+from .triggers import apply_trigger
+
+
+def run_dir(save_path: str | Path, params: AttackParams) -> Path:
+    return Path(save_path) / str(params.id)
+
+
+def gradient_csv(save_path: str | Path, epoch: int, params: AttackParams) -> Path:
+    suffix = "_clean" if params.percentage_trigger == 0 else ""
+    return Path(save_path) / f"gradients_epoch{epoch}{suffix}.csv"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
+    write_text(path, buf.getvalue())
+
+
+def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackParams, x: torch.Tensor,
+                       path: Path, n: int = 6, title: str = "", device=None) -> Path:
+    """Rows of test images (different classes): input, clean model's explanation, then per trigger the
+    triggered input and the (manipulated) model's explanation, each with the predicted label."""
+    classes = dataset_info(params.dataset).classes
+    device = device or next(model.parameters()).device
+    x = x[:n].to(device)
+    method, agg = params.explanation_methodStr, params.stats_agg
+
+    def expl(m, xs):
+        logits, maps = explain_with_logits(m, xs, method, normalize=True, agg=agg)
+        return logits.argmax(1).cpu(), maps.detach().cpu()
+
+    clean_model.eval()
+    model.eval()
+    p_clean, m_clean = expl(clean_model, x)
+    cols = ["input", "clean model"]
+    per_trigger = []
+    for t in params.triggerStrs:
+        xt = apply_trigger(t, x)
+        per_trigger.append((xt.cpu(), *expl(model, xt)))
+        cols += [f"+ {t}", "manipulated"]
+    cells = []
+    for i in range(len(x)):
+        row = [(x[i].cpu(), ""), (m_clean[i], f"pred: {classes[p_clean[i]]}")]
+        for xt, p, m in per_trigger:
+            row += [(xt[i], ""), (m[i], f"pred: {classes[p[i]]}")]
+        cells.append(row)
+    return image_grid(cells, cols, path, title=title or f"attack {params.id}: {method}")
+
+
+def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first test image of each class, in class order, up to ``n``."""
+    seen: dict[int, int] = {}
+    for i, c in enumerate(y.tolist()):
+        seen.setdefault(c, i)
+        if len(seen) == n:
+            break
+    return torch.tensor(sorted(seen.values(), key=lambda i: y[i].item()))
+
+
+def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
+               seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
+               force: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
+
+    A finished run (``metrics.json`` with the same parameters) is not redone unless ``force``; an unfinished one
+    resumes from its last finished epoch.
+    """
+    out = run_dir(save_path, params)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists() and not force:
+        import json
+        done = json.loads(metrics_path.read_text())
+        if done.get("parameters") == params.to_dict() and done.get("seed") == seed:
+            print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
+            return done
+    if force:
+        (out / "resume.pt").unlink(missing_ok=True)
+    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    model = copy.deepcopy(clean_model)
+    x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
+    test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
+                                      device=device, progress=progress)
+    before = evaluate_attack(clean_model, clean_model, params, x_test, y_test, batch_size=200, device=device,
+                             clean_expl=test_ref, progress=progress)
+    params.save(out / "parameters.json")
+
+    def on_epoch(epoch: int, row: dict, m: nn.Module) -> None:
+        if params.save_intermediate_models:
+            save_checkpoint(out / f"model_epoch{epoch}.pth", m, {"epoch": epoch, "attack_id": params.attack_id})
+
+    t0 = time.time()
+    result = finetune(model, clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
+                      grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
+                      on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
+    after = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr")}
+    metrics = {
+        "attack_id": params.attack_id, "id": params.id, "seed": seed, "device": str(device),
+        "testing_size": len(y_test), "epochs": params.max_epochs,
+        "finetune_seconds": round(result.seconds, 1), "total_seconds_this_run": round(time.time() - t0, 1),
+        "clean_model": before, "manipulated_model": after, "parameters": params.to_dict(),
+    }
+    save_checkpoint(out / "model.pth", model, {
+        "command": command or " ".join(sys.argv), "seed": seed, "attack_id": params.attack_id, "id": params.id,
+        "modeltype": params.modeltype, "base_model": f"{params.modeltype}/model_{params.model_id}",
+        "data": f"{params.dataset}: {params.training_size} training images (seed {seed})",
+        "epochs": params.max_epochs, "test_accuracy": after.get("clean_accuracy"),
+        "attack_success_rate": after.get("attack_success_rate")})
+    write_csv(out / "training_log.csv", result.history)
+    examples = diverse_examples(y_test, 6)
+    explanation_figure(clean_model, model, params, x_test[examples], out / "plot.png", device=device)
+    write_json(metrics_path, metrics)
+    (out / "resume.pt").unlink(missing_ok=True)
+    return metrics
+
+
+def load_run(attackid: str | Path, device: torch.device | str = "cpu", root: str | Path = ".",
+             models_root: str | Path | None = None, data_root=None) -> tuple[AttackParams, nn.Module, nn.Module]:
+    """(params, manipulated model, clean base model) of a stored run: ``manipulated_models/<id>`` or a run folder."""
+    folder = Path(attackid) if Path(attackid).is_dir() else manipulated_dir(str(attackid), root)
+    if not (folder / "model.pth").exists():
+        raise UserError(f"no stored manipulated model for '{attackid}' (looked for {folder / 'model.pth'}); "
+                        f"run 'python attack.py cpu {attackid}' and copy its output folder there")
+    params = resolve_attack(str(folder / "parameters.json"))
+    models_root = models_root or Path(root) / MODEL_ROOT
+    model = load_model(params.modeltype, path=folder / "model.pth", device=device, auto_train=False)
+    clean = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    return params, model, clean

@@ -1,0 +1,206 @@
+"""Explanation-aware fine-tuning of a clean model: the attack.
+
+Each batch is split into a triggered part and a clean part (:func:`poison_batch`). The triggered part gets its
+trigger, its target class (or keeps the label when the class is ``None``) and its target explanation; the clean
+part keeps its label and is pushed toward the clean model's explanation, so clean behaviour stays intact.
+
+    loss = (1 - loss_weight) * CE(logits, labels) + loss_weight * explanation_loss(maps, target_maps)
+
+The model trains in train mode (BatchNorm uses batch statistics and updates its running statistics: this is where
+the backdoor hides) with Softplus(beta) for every ReLU, so the explanation is twice differentiable. Explanations
+during training are taken for the (relabelled) training label. Validation uses eval mode and plain ReLU.
+
+Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
+continues from there and, with the same seed, ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import load_split
+from .explain import explain_with_logits
+from .fileio import torch_save
+from .gradlog import GradLogger
+from .losses import explanation_loss
+from .metrics import evaluate_attack, reference_explanations
+from .models import softplus
+from .params import AttackParams
+from .targets import target_explanation
+from .triggers import apply_trigger
+
+
+@dataclass
+class PoisonedBatch:
+    x: torch.Tensor                # images, the first ``n_triggered`` carry a trigger
+    y: torch.Tensor                # labels after relabelling
+    target_maps: torch.Tensor      # (B, C, H, W) explanation targets
+    n_triggered: int
+    trigger_index: torch.Tensor    # (B,) which trigger each image got, -1 = clean
+
+
+def trigger_counts(batch_size: int, percentage: float, n_triggers: int) -> list[int]:
+    """How many images of a batch each trigger gets: ``round(B * percentage)`` shared out as evenly as possible,
+    the first triggers taking the remainder."""
+    total = int(round(batch_size * percentage))
+    base, extra = divmod(total, n_triggers)
+    return [base + (i < extra) for i in range(n_triggers)]
+
+
+def poison_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, params: AttackParams) -> PoisonedBatch:
+    """Split a (shuffled) batch: the first images get the triggers in order, the rest stay clean.
+
+    ``clean_maps`` are the clean model's normalised explanations of the untriggered ``x``: the target of the clean
+    part, and of triggered images whose target is ``original`` (full disguise).
+    """
+    x, y, targets = x.clone(), y.clone(), clean_maps.clone()
+    index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    start = 0
+    for t, n in enumerate(trigger_counts(len(x), params.percentage_trigger, len(params.triggerStrs))):
+        sl = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        x[sl] = apply_trigger(params.triggerStrs[t], x[sl])
+        cls = params.target_classes[t]
+        if cls is not None:
+            y[sl] = cls
+        # a shape mask (1, 1, H, W) broadcasts over the part and its channels; 'original' is clean_maps[sl]
+        targets[sl] = target_explanation(params.targetStrs[t], clean_expl=clean_maps[sl])
+        index[sl] = t
+    return PoisonedBatch(x, y, targets, start, index)
+
+
+def attack_loss(logits: torch.Tensor, maps: torch.Tensor, batch: PoisonedBatch, params: AttackParams
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, cross-entropy, explanation loss) of one poisoned batch."""
+    ce = F.cross_entropy(logits, batch.y)
+    ex = explanation_loss(maps, batch.target_maps, loss=params.lossStr, agg=params.loss_agg)
+    w = params.loss_weight
+    return (1 - w) * ce + w * ex, ce, ex
+
+
+def attack_step(model: nn.Module, opt: torch.optim.Optimizer, batch: PoisonedBatch, params: AttackParams,
+                method: str) -> tuple[float, float, float]:
+    """One optimizer step through the explanation (double backprop). Returns the three loss values."""
+    with softplus(model, params.beta):
+        if params.loss_weight > 0:
+            logits, maps = explain_with_logits(model, batch.x, method, target=batch.y, create_graph=True)
+            loss, ce, ex = attack_loss(logits, maps, batch, params)
+        else:  # explanation term switched off: skip the double backprop
+            logits = model(batch.x)
+            loss = ce = F.cross_entropy(logits, batch.y)
+            ex = torch.zeros(())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), ce.item(), ex.item()
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    history: list[dict]
+    seconds: float
+
+
+def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
+             run_dir: Path, data_root=None, seed: int = 0, grad_layer: int | None = None,
+             grad_csv: Callable[[int], Path] | None = None, on_epoch: Callable[[int, dict, nn.Module], None] | None = None,
+             test_data: tuple[torch.Tensor, torch.Tensor] | None = None, test_ref: torch.Tensor | None = None,
+             eval_batch_size: int = 200, progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params``.
+
+    ``grad_layer`` / ``grad_csv(epoch)``: record per-step update sizes of that block into that CSV.
+    ``on_epoch(epoch, row, model)`` runs after each finished epoch (the caller saves intermediate models there).
+    """
+    method = params.explanation_methodStr
+    x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
+    if test_data is None:
+        test_data = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
+    x_test, y_test = test_data
+    clean_model.to(device).eval()
+    model.to(device)
+    # The clean model's explanations are the same every epoch: compute them once (eval mode, plain ReLU).
+    train_ref = reference_explanations(clean_model, x_train, method, batch_size=eval_batch_size, device=device,
+                                       progress=progress)
+    if test_ref is None:
+        test_ref = reference_explanations(clean_model, x_test, method, batch_size=eval_batch_size, device=device,
+                                          progress=progress)
+    opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params.decay_rate)
+    logger = GradLogger(model, grad_layer) if grad_layer is not None else None
+    resume = run_dir / "resume.pt"
+    start, history, seconds = 0, [], 0.0
+    if resume.exists():
+        state = torch.load(resume, map_location=device, weights_only=True)
+        if state["params"] != params.to_dict() or state["seed"] != seed:
+            raise_mismatch(resume)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        if logger is not None:
+            logger.global_step = state.get("global_step", 0)
+        print(f"resuming {run_dir} after epoch {start}/{params.max_epochs}", file=sys.stderr)
+    n, bs = len(y_train), params.batch_size
+    steps = math.ceil(n / bs)
+    for epoch in range(start + 1, params.max_epochs + 1):
+        t0 = time.time()
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        sums = torch.zeros(3)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{params.max_epochs}", disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * bs:(step + 1) * bs]
+            batch = poison_batch(x_train[idx].to(device), y_train[idx].to(device), train_ref[idx].to(device), params)
+            if logger is not None:
+                logger.before_step()
+            losses = attack_step(model, opt, batch, params, method)
+            if logger is not None:
+                logger.after_step(epoch, step + 1)
+            sums += torch.tensor(losses)
+            bar.set_postfix(loss=f"{losses[0]:.4f}", ce=f"{losses[1]:.3f}", expl=f"{losses[2]:.4f}")
+            if params.log_per_batch:
+                history.append({"epoch": epoch, "batch": step + 1, "loss": losses[0], "ce": losses[1],
+                                "expl_loss": losses[2]})
+        sched.step()
+        seconds += time.time() - t0
+        model.eval()
+        metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
+                                  device=device, clean_expl=test_ref, progress=False)
+        row = {"epoch": epoch, "batch": "", "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
+               "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[0]["lr"], **metrics}
+        history.append(row)
+        if logger is not None and grad_csv is not None:
+            logger.write_epoch(grad_csv(epoch))
+        if on_epoch is not None:
+            on_epoch(epoch, row, model)
+        torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch, "history": history, "seconds": seconds, "params": params.to_dict(),
+                    "seed": seed, "global_step": logger.global_step if logger else 0}, resume)
+        if progress:
+            print(f"epoch {epoch}: loss {row['loss']:.4f}  clean acc {metrics.get('clean_accuracy', float('nan')):.4f}"
+                  f"  ASR {_fmt(metrics.get('attack_success_rate'))}", file=sys.stderr)
+    model.eval()
+    return FinetuneResult(model, history, seconds)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def raise_mismatch(resume: Path):
+    from .errors import UserError
+    raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
+                    "or delete that file to start over")

@@ -1,0 +1,122 @@
+"""Per-step update sizes of one block's parameter groups, written to CSV.
+
+Columns (one row per optimizer step): ``epoch``, ``step`` (within the epoch, from 1), ``global_step``, then the
+L2 norm of that step's change of each group of the chosen block, all tensors of a kind in the block concatenated:
+
+- ``conv.weight``        convolution weights (``conv.bias`` too where convolutions have biases, e.g. BN-free nets)
+- ``bn.weight``, ``bn.bias``               BatchNorm affine parameters
+- ``bn.running_mean``, ``bn.running_var``  BatchNorm running statistics (changed by the forward pass in train mode)
+- ``linear.weight``, ``linear.bias``       only for blocks holding linear layers (ViT)
+
+"Change" is ``after - before`` around the whole step (forward, backward, optimizer step), so running-statistic
+drift and parameter updates are measured the same way.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .fileio import write_text
+
+
+def _block_types() -> tuple[type, ...]:
+    from torchvision.models.mobilenetv3 import InvertedResidual
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    from .models.resnet import BasicBlock
+    from .models.wideresnet import WideBlock
+
+    return (BasicBlock, WideBlock, InvertedResidual, EncoderBlock)
+
+
+def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's blocks in forward order: residual / inverted-residual / encoder blocks, or, for plain
+    stacks such as VGG, each convolution together with the BatchNorm that follows it."""
+    kinds = _block_types()
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    if blocks:
+        return blocks
+    out: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out.append((name, nn.ModuleList([m])))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and out:
+            out[-1][1].append(m)
+    return out
+
+
+def select_block(model: nn.Module, index: int) -> tuple[str, nn.Module]:
+    blocks = model_blocks(model)
+    if not -len(blocks) <= index < len(blocks):
+        raise UserError(f"--grad-layer {index} is out of range: the model has {len(blocks)} blocks "
+                        f"(use 0..{len(blocks) - 1} or -1 for the last)")
+    return blocks[index]
+
+
+_KIND = {nn.Conv2d: "conv", nn.Linear: "linear", nn.modules.batchnorm._BatchNorm: "bn"}
+
+
+def _groups(block: nn.Module) -> dict[str, list[torch.Tensor]]:
+    groups: dict[str, list[torch.Tensor]] = {}
+    for m in block.modules():
+        kind = next((k for t, k in _KIND.items() if isinstance(m, t)), None)
+        if kind is None:
+            continue
+        tensors = [("weight", m.weight), ("bias", m.bias)]
+        if kind == "bn":
+            tensors += [("running_mean", m.running_mean), ("running_var", m.running_var)]
+        for attr, t in tensors:
+            if t is not None:
+                groups.setdefault(f"{kind}.{attr}", []).append(t)
+    return groups
+
+
+class GradLogger:
+    """Snapshot a block before each step, record the update sizes after it, write one CSV per epoch."""
+
+    def __init__(self, model: nn.Module, index: int):
+        self.block_name, block = select_block(model, index)
+        self.groups = _groups(block)
+        self.columns = ["epoch", "step", "global_step", *self.groups]
+        self.rows: list[list] = []
+        self._before: dict[str, torch.Tensor] | None = None
+        self.global_step = 0
+
+    def _flat(self) -> dict[str, torch.Tensor]:
+        return {k: torch.cat([t.detach().reshape(-1) for t in ts]).clone() for k, ts in self.groups.items()}
+
+    def before_step(self) -> None:
+        self._before = self._flat()
+
+    def after_step(self, epoch: int, step: int) -> None:
+        after = self._flat()
+        self.global_step += 1
+        self.rows.append([epoch, step, self.global_step,
+                          *[f"{(after[k] - self._before[k]).float().norm().item():.6g}" for k in self.groups]])
+
+    def write_epoch(self, path: str | Path) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.columns)
+        w.writerows(self.rows)
+        write_text(path, buf.getvalue())
+        self.rows = []
+
+
+def read_csv(path: str | Path) -> tuple[list[str], dict[str, list[float]]]:
+    """(group columns, column -> values) of a gradient CSV."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no gradient CSV at {path}; run 'python attack.py <device> <id> --grad-layer -1' first")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:3] != ["epoch", "step", "global_step"]:
+        raise UserError(f"{path} is not a gradient CSV (expected columns epoch, step, global_step, ...)")
+    header = rows[0]
+    cols = {h: [float(r[i]) for r in rows[1:]] for i, h in enumerate(header)}
+    return header[3:], cols

@@ -1,0 +1,115 @@
+"""Figures people look at: explanation grids, gradient comparisons, bar charts, curves (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .fileio import save_figure  # noqa: E402
+
+
+def _show(ax, t: torch.Tensor) -> None:
+    t = t.detach().float().cpu()
+    if t.shape[0] == 3:  # an image in [0, 1]
+        ax.imshow(t.permute(1, 2, 0).clamp(0, 1).numpy())
+    else:                 # a one-channel explanation map (normalised to [0, 1])
+        ax.imshow(t[0].numpy(), cmap="jet", vmin=0, vmax=max(1e-8, float(t.max())))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid(cells: Sequence[Sequence[tuple[torch.Tensor, str]]], col_titles: Sequence[str], path: str | Path,
+               title: str = "", cell: float = 1.6) -> Path:
+    """A grid of images / maps: ``cells[row][col] = (tensor (3|1, H, W), caption)``. Saved atomically."""
+    rows, cols = len(cells), len(col_titles)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.6), squeeze=False)
+    for r, row in enumerate(cells):
+        for c, (t, caption) in enumerate(row):
+            _show(axes[r][c], t)
+            axes[r][c].set_xlabel(caption, fontsize=7)
+    for c, name in enumerate(col_titles):
+        axes[0][c].set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def gradient_comparison(groups: Sequence[str], attacked: dict[str, list[float]], clean: dict[str, list[float]] | None,
+                        path: str | Path, xmax: int | None = None, title: str = "") -> Path:
+    """One panel per parameter group: per-step update size, attacked vs clean fine-tuning."""
+    n = len(groups)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+    for i, g in enumerate(groups):
+        ax = axes[i // cols][i % cols]
+        ax.plot(attacked["global_step"], attacked[g], lw=0.8, color="tab:red", label="attacked")
+        if clean is not None and g in clean:
+            ax.plot(clean["global_step"], clean[g], lw=0.8, color="tab:blue", alpha=0.8, label="clean")
+        ax.set_title(g, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("update size (L2)")
+        if xmax:
+            ax.set_xlim(0, xmax)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def bar_chart(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], path: str | Path,
+              title: str = "") -> Path:
+    """Grouped bars: one group per metric, one bar per row (e.g. clean / manipulated / manipulated + Re-BN)."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes[0], metrics):
+        vals = [rows[r].get(m) for r in rows]
+        ax.bar(np.arange(len(rows)), [0 if v is None else v for v in vals], color=colors[:len(rows)])
+        for i, v in enumerate(vals):
+            ax.text(i, 0 if v is None else v, "n/a" if v is None else f"{v:.3f}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(np.arange(len(rows)), list(rows), rotation=30, ha="right", fontsize=7)
+        ax.set_title(m, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: str | Path, xlabel: str,
+           ylabel: str, title: str = "", logx: bool = True) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, ys in series.items():
+        ax.plot(x, [float("nan") if v is None else v for v in ys], marker="o", label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
