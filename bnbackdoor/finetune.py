@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import load_split
+from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import torch_save
 from .gradlog import GradLogger
@@ -144,7 +145,8 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
         if state["params"] != params.to_dict() or state["seed"] != seed:
-            raise_mismatch(resume)
+            raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
+                            "or delete that file to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -198,9 +200,3 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
-
-
-def raise_mismatch(resume: Path):
-    from .errors import UserError
-    raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
-                    "or delete that file to start over")
