@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.fileio import save_figure  # noqa: E402
-from bnbackdoor.targets import TARGETS, target_mask  # noqa: E402
+from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
 from bnbackdoor.triggers import TRIGGERS, apply_trigger  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     images, source = sample_images(a.n, a.data_root, a.seed)
-    shapes = [t for t in TARGETS if t != "original"]
+    shapes = [t for t in TARGETS if t not in DERIVED]  # input-dependent targets have no fixed picture
     rows = len(TRIGGERS) + 1
     cols = max(a.n, len(shapes))
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.2, 1.6 * rows), squeeze=False)
