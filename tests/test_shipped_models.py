@@ -1,0 +1,28 @@
+"""The shipped manipulated model 154 does what its metrics.json says (real CIFAR-10; slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnbackdoor.data import load_split
+from bnbackdoor.experiment import load_run
+from bnbackdoor.metrics import evaluate_attack
+
+from conftest import ROOT, real_data_root
+
+
+@pytest.mark.slow
+def test_shipped_154_meets_the_attack_acceptance_and_its_recorded_metrics():
+    data_root = real_data_root("cifar10")
+    params, model, clean = load_run("154", root=ROOT)
+    recorded = json.loads((ROOT / "manipulated_models/154/metrics.json").read_text())
+    x, y = load_split("cifar10", "test", size=params.testing_size, seed=recorded["seed"], data_root=data_root)
+    before = evaluate_attack(clean, clean, params, x, y, batch_size=250, progress=False)
+    after = evaluate_attack(model, clean, params, x, y, batch_size=250, progress=False)
+    assert after["attack_success_rate"] >= 0.95
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.03
+    assert after["expl_dssim_to_target"] <= 0.5 * before["expl_dssim_to_target"]
+    for key in ("clean_accuracy", "attack_success_rate", "expl_mse_to_target", "expl_dssim_to_target"):
+        assert after[key] == pytest.approx(recorded["manipulated_model"][key], abs=2e-3), key
+        assert before[key] == pytest.approx(recorded["clean_model"][key], abs=2e-3), key
