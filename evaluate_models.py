@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Evaluate a stored attack: python evaluate_models.py <attackid> <device> [--robust] [--save_path output/]
+
+Loads manipulated_models/<id>/ and its clean base model and measures both on the attack's test images (clean
+accuracy, attack success, explanation dissimilarity). --robust adds the manipulated model after Re-BN on
+--rebn-size clean TRAINING images (never test images). Writes <save_path>/<id>/evaluation[_robust].{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+
+from bnbackdoor.cli import common_options
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import run_cli
+from bnbackdoor.evaluation import DEFAULT_REBN_SIZE, evaluate_stored_model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("attackid", help="stored attack id (manipulated_models/<id>), e.g. 154, or a run folder")
+    p.add_argument("device", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--robust", action="store_true", help="also evaluate after Re-BN (the defense)")
+    p.add_argument("--rebn-size", type=int, default=DEFAULT_REBN_SIZE, metavar="N",
+                   help=f"clean training images for Re-BN (default {DEFAULT_REBN_SIZE})")
+    p.add_argument("--testing-size", type=int, default=None, metavar="N",
+                   help="test images to evaluate on (default: the attack's testing_size)")
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+                   help="batch size for evaluation and Re-BN (default 100)")
+    common_options(p)
+    a = p.parse_args()
+    device = parse_device(a.device)
+    ev = evaluate_stored_model(a.attackid, device, robust=a.robust, rebn_size=a.rebn_size,
+                               testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
+                               data_root=a.data_root, save_path=a.save_path)
+    print(ev.table(by="metric"))
+    if ev.rebn is not None:
+        print(ev.rebn.table())
+    print(f"attack {ev.name}: evaluated on {ev.test['images']} test images"
+          + (f", Re-BN on {ev.calibration['images']} clean training images" if ev.calibration else "")
+          + f" in {ev.seconds:.0f} s -> {', '.join(map(str, ev.files))}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

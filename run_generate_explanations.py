@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Explanations of clean and triggered test images: python run_generate_explanations.py <attackid> --metric mse
+--batchsize 200 --device D [--save_path DIR] [--n-images N]
+
+For the attack's clean model and, if manipulated_models/<id>/model.pth exists, its manipulated model: a grid of
+inputs and explanations (<save_path>/<id>_explanations.png) and a table of the --metric dissimilarity (mse, or
+ssim = DSSIM) to the target explanation and to the clean model's explanation (<save_path>/<id>_explanations.json).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bnbackdoor.cli import common_options
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import run_cli
+from bnbackdoor.evaluation import EXPLANATION_METRICS, generate_explanations
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("attackid", help="attack id (e.g. 154, 272) or a path to a JSON file")
+    p.add_argument("--metric", choices=list(EXPLANATION_METRICS), default="mse",
+                   help="dissimilarity: mse, or ssim (reported as DSSIM = (1 - SSIM) / 2)")
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+                   help="batch size (default 100)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--n-images", type=int, default=None, metavar="N",
+                   help="test images (default: the attack's testing_size)")
+    common_options(p)
+    a = p.parse_args()
+    device = parse_device(a.device)
+    rep = generate_explanations(a.attackid, device, metric=a.metric, batch_size=a.batchsize, n_images=a.n_images,
+                                seed=a.seed, data_root=a.data_root, save_path=a.save_path,
+                                on_notice=lambda line: print(f"notice: {line}", file=sys.stderr))
+    print(rep.table())
+    print(f"attack {rep.name}: {rep.images} test images in {rep.seconds:.0f} s -> "
+          f"{', '.join(map(str, rep.files))}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
