@@ -23,6 +23,16 @@ def _show(ax, t: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
+def _finish(fig, path: str | Path, title: str = "", fontsize: int = 10) -> Path:
+    """Title, layout, atomic save, close: the common end of every figure here."""
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def image_grid(cells: Sequence[Sequence[tuple[torch.Tensor, str]]], col_titles: Sequence[str], path: str | Path,
                title: str = "", cell: float = 1.6) -> Path:
     """A grid of images / maps: ``cells[row][col] = (tensor (3|1, H, W), caption)``. Saved atomically."""
@@ -34,12 +44,7 @@ def image_grid(cells: Sequence[Sequence[tuple[torch.Tensor, str]]], col_titles: 
             axes[r][c].set_xlabel(caption, fontsize=7)
     for c, name in enumerate(col_titles):
         axes[0][c].set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title)
 
 
 def gradient_comparison(groups: Sequence[str], attacked: dict[str, list[float]], clean: dict[str, list[float]] | None,
@@ -64,12 +69,7 @@ def gradient_comparison(groups: Sequence[str], attacked: dict[str, list[float]],
         ax.legend(fontsize=8)
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title, fontsize=12)
 
 
 def bar_chart(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], path: str | Path,
@@ -87,12 +87,7 @@ def bar_chart(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], 
                     fontsize=7)
         ax.set_xticks(np.arange(len(rows)), list(rows), rotation=30, ha="right", fontsize=7)
         ax.set_title(m, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title)
 
 
 def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: str | Path, xlabel: str,
@@ -107,9 +102,4 @@ def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: 
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title)
