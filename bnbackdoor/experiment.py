@@ -116,9 +116,9 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     model = copy.deepcopy(clean_model)
     x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
-                                      device=device, progress=progress)
+                                      device=device, progress=progress, with_predictions=True)
     before = evaluate_attack(clean_model, clean_model, params, x_test, y_test, batch_size=200, device=device,
-                             clean_expl=test_ref, progress=progress)
+                             clean_expl=test_ref[0], clean_pred=test_ref[1], progress=progress)
     params.save(out / "parameters.json")
 
     def on_epoch(epoch: int, row: dict, m: nn.Module) -> None:

@@ -117,12 +117,14 @@ class FinetuneResult:
 def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
              run_dir: Path, data_root=None, seed: int = 0, grad_layer: int | None = None,
              grad_csv: Callable[[int], Path] | None = None, on_epoch: Callable[[int, dict, nn.Module], None] | None = None,
-             test_data: tuple[torch.Tensor, torch.Tensor] | None = None, test_ref: torch.Tensor | None = None,
+             test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+             test_ref: tuple[torch.Tensor, torch.Tensor] | None = None,
              eval_batch_size: int = 200, progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params``.
 
     ``grad_layer`` / ``grad_csv(epoch)``: record per-step update sizes of that block into that CSV.
     ``on_epoch(epoch, row, model)`` runs after each finished epoch (the caller saves intermediate models there).
+    ``test_ref``: the clean model's (explanations, predictions) of the test images, if the caller has them.
     """
     method = params.explanation_methodStr
     x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
@@ -136,7 +138,8 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
                                        progress=progress)
     if test_ref is None:
         test_ref = reference_explanations(clean_model, x_test, method, batch_size=eval_batch_size, device=device,
-                                          progress=progress)
+                                          progress=progress, with_predictions=True)
+    test_maps, test_pred = test_ref
     opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params.decay_rate)
     logger = GradLogger(model, grad_layer) if grad_layer is not None else None
@@ -180,7 +183,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         seconds += time.time() - t0
         model.eval()
         metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
-                                  device=device, clean_expl=test_ref, progress=False)
+                                  device=device, clean_expl=test_maps, clean_pred=test_pred, progress=False)
         row = {"epoch": epoch, "batch": "", "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
                "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[0]["lr"], **metrics}
         history.append(row)

@@ -169,18 +169,25 @@ def fidelity(model: nn.Module, clean_model: nn.Module, x: torch.Tensor, *, batch
 
 
 def reference_explanations(clean_model: nn.Module, x: torch.Tensor, method: str, batch_size: int = 100,
-                           device: torch.device | str | None = None, progress: bool = True) -> torch.Tensor:
-    """The clean model's normalised explanations of ``x`` (N, C, H, W) on the CPU, channels not aggregated.
+                           device: torch.device | str | None = None, progress: bool = True,
+                           with_predictions: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The clean model's normalised explanations of ``x`` (N, C, H, W) on the CPU, channels not aggregated
+    (``with_predictions``: also its predicted labels, from the same forward pass, for ``evaluate_attack``).
 
     Compute them once and pass them as ``clean_expl`` / ``reference``: they are the full-disguise target and the
     baseline for the clean inputs, and stay fixed while the attacked model changes (e.g. every fine-tuning epoch).
     """
     device = _device(clean_model, device)
-    out = []
+    out, preds = [], []
     with _eval_relu(clean_model):
         for s in _batches(len(x), batch_size, progress, "reference explanations"):
-            out.append(logits_and_explanations(clean_model, x[s].to(device, non_blocking=True), method)[1].cpu())
-    return torch.cat(out)
+            logits, maps = logits_and_explanations(clean_model, x[s].to(device, non_blocking=True), method)
+            out.append(maps.cpu())
+            preds.append(logits.argmax(1).cpu())
+    ref = torch.cat(out)
+    if with_predictions:  # the clean model's predictions come out of the same forward pass
+        return ref, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return ref
 
 
 def explanation_dissimilarity(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, method: str, *,
@@ -219,12 +226,15 @@ def _trigger_keys(triggers: Sequence[str]) -> list[str]:
 
 def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: torch.Tensor, y: torch.Tensor, *,
                     batch_size: int = 100, device: torch.device | str | None = None,
-                    clean_expl: torch.Tensor | None = None, progress: bool = True) -> dict[str, Any]:
+                    clean_expl: torch.Tensor | None = None, clean_pred: torch.Tensor | None = None,
+                    progress: bool = True) -> dict[str, Any]:
     """Every metric of ``model`` for one attack configuration ``params`` (an ``AttackParams``), one data pass.
 
     Per batch: the model's logits and explanations of the clean images and of each triggered version, and the
     clean model's predictions (plus its explanations unless ``clean_expl`` - see :func:`reference_explanations` -
-    supplies them). Returned keys (floats; ``None`` where not applicable):
+    supplies them; ``clean_pred``, the clean model's predictions of ``x`` from
+    ``reference_explanations(..., with_predictions=True)``, spares its forward pass too).
+    Returned keys (floats; ``None`` where not applicable):
 
     ``images``, ``clean_accuracy`` (vs labels), ``fidelity`` (agreement with ``clean_model``), ``acc_fid`` (the
     one of the two that ``params.acc_fidStr`` names), ``attack_success_rate`` (mean over triggers that have a
@@ -260,18 +270,23 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
     mse_t, dssim_t = [0.0] * k, [0.0] * k
 
     with _eval_relu(model, clean_model):
+        clean_preds = clean_pred if clean_expl is not None else None
         for s in _batches(n, batch_size, progress, "evaluate attack"):
             xb, yb = x[s].to(device, non_blocking=True), y[s].to(device)
             if clean_expl is None:
                 clean_logits, ref = logits_and_explanations(clean_model, xb, method)
+                clean_pred = clean_logits.argmax(1)
             else:
-                with torch.no_grad():
-                    clean_logits = clean_model(xb)
+                if clean_preds is not None:
+                    clean_pred = clean_preds[s].to(device)
+                else:
+                    with torch.no_grad():
+                        clean_pred = clean_model(xb).argmax(1)
                 ref = clean_expl[s].to(device, non_blocking=True)
             logits, maps = logits_and_explanations(model, xb, method)
             pred = logits.argmax(1)
             correct += int((pred == yb).sum())
-            agree += int((pred == clean_logits.argmax(1)).sum())
+            agree += int((pred == clean_pred).sum())
             m, d = _dissim(maps, ref, agg)
             mse_clean += m.sum().item()
             dssim_clean += d.sum().item()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .capture import Target, capture, explained_layer, resolve_target, spec_of, target_score, tokens_to_grid
+from .doublegrad import fast_double_backward
 from .lrp import lrp_head
 
 
@@ -28,13 +29,15 @@ def grad_cam(model: nn.Module, images: Tensor, target: Target, create_graph: boo
              detach_weights: bool = True) -> tuple[Tensor, Tensor]:
     module = explained_layer(model, layer)
     spec = spec_of(model)
-    with capture({"A": module}) as got:
-        logits = model(images)
-    t = resolve_target(target, logits)
-    acts = got["A"]
     # Detached weights need no graph of their own: a first-order gradient, then the map depends on the
     # parameters through A alone (the ancestor's choice, and the cheap one). Graph kept for the caller's backward.
     second_order = create_graph and not detach_weights
+    # Without create_graph only ∂ logit / ∂ A is needed: the layers before A run without recording a graph.
+    with capture({"A": module}, start_graph=None if create_graph else "A") as got, \
+            fast_double_backward(model, enabled=second_order), torch.set_grad_enabled(create_graph):
+        logits = model(images)
+    t = resolve_target(target, logits)
+    acts = got["A"]
     (grads,) = torch.autograd.grad(target_score(logits, t), acts, create_graph=second_order,
                                    retain_graph=create_graph)
     if spec is not None and spec.tokens and acts.dim() == 3:
@@ -58,8 +61,8 @@ def relevance_cam(model: nn.Module, images: Tensor, target: Target, create_graph
     if layer is not None and explained_layer(model, layer) is not module:
         raise UserError(f"Relevance-CAM on {spec.arch} is defined for its declared layer '{spec.cam_layer}' only")
     extra = head.capture(model)
-    with capture({"A": module, **extra}) as got:
-        logits = model(images)
+    with capture({"A": module, **extra}) as got, torch.set_grad_enabled(create_graph):
+        logits = model(images)  # relevance needs no backward pass: no graph unless the caller wants one
     t = resolve_target(target, logits)
     acts = got["A"]
     # Relevance is closed-form over the small head (no backward pass). Detached weights: compute it without a

@@ -55,16 +55,25 @@ def explained_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Modul
 
 
 @contextmanager
-def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+def capture(modules: dict[str, nn.Module], start_graph: str | None = None) -> Iterator[dict[str, Tensor]]:
     """Record each module's output (last call) in the yielded dict while the context is open.
 
     The hook hands the rest of the network a clone, so an in-place op downstream (MobileNetV3's
     ``Hardswish(inplace=True)`` after its last BN) cannot overwrite the captured activation.
+
+    ``start_graph``: the name of a module where the autograd graph should *begin*. Its output is captured as a
+    fresh leaf that requires grad, and gradient recording is switched on from there to the end of the forward
+    pass. Run the forward under ``torch.no_grad()`` and the layers before the module record nothing (cheaper:
+    no saved activations), while gradients w.r.t. the captured output are exactly the same. The caller's
+    ``no_grad`` context restores the grad mode when it closes.
     """
     out: dict[str, Tensor] = {}
 
     def hook_for(name: str):
         def hook(_module, _inputs, output):
+            if name == start_graph:
+                torch.set_grad_enabled(True)
+                output = output.detach().requires_grad_(True)
             out[name] = output
             return output.clone()
         return hook
