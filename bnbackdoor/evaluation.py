@@ -195,19 +195,26 @@ class Evaluation:
         return d
 
 
+def clean_reference(params: AttackParams, clean_model: nn.Module, x: torch.Tensor, batch_size: int, device=None,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean model's explanations and predictions of ``x``: computed once, shared by every evaluated row."""
+    return reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size, device=device,
+                                  progress=progress, with_predictions=True)
+
+
 def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
                    y: torch.Tensor, x_cal: torch.Tensor | None = None, *, batch_size: int = 100, device=None,
-                   progress: bool = True, clean_expl: torch.Tensor | None = None
+                   progress: bool = True, reference: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[dict[str, dict[str, Any]], RebnReport | None, nn.Module | None]:
     """Rows clean model / manipulated model [/ manipulated + Re-BN on ``x_cal``] on test images ``x, y``.
 
     Returns (rows, Re-BN report or None, the re-estimated copy or None). The clean model's explanations of ``x``
-    are computed once (or taken from ``clean_expl``) and shared by every row.
+    and predictions are computed once (or taken from ``reference``, see :func:`clean_reference`) and shared by
+    every row.
     """
     _positive(batch_size, "the batch size")
-    ref = clean_expl if clean_expl is not None else reference_explanations(
-        clean_model, x, params.explanation_methodStr, batch_size=batch_size, device=device, progress=progress)
-    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, progress=progress)
+    ref, pred = reference or clean_reference(params, clean_model, x, batch_size, device, progress)
+    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean_model, clean_model, params, x, y, **kw),
             ROW_MANIPULATED: evaluate_attack(model, clean_model, params, x, y, **kw)}
     report = fixed = None
@@ -219,17 +226,17 @@ def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Modul
 
 def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                sizes: Sequence[int], *, seed: int = 0, data_root=None, batch_size: int = 100, device=None,
-               progress: bool = True, clean_expl: torch.Tensor | None = None) -> list[dict[str, Any]]:
+               progress: bool = True, reference: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> list[dict[str, Any]]:
     """Re-BN sample efficiency: per calibration size, Re-BN on a fresh copy of ``model`` with that many clean
     training images (:func:`calibration`, nested sets), then every metric on the test images ``x, y``."""
-    ref = clean_expl if clean_expl is not None else reference_explanations(
-        clean_model, x, params.explanation_methodStr, batch_size=batch_size, device=device, progress=progress)
+    ref, pred = reference or clean_reference(params, clean_model, x, batch_size, device, progress)
     out = []
     for size in parse_sizes(sizes):
         x_cal, info = calibration(params, size, seed=seed, data_root=data_root)
         fixed, report = rebn_copy(model, x_cal, batch_size=batch_size, device=device, progress=progress)
         m = evaluate_attack(fixed, clean_model, params, x, y, batch_size=batch_size, device=device,
-                            clean_expl=ref, progress=progress)
+                            clean_expl=ref, clean_pred=pred, progress=progress)
         out.append({"size": size, "calibration_images": info["images"], "rebn_batches": report.batches, **m})
         del fixed
     return out
@@ -295,10 +302,9 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
     x_cal, cal_info = calibration(params, rebn_size, seed=seed, data_root=data_root)
     cal_info["batch_size"] = rebn_batch_size(len(x_cal), batch_size)
-    ref = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size, device=device,
-                                 progress=progress)
+    ref = clean_reference(params, clean, x, batch_size, device, progress)
     rows, report, fixed = compare_models(params, clean, model, x, y, x_cal, batch_size=batch_size, device=device,
-                                         progress=progress, clean_expl=ref)
+                                         progress=progress, reference=ref)
     del fixed
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
@@ -311,7 +317,7 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     ev.files += [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
     if sizes:
         ev.sweep = rebn_sweep(params, clean, model, x, y, sizes, seed=seed, data_root=data_root,
-                              batch_size=batch_size, device=device, progress=progress, clean_expl=ref)
+                              batch_size=batch_size, device=device, progress=progress, reference=ref)
         before = rows[ROW_MANIPULATED]
         write_json(out / f"{name}_rebn_sweep.json", {
             "attack": name, "id": params.id, "seed": seed, "device": str(device),
@@ -435,9 +441,8 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
             on_notice(notice)
         clean = load_model(params.modeltype, params.model_id, device=device,
                            root=models_root or Path(root) / MODEL_ROOT, data_root=data_root)
-    ref = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size, device=device,
-                                 progress=progress)
-    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, progress=progress)
+    ref, pred = clean_reference(params, clean, x, batch_size, device, progress)
+    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}
     if model is not None:
         rows[ROW_MANIPULATED] = evaluate_attack(model, clean, params, x, y, **kw)
