@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from .explain import explain_with_logits
 from .fileio import write_json, write_text
 from .finetune import finetune
 from .metrics import evaluate_attack, reference_explanations
-from .models import MODEL_ROOT, load_model, read_checkpoint, save_checkpoint
+from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .plots import image_grid
 from .triggers import apply_trigger

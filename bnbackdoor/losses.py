@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from pytorch_msssim import ssim
 from torch import Tensor
 

@@ -7,7 +7,6 @@ are drawn from generators seeded per epoch).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass

@@ -15,7 +15,6 @@ from bnbackdoor.device import parse_device
 from bnbackdoor.errors import UserError
 from bnbackdoor.models import (ARCHS, MODELS, Act, build_model, checkpoint_path, load_model, read_checkpoint,
                                resolve_modeltype, save_checkpoint, set_softplus, softplus)
-from bnbackdoor.models.checkpoint import load_into
 
 from conftest import ROOT, make_tiny_cache, real_data_root
 
