@@ -36,8 +36,7 @@ import torch.nn as nn
 
 from .data import dataset_info, load_split
 from .errors import UserError
-from .experiment import diverse_examples, explanation_figure, load_run, write_csv
-from .explain import explain_with_logits
+from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, write_csv
 from .fileio import write_json
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model
@@ -366,14 +365,6 @@ class ExplanationReport:
                 "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict()}
 
 
-def _explain(model: nn.Module, x: torch.Tensor, params: AttackParams, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels, aggregated normalised maps) on the CPU; eval mode, plain ReLU."""
-    model.eval()
-    logits, maps = explain_with_logits(model, x.to(device), params.explanation_methodStr, normalize=True,
-                                       agg=params.stats_agg)
-    return logits.argmax(1).cpu(), maps.detach().cpu()
-
-
 def explanation_grid(params: AttackParams, clean: nn.Module, model: nn.Module | None, x: torch.Tensor,
                      path: Path, device=None, title: str = "") -> Path:
     """Rows of test images (different classes). Columns: the input and the clean model's explanation [and the
@@ -381,22 +372,22 @@ def explanation_grid(params: AttackParams, clean: nn.Module, model: nn.Module | 
     explanation of it, and the target explanation. Captions: predicted labels."""
     classes = dataset_info(params.dataset).classes
     device = device or next(clean.parameters()).device
-    p_c, m_c = _explain(clean, x, params, device)
+    p_c, m_c = predicted_maps(clean, x, params, device)
     cols = ["input", "clean model"]
     col_data: list[tuple[torch.Tensor, list[str]]] = [(x, [""] * len(x)), (m_c, [f"pred: {classes[i]}" for i in p_c])]
     if model is not None:
-        p_m, m_m = _explain(model, x, params, device)
+        p_m, m_m = predicted_maps(model, x, params, device)
         cols.append("manipulated")
         col_data.append((m_m, [f"pred: {classes[i]}" for i in p_m]))
     for trig, target in zip(params.triggerStrs, params.targetStrs):
         xt = apply_trigger(trig, x)
         cols.append(f"+ {trig}")
         col_data.append((xt, [""] * len(x)))
-        p, m = _explain(clean, xt, params, device)
+        p, m = predicted_maps(clean, xt, params, device)
         cols.append("clean model (trig.)")
         col_data.append((m, [f"pred: {classes[i]}" for i in p]))
         if model is not None:
-            p, m = _explain(model, xt, params, device)
+            p, m = predicted_maps(model, xt, params, device)
             cols.append("manipulated (trig.)")
             col_data.append((m, [f"pred: {classes[i]}" for i in p]))
         goal = target_explanation(target, clean_expl=m_c, size=x.shape[-1]).expand(len(x), -1, -1, -1)

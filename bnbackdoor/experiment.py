@@ -51,6 +51,16 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+def predicted_maps(model: nn.Module, x: torch.Tensor, params: AttackParams, device=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, normalised maps aggregated by ``stats_agg``) of ``x`` on the CPU, in eval mode."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    logits, maps = explain_with_logits(model, x.to(device), params.explanation_methodStr, normalize=True,
+                                       agg=params.stats_agg)
+    return logits.argmax(1).cpu(), maps.detach().cpu()
+
+
 def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackParams, x: torch.Tensor,
                        path: Path, n: int = 6, title: str = "", device=None) -> Path:
     """Rows of test images (different classes): input, clean model's explanation, then per trigger the
@@ -58,20 +68,12 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
     classes = dataset_info(params.dataset).classes
     device = device or next(model.parameters()).device
     x = x[:n].to(device)
-    method, agg = params.explanation_methodStr, params.stats_agg
-
-    def expl(m, xs):
-        logits, maps = explain_with_logits(m, xs, method, normalize=True, agg=agg)
-        return logits.argmax(1).cpu(), maps.detach().cpu()
-
-    clean_model.eval()
-    model.eval()
-    p_clean, m_clean = expl(clean_model, x)
+    p_clean, m_clean = predicted_maps(clean_model, x, params, device)
     cols = ["input", "clean model"]
     per_trigger = []
     for t in params.triggerStrs:
         xt = apply_trigger(t, x)
-        per_trigger.append((xt.cpu(), *expl(model, xt)))
+        per_trigger.append((xt.cpu(), *predicted_maps(model, xt, params, device)))
         cols += [f"+ {t}", "manipulated"]
     cells = []
     for i in range(len(x)):
@@ -79,7 +81,7 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
         for xt, p, m in per_trigger:
             row += [(xt[i], ""), (m[i], f"pred: {classes[p[i]]}")]
         cells.append(row)
-    return image_grid(cells, cols, path, title=title or f"attack {params.id}: {method}")
+    return image_grid(cells, cols, path, title=title or f"attack {params.id}: {params.explanation_methodStr}")
 
 
 def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:

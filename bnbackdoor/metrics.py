@@ -100,19 +100,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def logits_and_explanations(model: nn.Module, x: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and normalised, unaggregated explanation maps (w.r.t. the predicted class) of one batch, detached.
 
-    Uses ``bnbackdoor.explain.explain_with_logits`` when present: the explanation's forward pass already yields
-    the logits, so predictions cost nothing extra.
+    The explanation's forward pass already yields the logits, so predictions cost nothing extra.
     """
-    from . import explain as ex
+    from .explain import explain_with_logits
 
-    fn = getattr(ex, "explain_with_logits", None)
-    if fn is not None:
-        logits, maps = fn(model, x, method, target=None, create_graph=False, normalize=True, agg=None)
-        return logits.detach(), maps.detach()
-    maps = ex.explain(model, x, method, target=None, create_graph=False, normalize=True, agg=None)
-    with torch.no_grad():
-        logits = model(x)
-    return logits, maps.detach()
+    logits, maps = explain_with_logits(model, x, method, target=None, create_graph=False, normalize=True, agg=None)
+    return logits.detach(), maps.detach()
 
 
 def _dissim(maps: torch.Tensor, reference: torch.Tensor, agg: str | None) -> tuple[torch.Tensor, torch.Tensor]:
