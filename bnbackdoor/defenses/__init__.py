@@ -1,0 +1,109 @@
+"""Defenses: one registry, name -> defense, one signature (DESIGN.md, "Defenses").
+
+A defender has the manipulated model and a small clean set from the **training** split (:class:`CleanSet`) -
+never test images, never the trigger or the target. Every defense is a function
+
+    defend(model, clean, *, device, progress, **options) -> DefenseOutcome
+
+registered with :func:`register` in its own module of this package (modules are discovered automatically).
+:func:`apply_defense` gives it a deep copy of the model, so the stored model is never changed, checks the option
+names against the registered defaults (a typo is an error, not a silent default) and times it.
+
+``transductive`` defenses (``batchstats``) do not produce a fixed model: their prediction for an image depends on
+the other images of its test batch, so evaluation builds the test batches itself (composition ``B``, ``f``).
+
+>>> from bnbackdoor.defenses import DEFENSES, CleanSet, apply_defense
+>>> out = apply_defense("rebn", model, CleanSet(x_cal, None, "cifar10"), device="cpu")
+>>> out.model, out.info, out.seconds
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import pkgutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+__all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "register", "get_defense", "apply_defense"]
+
+
+@dataclass
+class CleanSet:
+    """What a defender has besides the model: clean images of the TRAINING split (float, [0, 1]) and, for
+    defenses that train, their labels."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    dataset: str
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class DefenseOutcome:
+    model: nn.Module                 # the defended copy (never the caller's model object)
+    info: dict[str, Any] = field(default_factory=dict)   # JSON-able record of what was done
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    fn: Callable[..., DefenseOutcome]
+    defaults: Mapping[str, Any]
+    summary: str = ""
+    transductive: bool = False       # predictions depend on the test batch (evaluate with a composition)
+    needs_labels: bool = False       # uses CleanSet.y
+
+
+DEFENSES: dict[str, Defense] = {}
+
+
+def register(name: str, *, summary: str = "", transductive: bool = False, needs_labels: bool = False,
+             **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
+    """Decorator: register ``fn`` under ``name`` with its option defaults (every option it accepts)."""
+    def deco(fn: Callable[..., DefenseOutcome]) -> Callable[..., DefenseOutcome]:
+        if name in DEFENSES:
+            raise ValueError(f"defense '{name}' registered twice")
+        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels)
+        return fn
+    return deco
+
+
+def get_defense(name: str) -> Defense:
+    try:
+        return DEFENSES[name]
+    except KeyError:
+        raise UserError(f"unknown defense '{name}'; known: {', '.join(sorted(DEFENSES))}") from None
+
+
+def apply_defense(name: str, model: nn.Module, clean: CleanSet, *, device: torch.device | str | None = None,
+                  progress: bool = True, **options: Any) -> DefenseOutcome:
+    """Run defense ``name`` on a deep copy of ``model`` with ``clean`` (training-split images only)."""
+    d = get_defense(name)
+    unknown = sorted(set(options) - set(d.defaults))
+    if unknown:
+        raise UserError(f"defense '{name}' has no option {', '.join(unknown)}; "
+                        f"its options: {', '.join(d.defaults) or 'none'}")
+    if d.needs_labels and clean.y is None:
+        raise UserError(f"defense '{name}' needs labelled clean images")
+    opts = {**d.defaults, **options}
+    t0 = time.time()
+    out = d.fn(copy.deepcopy(model), clean, device=device, progress=progress, **opts)
+    out.seconds = time.time() - t0
+    out.info.setdefault("defense", name)
+    out.info.setdefault("options", {k: v for k, v in opts.items()})
+    out.info.setdefault("clean_images", len(clean))
+    return out
+
+
+# Every module of this package registers its defense(s) on import.
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
