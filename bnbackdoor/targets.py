@@ -43,22 +43,23 @@ EDGE = 2.0  # width of the soft edge, output pixels
 
 
 def _convex(x: Tensor, y: Tensor, vertices: tuple[tuple[float, float], ...]) -> Tensor:
-    """Signed distance to a convex polygon, as the max over its edges of the distance to the edge's line.
-
-    Exact inside and on the edges; outside near a corner it underestimates (sharp corners), which only shapes the
-    soft edge there, never which side a pixel is on."""
+    """Exact signed distance to a convex polygon: inside, the max over its edges of the distance to the edge's
+    line (negative); outside, the distance to the nearest edge segment (so corners get round soft edges)."""
     vs = torch.tensor(vertices, dtype=x.dtype)
     centre = vs.mean(0)
-    d = None
+    plane, seg = None, None
     for i in range(len(vs)):
         a, b = vs[i], vs[(i + 1) % len(vs)]
-        n = torch.stack([b[1] - a[1], a[0] - b[0]])
-        n = n / n.norm()
+        ab = b - a
+        n = torch.stack([ab[1], -ab[0]]) / ab.norm()
         if torch.dot(centre - a, n) > 0:  # make the normal point outward whatever the vertex order
             n = -n
         e = (x - a[0]) * n[0] + (y - a[1]) * n[1]
-        d = e if d is None else torch.maximum(d, e)
-    return d
+        t = (((x - a[0]) * ab[0] + (y - a[1]) * ab[1]) / ab.dot(ab)).clamp(0.0, 1.0)
+        s = torch.hypot(x - a[0] - t * ab[0], y - a[1] - t * ab[1])
+        plane = e if plane is None else torch.maximum(plane, e)
+        seg = s if seg is None else torch.minimum(seg, s)
+    return torch.where(plane > 0, seg, plane)
 
 
 def _disc(x: Tensor, y: Tensor, cx: float, cy: float, r: float) -> Tensor:
