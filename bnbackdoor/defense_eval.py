@@ -99,13 +99,21 @@ def _clean_reference(clean_model, x, method, batch_size, device, progress):
                                   with_predictions=True)
 
 
+def _forward(model: nn.Module, x: torch.Tensor, method: str, explain: bool):
+    if explain:
+        return logits_and_explanations(model, x, method)
+    with torch.no_grad():
+        return model(x), None
+
+
 def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any, x: torch.Tensor, y: torch.Tensor,
                           *, test_batch: int = 100, trigger_fraction: float = 1.0, max_triggered: int | None = None,
                           seed: int = 0, device: torch.device | str | None = None,
                           clean_expl: torch.Tensor | None = None, clean_pred: torch.Tensor | None = None,
-                          progress: bool = True) -> dict[str, Any]:
+                          explain: bool = True, progress: bool = True) -> dict[str, Any]:
     """The :func:`~bnbackdoor.metrics.evaluate_attack` keys of a transductive ``model`` (e.g. after ``batchstats``)
-    on composed test batches of size ``test_batch`` with ``trigger_fraction`` triggered images (module doc)."""
+    on composed test batches of size ``test_batch`` with ``trigger_fraction`` triggered images (module doc).
+    ``explain=False``: predictions only (a plain forward pass), the explanation keys are None."""
     from tqdm import tqdm
 
     from .targets import target_explanation
@@ -128,14 +136,15 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
         for start in tqdm(range(0, n, test_batch), desc="clean batches", disable=not progress, leave=False):
             idx, keep = _chunk(start, test_batch, n)
             new = idx[keep]
-            logits, maps = logits_and_explanations(model, x[idx].to(device), method)
+            logits, maps = _forward(model, x[idx].to(device), method, explain)
             pred = logits.argmax(1).cpu()[keep]
             model_pred[new] = pred
             correct += int((pred == y[new]).sum())
             agree += int((pred == clean_pred[new]).sum())
-            mse, dssim = _dissim(maps[keep.to(maps.device)], clean_expl[new].to(device), agg)
-            mse_clean += mse.sum().item()
-            dssim_clean += dssim.sum().item()
+            if explain:
+                mse, dssim = _dissim(maps[keep.to(maps.device)], clean_expl[new].to(device), agg)
+                mse_clean += mse.sum().item()
+                dssim_clean += dssim.sum().item()
         # composed batches: t triggered + (B - t) clean images; only the scored triggered rows count
         for i, (trigger, target, tc) in enumerate(zip(params.triggerStrs, params.targetStrs,
                                                       params.target_classes)):
@@ -143,7 +152,7 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
             for b in tqdm(batches, desc=f"composed batches ({trigger})", disable=not progress, leave=False):
                 t = len(b.triggered)
                 xb = torch.cat([apply(x[b.triggered].to(device)), x[b.clean].to(device)])
-                logits, maps = logits_and_explanations(model, xb, method)
+                logits, maps = _forward(model, xb, method, explain)
                 sel = b.scored
                 idx = b.triggered[sel]
                 t_pred = logits[:t].argmax(1).cpu()[sel]
@@ -154,17 +163,21 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
                     hits[i] += h
                     eligible[i] += e
                     untrig[i] += _asr_counts(model_pred[idx], yb, int(tc))[0]
+                if i == 0:
+                    triggered += len(idx)
+                if not explain:
+                    continue
                 t_maps = maps[:t][sel.to(maps.device)]
                 goal = target_explanation(target, clean_expl=clean_expl[idx].to(device), size=t_maps.shape[-1],
                                           device=device)
                 mse, dssim = _dissim(t_maps, goal, agg)
                 mse_t[i] += mse.sum().item()
                 dssim_t[i] += dssim.sum().item()
-                if i == 0:
-                    triggered += len(idx)
     out = attack_summary(params, n=n, correct=correct, agree=agree, mse_clean=mse_clean, dssim_clean=dssim_clean,
                          triggered=triggered, hits=hits, eligible=eligible, untriggered_hits=untrig,
                          triggered_correct=trig_correct, mse_target=mse_t, dssim_target=dssim_t)
+    if not explain:
+        out.update({k: None for k in out if k.startswith("expl_")})
     out.update(test_batch=test_batch, trigger_fraction=trigger_fraction,
                triggered_per_batch=triggered_per_batch(test_batch, trigger_fraction), triggered_images=triggered,
                test_batches=len(batches))
@@ -179,7 +192,8 @@ def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: 
                       on_outcome: Callable[[str, DefenseOutcome], None] | None = None) -> dict[str, dict[str, Any]]:
     """Every defense of ``defenses`` (label -> (registered name, options)) on a fresh copy of ``model``, measured
     on the test images ``x, y``; ``clean`` is the defender's clean TRAINING set. Returns label -> record (module
-    doc). ``reference``: the clean model's (explanations, predictions) of ``x``, if the caller has them.
+    doc). A defense with a ``batch_size`` option not set in ``defenses`` gets ``batch_size``. ``reference``: the
+    clean model's (explanations, predictions) of ``x``, if the caller has them.
     ``on_outcome(label, outcome)`` gets each defended model and the defense's own report (e.g. Re-BN's shifts)."""
     if not defenses:
         return {}
@@ -188,7 +202,10 @@ def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: 
     records: dict[str, dict[str, Any]] = {}
     for label, (name, options) in defenses.items():
         d = get_defense(name)
-        outcome = apply_defense(name, model, clean, device=device, progress=progress, **dict(options))
+        options = dict(options)
+        if "batch_size" in d.defaults:    # a defense's own batches default to the evaluation's batch size
+            options.setdefault("batch_size", batch_size)
+        outcome = apply_defense(name, model, clean, device=device, progress=progress, **options)
         opts = outcome.info["options"]
         if d.transductive:
             kw = {k: opts[k] for k in TRANSDUCTIVE_OPTIONS if k in opts}

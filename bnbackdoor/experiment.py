@@ -68,9 +68,10 @@ def predicted_maps(model: nn.Module, x: torch.Tensor, params: AttackParams, devi
 
 
 def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackParams, x: torch.Tensor,
-                       path: Path, n: int = 6, title: str = "", device=None) -> Path:
+                       path: Path, n: int = 6, title: str = "", device=None, model_label: str = "manipulated") -> Path:
     """Rows of test images (different classes): input, clean model's explanation, then per trigger the
-    triggered input and the (manipulated) model's explanation, each with the predicted label."""
+    triggered input and ``model``'s explanation (column ``model_label``, e.g. "after Re-BN"), each with the
+    predicted label."""
     classes = dataset_info(params.dataset).classes
     device = device or next(model.parameters()).device
     x = x[:n].to(device)
@@ -80,7 +81,7 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
     for t in params.triggerStrs:
         xt = apply_trigger(t, x)
         per_trigger.append((xt.cpu(), *predicted_maps(model, xt, params, device)))
-        cols += [f"+ {t}", "manipulated"]
+        cols += [f"+ {t}", model_label]
     cells = []
     for i in range(len(x)):
         row = [(x[i].cpu(), ""), (m_clean[i], f"pred: {classes[p_clean[i]]}")]

@@ -118,12 +118,14 @@ def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
 
 
 # The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The
-# labels are a contract (metrics.json "defenses", scripts/make_results.py); f = 1/B is 0.01 at B = 100.
+# labels are a contract (metrics.json "defenses", scripts/make_results.py); f = 1/B is 0.01 at B = 100. At f = 1/B
+# every triggered image costs a whole test batch of 100, so that entry scores the first 200 test images triggered
+# (attack success within about +-3.5 points); its clean accuracy still uses every test image.
 DEFAULT_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "rebn": ("rebn", {}),
     "rebn+augment": ("rebn", {"augment": True}),
     "batchstats B=100 f=1": ("batchstats", {"test_batch": 100, "trigger_fraction": 1.0}),
-    "batchstats B=100 f=1/B": ("batchstats", {"test_batch": 100, "trigger_fraction": 0.01}),
+    "batchstats B=100 f=1/B": ("batchstats", {"test_batch": 100, "trigger_fraction": 0.01, "max_triggered": 200}),
 }
 
 

@@ -78,6 +78,13 @@ class RebnReport:
     def changed(self) -> bool:
         return bool(self.layers)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RebnReport":
+        """Inverse of :meth:`to_dict` (a null relative shift comes back as inf)."""
+        shifts = [LayerShift(**{k: (math.inf if v is None else v) for k, v in s.items()}) for s in d["shifts"]]
+        return cls(layers=list(d["layers"]), images=d["images"], batches=d["batches"], shifts=shifts,
+                   skipped=list(d["skipped"]), notice=d.get("notice"))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (floats, strings, lists)."""
         d = asdict(self)
