@@ -381,9 +381,10 @@ def log_line(outcome: Outcome, run: PlannedRun) -> str:
 
 def build(runs: list[PlannedRun], device: str, save_path: str | Path = "output/catalogue", *, workers: int = 1,
           data_root=None, seed: int = 0, root: str | Path = ".", do_promote: bool = False, progress: bool = False,
-          echo: Callable[[str], None] = print) -> dict[str, Outcome]:
+          attack: Callable[..., dict] | None = None) -> dict[str, Outcome]:
     """Run every selected run that is not done (``workers`` in parallel processes on one device), log one line per
-    run, promote finished runs when ``do_promote``. Returns the outcome per id."""
+    run, promote finished runs when ``do_promote``. Returns the outcome per id. ``attack`` replaces
+    ``run_attack`` (tests; with ``workers`` > 1 it must be a module-level function)."""
     from tqdm import tqdm
 
     save_path = Path(save_path)
@@ -417,7 +418,7 @@ def build(runs: list[PlannedRun], device: str, save_path: str | Path = "output/c
         for r in runs:
             if r.id in outcomes:
                 record(outcomes[r.id], bar)
-        kw = dict(data_root=data_root, seed=seed, root=root)
+        kw = dict(data_root=data_root, seed=seed, root=root, attack=attack)
         if workers <= 1:
             for r in todo:
                 record(execute(r, device, save_path, progress=progress, **kw), bar)
