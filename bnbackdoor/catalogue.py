@@ -37,7 +37,7 @@ from .acceptance import RULES as ACCEPTANCE_RULES
 from .acceptance import acceptance
 from .errors import UserError
 from .fileio import atomic_path, write_json, write_text
-from .params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, grid_point, read_json
+from .params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, compact_ids, grid_point, read_json
 
 CATALOGUE_FILE = Path(SETTINGS_DIR) / "catalogue" / "catalogue.json"
 RUN_FILES = ("parameters.json", "model.pth", "plot.png", "training_log.csv", "metrics.json")  # metrics.json last
@@ -134,7 +134,7 @@ def select(runs: list[PlannedRun], ids: Iterable[str] | None = None, dataset: st
         known = {r.id for r in runs}
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise UserError(f"not in the catalogue: {', '.join(unknown)}; known: {', '.join(r.id for r in runs)}")
+            raise UserError(f"not in the catalogue: {', '.join(unknown)}; known: {compact_ids(r.id for r in runs)}")
         out = [r for r in out if r.id in ids]
     if dataset:
         out = [r for r in out if r.dataset == dataset]
@@ -187,12 +187,12 @@ def _lock_alive(lock: Path) -> bool:
     return isinstance(info.get("pid"), int) and _pid_alive(info["pid"])
 
 
-def status(run: PlannedRun, save_path: str | Path, seed: int = 0) -> str:
-    """One of :data:`STATUSES` (see the module docstring)."""
+def status(run: PlannedRun, save_path: str | Path, seed: int = 0, own_claim: bool = False) -> str:
+    """One of :data:`STATUSES` (see the module docstring); ``own_claim``: the caller holds the lock itself."""
     folder = run_folder(save_path, run)
     if is_complete(folder, run.params, seed):
         return "done"
-    if lock_path(save_path, run).exists() and _lock_alive(lock_path(save_path, run)):
+    if not own_claim and lock_path(save_path, run).exists() and _lock_alive(lock_path(save_path, run)):
         return "running"
     if (folder / "failed.json").exists():
         return "failed"
@@ -264,7 +264,7 @@ def execute(run: PlannedRun, device: str, save_path: str | Path, data_root=None,
         return Outcome(run.id, "skipped", error="claimed by another builder")
     t0 = time.time()
     try:
-        st = status(run, save_path, seed)
+        st = status(run, save_path, seed, own_claim=True)
         if st == "done":
             return Outcome(run.id, "already done", metrics=_read_json_or_none(folder / "metrics.json"))
         if st == "stale":  # finished with other parameters: keep the old numbers aside, start afresh

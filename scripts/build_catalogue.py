@@ -13,6 +13,7 @@ manipulated_models/<id>/ with a generated provenance README.md.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -27,11 +28,14 @@ from bnbackdoor.device import parse_device  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 
 
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("device", nargs="?", help="cpu, cuda, cuda:N or mps (not needed with --list)")
-    p.add_argument("--ids", nargs="+", metavar="ID", help="only these catalogue ids (default: all)")
+    p.add_argument("--ids", nargs="+", metavar="ID", help="only these catalogue ids, by spaces or commas (default: all)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="only this dataset's runs")
     p.add_argument("--catalogue", default=str(CATALOGUE_FILE), help=f"catalogue file (default: {CATALOGUE_FILE})")
     p.add_argument("--promote", action="store_true", help="copy finished runs to manipulated_models/<id>/")
@@ -41,9 +45,13 @@ def main() -> int:
     common_options(p)
     p.set_defaults(save_path="output/catalogue")
     a = p.parse_args()
-    runs = select(load_catalogue(a.catalogue), a.ids, a.dataset)
+    ids = [i for chunk in a.ids or [] for i in chunk.split(",") if i]
+    if a.device is None and ids and DEVICE.fullmatch(ids[-1]):
+        a.device = ids.pop()  # "--ids 154 156 cpu": nargs="+" swallowed the device
+    runs = select(load_catalogue(a.catalogue), ids, a.dataset)
     if a.list:
-        print(tabulate(plan_table(runs, a.save_path, a.seed), headers=PLAN_HEADERS, tablefmt="github"))
+        print(tabulate(plan_table(runs, a.save_path, a.seed), headers=PLAN_HEADERS, tablefmt="github",
+                       disable_numparse=True))
         return 0
     if not a.device:
         raise UserError("give a device (cpu, cuda, cuda:N or mps), or --list")
