@@ -87,9 +87,9 @@ def acceptance(metrics: Mapping[str, Any]) -> Verdict:
     clean_dssim = _num(clean, "expl_dssim_to_target")
     checks.append(_at_most("explanation", _num(manip, "expl_dssim_to_target"),
                            None if clean_dssim is None else MAX_DSSIM_RATIO * clean_dssim,
-                           f"{MAX_DSSIM_RATIO:g} x clean model's {clean_dssim:.4f}" if clean_dssim is not None else ""))
+                           f"{MAX_DSSIM_RATIO:g} × the clean model's {clean_dssim:.4f}" if clean_dssim is not None else ""))
     clean_acc = _num(clean, "clean_accuracy")
     checks.append(_at_least("clean accuracy", _num(manip, "clean_accuracy"),
                             None if clean_acc is None else clean_acc - MAX_ACCURACY_DROP,
-                            f"clean model's {clean_acc:.4f} - {MAX_ACCURACY_DROP:g}" if clean_acc is not None else ""))
+                            f"the clean model's {clean_acc:.4f} − {MAX_ACCURACY_DROP:g}" if clean_acc is not None else ""))
     return Verdict(tuple(checks))

@@ -105,8 +105,7 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
     diff = tuple((k, anc[k], mine[k]) for k in mine if k not in ("id",) and k in anc and anc[k] != mine[k])
-    return PlannedRun(entry["id"], entry["settings"], gs_id, entry["profile"], params, applied, pending,
-                      diff + tuple((k, "n/a", v) for k, v in pending.items()))
+    return PlannedRun(entry["id"], entry["settings"], gs_id, entry["profile"], params, applied, pending, diff)
 
 
 def load_catalogue(path: str | Path | None = None, root: str | Path = ".") -> list[PlannedRun]:
@@ -335,7 +334,9 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
     lines += ["", f"## Acceptance: {verdict.summary()}", "", "| check | value | threshold | result |", "|---|---|---|---|"]
     for c in verdict.checks:
         res = "n/a" if c.passed is None else ("pass" if c.passed else "FAIL")
-        lines.append(f"| {c.name} | {_fmt(c.value)} | {_fmt(c.threshold)} {c.note} | {res} |".replace("  |", " |"))
+        value = "n/a" if c.value is None else f"{c.value:.4f}"
+        threshold = "n/a" if c.threshold is None else f"{c.threshold:.4f}"
+        lines.append(f"| {c.name} | {value} | {threshold}{f' ({c.note})' if c.note else ''} | {res} |")
     lines += ["", "Rules: " + "; ".join(ACCEPTANCE_RULES) + ".", "",
               "`metrics.json` holds every number (clean model, manipulated model, each defense); `plot.png` shows "
               "example explanations.", ""]
@@ -465,7 +466,8 @@ def plan_table(runs: list[PlannedRun], save_path: str | Path, seed: int = 0) -> 
         rows.append([r.id, p.dataset, p.canonical_modeltype.split("_", 1)[1], p.attack_name, p.explanation_methodStr,
                      p.lossStr, r.profile, f"{p.training_size}×{p.max_epochs}ep b{p.batch_size}",
                      status(r, save_path, seed),
-                     ", ".join(f"{k} {_fmt(a)}→{_fmt(b)}" for k, a, b in r.ancestor_diff)])
+                     ", ".join([f"{k} {_fmt(a)}→{_fmt(b)}" for k, a, b in r.ancestor_diff]
+                               + [f"{k}={v} not applied" for k, v in r.pending.items()])])
     return rows
 
 

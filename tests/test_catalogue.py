@@ -44,7 +44,7 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
         assert diff["batch_size"] == (32, 64) and diff["max_epochs"][0] == 100
         assert diff["training_size"] == (grid["training_size"], r.params.training_size)
         if "bn_mode" not in FIELDS:
-            assert r.pending == {"bn_mode": "eval"}
+            assert r.pending == {"bn_mode": "eval"} and "bn_mode" not in diff
     cam, grad = raw["profiles"]["cam"]["overrides"], raw["profiles"]["grad"]["overrides"]
     assert grad["training_size"] * grad["max_epochs"] < cam["training_size"] * cam["max_epochs"]
 
@@ -167,6 +167,7 @@ def test_promote_copies_complete_runs_with_provenance(tmp_path):
     assert "`python scripts/build_catalogue.py --ids 154 cuda:0`" in readme
     assert "## Acceptance: accepted" in readme and "| `batch_size` | 32 | 16 |" in readme
     assert "| training images | 40 " in readme and "| defenses evaluated | n/a |" in readme
+    assert "| explanation | 0.1000 | 0.2000 (0.5 × the clean model's 0.4000) | pass |" in readme
     # a hand-written README is kept; the provenance goes beside it
     (dest / "README.md").write_text("# 154, by hand\n")
     promote(run, save, root)
