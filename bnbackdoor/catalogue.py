@@ -99,8 +99,10 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     overrides = {**profiles[entry["profile"]].get("overrides", {}), **entry.get("overrides", {})}
     applied = {k: v for k, v in overrides.items() if k in FIELDS}
     pending = {k: v for k, v in overrides.items() if k not in FIELDS}
-    if str(base.attack_id) != entry["id"]:
-        raise UserError(f"{where}: id must be the grid's attack_id '{base.attack_id}' (its manipulated_models folder)")
+    # A variant of a catalogue attack (e.g. 154bntrain, 154nbn) is named by its attack id plus a suffix.
+    if not entry["id"].startswith(str(base.attack_id)):
+        raise UserError(f"{where}: id must be the grid's attack_id '{base.attack_id}', optionally followed by a "
+                        "variant suffix (e.g. 154bntrain)")
     params = base.replace(**applied, id=entry["id"])
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
