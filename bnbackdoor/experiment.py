@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .claim import claim_run
 from .data import dataset_info, load_split
 from .errors import UserError
 from .explain import explain_with_logits
@@ -99,18 +100,33 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
                force: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
-    A finished run (``metrics.json`` with the same parameters) is not redone unless ``force``; an unfinished one
-    resumes from its last finished epoch.
+    The run folder is claimed first (:mod:`bnbackdoor.claim`): a run folder another live process writes is refused.
+    A finished run (``metrics.json``) with the same parameters and seed is not redone unless ``force``; one with
+    other parameters or seed, or asked for output it does not have (``grad_layer``), is refused without ``force``;
+    an unfinished one resumes from its last finished epoch.
     """
+    with claim_run(run_dir(save_path, params), command=command or " ".join(sys.argv)):
+        return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
+                                   progress, command)
+
+
+def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
+                        grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
+                        command: str | None) -> dict[str, Any]:
     out = run_dir(save_path, params)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not force:
         import json
         done = json.loads(metrics_path.read_text())
-        if done.get("parameters") == params.to_dict() and done.get("seed") == seed:
-            print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
-            return done
+        if done.get("parameters") != params.to_dict() or done.get("seed") != seed:
+            raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
+                            "it or use another --save_path")
+        if grad_layer is not None:  # the gradient CSVs are written while training: a skip would silently miss them
+            raise UserError(f"{out} is already finished, so --grad-layer would record nothing; pass --force to "
+                            "run it again or use another --save_path")
+        print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
+        return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
