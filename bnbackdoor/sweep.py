@@ -262,6 +262,9 @@ def slurm_executor(folder: Path, opts: SweepOptions):
     """The SlurmExecutor of a sweep: a job array, ``%max_parallel`` tasks at a time."""
     import submitit
 
+    if shutil.which("srun") is None:  # submitit's own check, as one line
+        raise UserError("--backend slurm: no SLURM here ('srun' not found); run it on the cluster's login node "
+                        "or use --backend local")
     executor = submitit.SlurmExecutor(folder=folder / "%j")
     executor.update_parameters(time=opts.timeout_min, array_parallelism=opts.max_parallel,
                                setup=_setup_lines(opts.setup), **(opts.slurm or {}))
