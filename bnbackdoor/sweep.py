@@ -203,8 +203,10 @@ def _fmt(v: Any) -> str:
 
 
 def _last_line(e: BaseException) -> str:
-    lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    return lines[-1] if lines else type(e).__name__
+    """The job's own exception line (``UserError: ...``) from submitit's FailedJobError text (it holds the traceback)."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    raised = [m.group(1) for s in lines if (m := re.match(r"(?:[\w]+\.)*(\w+(?:Error|Exception|Interrupt|Exit)\b.*)", s))]
+    return raised[-1] if raised else (lines[0] if lines else type(e).__name__)
 
 
 def _log_path(job) -> Path:
