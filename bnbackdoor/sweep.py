@@ -43,7 +43,8 @@ MARKER = "[sweep]"
 # ------------------------------------------------------------------------------------------------ the grid
 def attack_file(attackid: str, root: str | Path = ".") -> Path:
     """The file that defines ``attackid``'s grid: ``experimentsettings/<id>.json`` first (a stored run in
-    ``manipulated_models/<id>`` is one concrete point, the grid is what a sweep means), then a stored run, then a path."""
+    ``manipulated_models/<id>`` is one concrete point; a grid is what a sweep means), then a stored run, then a
+    path."""
     root, name = Path(root), str(attackid).strip()
     names = [name] + ([str(int(name))] if name.isdigit() else [])
     for n in names:
@@ -203,9 +204,10 @@ def _fmt(v: Any) -> str:
 
 
 def _last_line(e: BaseException) -> str:
-    """The job's own exception line (``UserError: ...``) from submitit's FailedJobError text (it holds the traceback)."""
+    """The job's own exception line (``UserError: ...``) from submitit's FailedJobError text (a traceback)."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    raised = [m.group(1) for s in lines if (m := re.match(r"(?:[\w]+\.)*(\w+(?:Error|Exception|Interrupt|Exit)\b.*)", s))]
+    pattern = re.compile(r"(?:\w+\.)*(\w+(?:Error|Exception|Interrupt|Exit)\b.*)")
+    raised = [m.group(1) for s in lines if (m := pattern.match(s))]
     return raised[-1] if raised else (lines[0] if lines else type(e).__name__)
 
 
@@ -420,7 +422,7 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
         clean = load_model(p.modeltype, p.model_id, device=dev, root=models_root, data_root=data_root,
                            auto_train=False)
         if base not in clean_acc:
-            clean_acc[base] = accuracy(clean, x, y, device=dev)
+            clean_acc[base] = accuracy(clean, x, y, device=dev, progress=False)
         model = load_model(p.modeltype, path=run_dir(save_path, p) / "model.pth", device=dev, auto_train=False)
         val = evaluate_attack(model, clean, p, x, y, batch_size=batch_size, device=dev, progress=False)
         row = {"gs_id": p.gs_id, "id": p.id, **{k: p.to_dict()[k] for k in varying}}
@@ -438,6 +440,7 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
         notes.add(f"no point kept its validation clean accuracy within {ACCURACY_TOLERANCE:.0%} of the clean "
                   "model's; the best is chosen over all points")
     return {"rows": rows, "best": best, "notes": sorted(notes), "csv": csv_path, "varying": varying,
+            "attack_id": runs[0][0].attack_id,
             "clean_val_accuracy": sorted(clean_acc.values())}
 
 

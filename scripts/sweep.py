@@ -71,8 +71,8 @@ def show_summary(a: argparse.Namespace) -> int:
     print(f"best: {s['best']['id']} (gs_id {s['best']['gs_id']}); rule: {BEST_RULE}")
     print(f"table -> {s['csv']}")
     if a.promote:
-        attack_id = s["best"]["id"].rsplit("_", 1)[0]
-        print(f"promoted {s['best']['id']} -> {promote(attack_id, s['best']['id'], a.save_path, force=a.force)}")
+        dst = promote(str(s["attack_id"]), s["best"]["id"], a.save_path, force=a.force)
+        print(f"promoted {s['best']['id']} -> {dst}")
     return 0
 
 

@@ -18,8 +18,8 @@ from bnbackdoor.errors import UserError
 from bnbackdoor.experiment import run_attack
 from bnbackdoor.metrics import evaluate_attack
 from bnbackdoor.models import build_model, load_model, save_checkpoint
-from bnbackdoor.sweep import (ACCURACY_TOLERANCE, Task, choose_best, parse_devices, parse_gs_ids, promote, run_point,
-                              summarize, sweep, validation_split)
+from bnbackdoor.sweep import (ACCURACY_TOLERANCE, SweepOptions, Task, choose_best, grid_of, parse_devices,
+                              parse_gs_ids, promote, run_point, summarize, sweep, validation_split)
 
 from conftest import ROOT
 
@@ -71,8 +71,6 @@ def test_two_concurrent_sweeps_run_each_point_once_and_match_a_sequential_run(sw
     assert sorted(runs) == ["9154_0", "9154_1", "9154_2", "9154_3"]
     assert all("queued 0 running 0 finished 4 failed 0" in e for e in swept["stderr"])
     # every run folder complete and identical to a sequential in-process run with the same seed
-    from bnbackdoor.sweep import grid_of
-
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of 2 parallel local jobs used
     try:
@@ -101,7 +99,7 @@ def test_a_failed_point_shows_its_log_and_the_others_go_on(swept, tmp_path, capf
     other["parameters"]["learning_rate"] = 0.1
     (out / "9154_0" / "metrics.json").write_text(json.dumps(other))
     res = sweep([str(swept["grid"])], "cpu", gs_ids="0-1", save_path=out, data_root=swept["data"],
-                models_root=swept["models"], opts=__import__("bnbackdoor.sweep").sweep.SweepOptions(max_parallel=2))
+                models_root=swept["models"], opts=SweepOptions(max_parallel=2))
     assert {r["gs_id"]: r["status"] for r in res} == {0: "failed", 1: "skipped"}
     assert "holds a finished run with other parameters or seed" in res[[r["gs_id"] for r in res].index(0)]["message"]
     err = capfd.readouterr().err
@@ -117,8 +115,6 @@ def test_summary_picks_the_best_point_on_held_out_training_images_and_promotes_i
     assert [(r["loss_weight"], r["learning_rate"]) for r in rows] == [(0.9, 1e-3), (0.9, 5e-4), (0.5, 1e-3),
                                                                        (0.5, 5e-4)]
     assert s["notes"] == []  # 16 of 96 training images trained on: the validation images are held out
-    from bnbackdoor.sweep import grid_of
-
     points = grid_of(swept["grid"])
     x_val, y_val, held_out = validation_split(points[0], 0, 32, swept["data"])
     x_train, _ = load_split("cifar10", "train", size=16, seed=0, data_root=swept["data"])
