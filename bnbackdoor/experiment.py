@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .claim import claim_run
 from .data import dataset_info, load_split
 from .defense_eval import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
@@ -108,11 +109,22 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
                ) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
-    A finished run (``metrics.json`` with the same parameters) is not redone unless ``force``; an unfinished one
-    resumes from its last finished epoch. ``defenses`` (label -> (name, options); default
+    The run folder is claimed first (:mod:`bnbackdoor.claim`): a run folder another live process writes is refused.
+    A finished run (``metrics.json``) with the same parameters and seed is not redone unless ``force``; one with
+    other parameters or seed, or asked for output it does not have (``grad_layer``), is refused without ``force``;
+    an unfinished one resumes from its last finished epoch. ``defenses`` (label -> (name, options); default
     :data:`~bnbackdoor.defenses.DEFAULT_DEFENSES`, ``{}`` for none) are measured after training, with
     ``defense_calibration`` clean training images as the defender's set.
     """
+    with claim_run(run_dir(save_path, params), command=command or " ".join(sys.argv)):
+        return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
+                                   progress, command, defenses, defense_calibration)
+
+
+def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
+                        grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
+                        command: str | None, defenses: dict[str, tuple[str, dict]] | None,
+                        defense_calibration: int) -> dict[str, Any]:
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +132,14 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     if metrics_path.exists() and not force:
         import json
         done = json.loads(metrics_path.read_text())
-        if done.get("parameters") == params.to_dict() and done.get("seed") == seed:
-            print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
-            return done
+        if done.get("parameters") != params.to_dict() or done.get("seed") != seed:
+            raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
+                            "it or use another --save_path")
+        if grad_layer is not None:  # the gradient CSVs are written while training: a skip would silently miss them
+            raise UserError(f"{out} is already finished, so --grad-layer would record nothing; pass --force to "
+                            "run it again or use another --save_path")
+        print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
+        return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
