@@ -302,3 +302,40 @@ def locate_backdoor(params: Any, clean_model: nn.Module, model: nn.Module, x: to
         rows.append({"variant": variant, "group": g, "keys": len(keys),
                      **relative_change(clean_sd, manip_sd, keys), "same_as": same_as, **metrics})
     return rows
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+TABLE_HEADERS = ("variant", "group", "tensors", "‖Δ‖/‖θ‖", "clean acc", "attack success", "DSSIM→target",
+                 "MSE→target", "DSSIM→clean", "MSE→clean", "same model as")
+
+
+def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Rows for ``tabulate(..., headers=TABLE_HEADERS)``."""
+    return [[r["variant"], r["group"] or "-", r["keys"], r["rel_change"], *[r.get(k) for k in SHOWN_METRICS],
+             r["same_as"] or ""] for r in rows]
+
+
+def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]], params: Any,
+                out_dir: str, *, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Write ``<out_dir>/<id>_anatomy.{json,csv,png}`` (atomically); returns kind -> path."""
+    from pathlib import Path
+
+    from .experiment import write_csv
+    from .fileio import write_json
+    from .plots import ablation_bars
+
+    out = Path(out_dir)
+    stem = out / f"{params.id}_anatomy"
+    paths = {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}
+    write_json(paths["json"], {"id": params.id, "attack_id": params.attack_id, "modeltype": params.modeltype,
+                               "bn_mode": getattr(params, "bn_mode", None), **(extra or {}),
+                               "groups": {g: list(k) for g, k in groups.items()}, "rows": list(rows)})
+    write_csv(Path(paths["csv"]), [dict(r) for r in rows])
+    ref = {r["variant"]: r for r in rows if r["group"] is None}
+    names = list(groups)
+    pick = {v: {r["group"]: r for r in rows if r["variant"] == v} for v in ("restore", "only")}
+    ablation_bars(names, [pick["restore"][g] for g in names], [pick["only"][g] for g in names],
+                  ref["manipulated"], ref["clean"], paths["png"],
+                  title=f"attack {params.id} ({params.modeltype}): where does the backdoor live?")
+    return paths

@@ -10,6 +10,12 @@ L2 norm of that step's change of each group of the chosen block, all tensors of 
 
 "Change" is ``after - before`` around the whole step (forward, backward, optimizer step), so running-statistic
 drift and parameter updates are measured the same way.
+
+``--grad-layer all`` captures the whole model with the same columns: each column concatenates that kind's tensors
+of every block *and* of the modules outside blocks (stem, head), so ``conv.weight`` is the norm of the update of
+all convolution weights. Norms of disjoint parts add in squares: the square of an ``all`` column equals the sum of
+the squares of the per-block columns plus the outside modules' part. With BatchNorm in eval mode the running
+statistics never change and their columns are 0.
 """
 from __future__ import annotations
 
@@ -50,7 +56,25 @@ def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def select_block(model: nn.Module, index: int) -> tuple[str, nn.Module]:
+GradLayer = int | str  # a block index, or ALL
+
+
+ALL = "all"
+
+
+def parse_grad_layer(value: str) -> GradLayer:
+    """argparse type of ``--grad-layer``: an integer block index or ``all``."""
+    if value.strip().lower() == ALL:
+        return ALL
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--grad-layer takes a block index (e.g. 0, -1) or 'all', got {value!r}") from None
+
+
+def select_block(model: nn.Module, index: GradLayer) -> tuple[str, nn.Module]:
+    if index == ALL:
+        return ALL, model
     blocks = model_blocks(model)
     if not -len(blocks) <= index < len(blocks):
         raise UserError(f"--grad-layer {index} is out of range: the model has {len(blocks)} blocks "
@@ -79,7 +103,7 @@ def _groups(block: nn.Module) -> dict[str, list[torch.Tensor]]:
 class GradLogger:
     """Snapshot a block before each step, record the update sizes after it, write one CSV per epoch."""
 
-    def __init__(self, model: nn.Module, index: int):
+    def __init__(self, model: nn.Module, index: GradLayer):
         self.block_name, block = select_block(model, index)
         self.groups = _groups(block)
         self.columns = ["epoch", "step", "global_step", *self.groups]
