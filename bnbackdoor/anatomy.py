@@ -44,7 +44,7 @@ _BN_AFFINE = ("weight", "bias")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList)
 
-SHOWN_METRICS = ("clean_accuracy", "attack_success_rate", "expl_dssim_to_target", "expl_mse_to_target",
+SHOWN_METRICS = ("clean_accuracy", "attack_success_rate", "untriggered_target_rate", "expl_dssim_to_target", "expl_mse_to_target",
                  "expl_dssim_to_clean", "expl_mse_to_clean")
 
 
@@ -306,8 +306,8 @@ def locate_backdoor(params: Any, clean_model: nn.Module, model: nn.Module, x: to
 
 # --- report ---------------------------------------------------------------------------------------------------
 
-TABLE_HEADERS = ("variant", "group", "tensors", "‖Δ‖/‖θ‖", "clean acc", "attack success", "DSSIM→target",
-                 "MSE→target", "DSSIM→clean", "MSE→clean", "same model as")
+TABLE_HEADERS = ("variant", "group", "tensors", "‖Δ‖/‖θ‖", "clean acc", "attack success", "untrig. target",
+                 "DSSIM→target", "MSE→target", "DSSIM→clean", "MSE→clean", "same model as")
 
 
 def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:

@@ -38,8 +38,9 @@ def perturbed(model: nn.Module, seed: int = 1) -> nn.Module:
     with torch.no_grad():
         for k, t in m.state_dict().items():
             if t.is_floating_point():
-                t.add_(0.01 * torch.randn(t.shape, generator=g)).abs_() if "running_var" in k else \
-                    t.add_(0.01 * torch.randn(t.shape, generator=g))
+                t.add_(0.01 * torch.randn(t.shape, generator=g))
+                if "running_var" in k:
+                    t.abs_()  # a variance stays positive
             else:
                 t.add_(7)
     return m
