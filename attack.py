@@ -15,6 +15,7 @@ from bnbackdoor.cli import command_line, common_options
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.experiment import run_attack, run_dir
+from bnbackdoor.gradlog import parse_grad_layer
 from bnbackdoor.params import resolve_attack
 
 SHOWN = ("clean_accuracy", "fidelity", "attack_success_rate", "expl_mse_to_target", "expl_dssim_to_target",
@@ -25,8 +26,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("attackid", help="attack id (e.g. 154, 10156, GTSRBWRN154L1) or a path to a JSON file")
-    p.add_argument("--grad-layer", type=int, default=None, metavar="L",
-                   help="record per-step update sizes of block L (-1 = last) to gradients_epoch<E>.csv")
+    p.add_argument("--grad-layer", type=parse_grad_layer, default=None, metavar="L",
+                   help="record per-step update sizes of block L (-1 = last; 'all' = the whole model, "
+                        "per parameter group) to gradients_epoch<E>.csv")
     p.add_argument("--gs-id", type=int, default=None, help="grid point of an experimentsettings grid (default 0)")
     p.add_argument("--force", action="store_true", help="redo a finished run")
     common_options(p)

@@ -127,14 +127,15 @@ class FinetuneResult:
 
 
 def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
-             run_dir: Path, data_root=None, seed: int = 0, grad_layer: int | None = None,
+             run_dir: Path, data_root=None, seed: int = 0, grad_layer: int | str | None = None,
              grad_csv: Callable[[int], Path] | None = None, on_epoch: Callable[[int, dict, nn.Module], None] | None = None,
              test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
              test_ref: tuple[torch.Tensor, torch.Tensor] | None = None,
              eval_batch_size: int = 200, progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params``.
 
-    ``grad_layer`` / ``grad_csv(epoch)``: record per-step update sizes of that block into that CSV.
+    ``grad_layer`` / ``grad_csv(epoch)``: record per-step update sizes of that block (or ``"all"``: the whole
+    model, per parameter group) into that CSV.
     ``on_epoch(epoch, row, model)`` runs after each finished epoch (the caller saves intermediate models there).
     ``test_ref``: the clean model's (explanations, predictions) of the test images, if the caller has them.
     """

@@ -12,11 +12,19 @@ L2 norm of that step's change of each group of the chosen block, all tensors of 
 
 "Change" is ``after - before`` around the whole step (forward, backward, optimizer step), so running-statistic
 drift and parameter updates are measured the same way.
+
+``--grad-layer all`` captures the whole model with the same columns: each column concatenates that kind's tensors
+of every block *and* of the modules outside blocks (stem, head), so ``conv.weight`` is the norm of the update of
+all convolution weights. Norms of disjoint parts add in squares: the square of an ``all`` column equals the sum of
+the squares of the per-block columns plus the outside modules' part. With BatchNorm in eval mode the running
+statistics never change and their columns are 0.
 """
 from __future__ import annotations
 
 import csv
 import io
+import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -52,7 +60,25 @@ def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def select_block(model: nn.Module, index: int) -> tuple[str, nn.Module]:
+GradLayer = int | str  # a block index, or ALL
+
+
+ALL = "all"
+
+
+def parse_grad_layer(value: str) -> GradLayer:
+    """argparse type of ``--grad-layer``: an integer block index or ``all``."""
+    if value.strip().lower() == ALL:
+        return ALL
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--grad-layer takes a block index (e.g. 0, -1) or 'all', got {value!r}") from None
+
+
+def select_block(model: nn.Module, index: GradLayer) -> tuple[str, nn.Module]:
+    if index == ALL:
+        return ALL, model
     blocks = model_blocks(model)
     if not -len(blocks) <= index < len(blocks):
         raise UserError(f"--grad-layer {index} is out of range: the model has {len(blocks)} blocks "
@@ -78,10 +104,15 @@ def _groups(block: nn.Module) -> dict[str, list[torch.Tensor]]:
     return groups
 
 
+def _norm(t: torch.Tensor) -> float:
+    # float64: a float32 norm over a whole model's update (10^5..10^7 elements) is off by ~1e-4 relative
+    return t.double().norm().item()
+
+
 class GradLogger:
     """Snapshot a block before each step, record the update sizes after it, write one CSV per epoch."""
 
-    def __init__(self, model: nn.Module, index: int):
+    def __init__(self, model: nn.Module, index: GradLayer):
         self.block_name, block = select_block(model, index)
         self.groups = _groups(block)
         self.columns = ["epoch", "step", "global_step", *self.groups]
@@ -99,7 +130,7 @@ class GradLogger:
         after = self._flat()
         self.global_step += 1
         self.rows.append([epoch, step, self.global_step,
-                          *[f"{(after[k] - self._before[k]).float().norm().item():.6g}" for k in self.groups]])
+                          *[f"{_norm(after[k] - self._before[k]):.6g}" for k in self.groups]])
 
     def write_epoch(self, path: str | Path) -> None:
         buf = io.StringIO()
@@ -122,3 +153,60 @@ def read_csv(path: str | Path) -> tuple[list[str], dict[str, list[float]]]:
     header = rows[0]
     cols = {h: [float(r[i]) for r in rows[1:]] for i, h in enumerate(header)}
     return header[3:], cols
+
+
+# --- the update-share figure: CSV columns folded into the paper's parameter groups ---------------------------
+
+FIGURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "conv weights": ("conv.weight", "conv.bias"),
+    "BN γ": ("bn.weight",),
+    "BN β": ("bn.bias",),
+    "running mean": ("bn.running_mean",),
+    "running var": ("bn.running_var",),
+    "linear": ("linear.weight", "linear.bias"),  # the head (and, for ViT, the blocks' linear layers)
+}
+
+
+def read_csvs(paths) -> dict[str, list[float]]:
+    """Several gradient CSVs of one run (e.g. one per epoch) concatenated in the given order."""
+    out: dict[str, list[float]] = {}
+    header: list[str] | None = None
+    for p in paths:
+        groups, cols = read_csv(p)
+        if header is not None and groups != header:
+            raise UserError(f"{p} has columns {groups}, the run's other CSVs have {header}")
+        header = groups
+        for k, v in cols.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def fold_groups(cols: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-step update size of each :data:`FIGURE_GROUPS` group present in ``cols``: the L2 norm of its columns
+    together (norms of disjoint tensors add in squares)."""
+    out = {}
+    for g, members in FIGURE_GROUPS.items():
+        present = [cols[c] for c in members if c in cols]
+        if present:
+            out[g] = [math.sqrt(sum(v * v for v in vals)) for vals in zip(*present)]
+    return out
+
+
+def update_summary(sizes: dict[str, list[float]]) -> dict[str, dict]:
+    """Per group: ``median`` and ``mean`` per-step update size, ``share`` of the squared update summed over all
+    steps (``None`` when nothing moved at all), ``median_step_share`` (median over steps whose total update is
+    non-zero), ``zero_throughout`` (e.g. running statistics with BatchNorm in eval mode)."""
+    groups = list(sizes)
+    steps = len(next(iter(sizes.values()), []))
+    sq = {g: [v * v for v in sizes[g]] for g in groups}
+    per_step_total = [sum(sq[g][t] for g in groups) for t in range(steps)]
+    total = sum(per_step_total)
+    out = {}
+    for g in groups:
+        step_shares = [sq[g][t] / per_step_total[t] for t in range(steps) if per_step_total[t] > 0]
+        out[g] = {"median": statistics.median(sizes[g]) if steps else None,
+                  "mean": sum(sizes[g]) / steps if steps else None,
+                  "share": sum(sq[g]) / total if total > 0 else None,
+                  "median_step_share": statistics.median(step_shares) if step_shares else None,
+                  "zero_throughout": not any(v > 0 for v in sizes[g])}
+    return out

@@ -144,4 +144,74 @@ def composition_plot(points: Sequence[dict], path: str | Path, baseline: dict | 
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+
+def ablation_bars(groups: Sequence[str], restored: Sequence[dict], only: Sequence[dict], manipulated: dict,
+                  clean: dict, path: str | Path, title: str = "") -> Path:
+    """Where the backdoor lives, at a glance: per parameter group, attack success (red) and clean accuracy (blue)
+    of "restore G" (left panel) and "only G" (right), with the manipulated (dashed) and clean (dotted) models'
+    values as lines. Rows are metric dicts with ``attack_success_rate`` and ``clean_accuracy``."""
+    import numpy as np
+
+    metrics = (("attack_success_rate", "attack success", "tab:red"), ("clean_accuracy", "clean accuracy", "tab:blue"))
+    x = np.arange(len(groups))
+    w = 0.38
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.5 + 1.1 * len(groups)), 3.8), sharey=True, squeeze=False)
+    panels = (("restore G: manipulated model, G set back to clean", restored),
+              ("only G: clean model, only G from the manipulated one", only))
+    for ax, (name, rows) in zip(axes[0], panels):
+        for j, (key, label, color) in enumerate(metrics):
+            vals = [r.get(key) for r in rows]
+            ax.bar(x + (j - 0.5) * w, [0 if v is None else v for v in vals], w, color=color, alpha=0.85,
+                   label=label)
+            for i, v in enumerate(vals):
+                ax.text(x[i] + (j - 0.5) * w, 0 if v is None else v, "n/a" if v is None else f"{v:.2f}",
+                        ha="center", va="bottom", fontsize=6)
+            for ref, style, who in ((manipulated, "--", "manipulated"), (clean, ":", "clean")):
+                if ref.get(key) is not None:
+                    ax.axhline(ref[key], ls=style, color=color, lw=1, label=f"{label}, {who} model")
+        ax.set_xticks(x, list(groups), rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("rate")
+    axes[0][1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(fig, path, title)
+
+
+def update_shares(panels: Sequence[tuple[str, Sequence[float], dict[str, Sequence[float]], dict[str, float | None]]],
+                  path: str | Path, title: str = "") -> Path:
+    """One column per panel ``(title, steps, group -> per-step update size, group -> share of the total)``: top,
+    each group's per-step update size over steps (log scale; a group that never moves is named in the legend,
+    not drawn); bottom, each group's share of the squared update, summed over all steps."""
+    import numpy as np
+
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 6.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [2.2, 1]})
+    names = list(dict.fromkeys(g for _, _, sizes, _ in panels for g in sizes))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for c, (name, steps, sizes, shares) in enumerate(panels):
+        ax = axes[0][c]
+        for g, vals in sizes.items():
+            v = np.asarray(vals, dtype=float)
+            if not np.any(v > 0):  # e.g. running statistics with BatchNorm in eval mode
+                ax.plot([], [], color=colors[g], label=f"{g} (0 throughout)")
+                continue
+            ax.plot(steps, np.where(v > 0, v, np.nan), lw=0.7, color=colors[g], label=g)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("update size (L2)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax = axes[1][c]
+        groups = list(shares)
+        vals = [shares[g] or 0.0 for g in groups]
+        ax.bar(np.arange(len(groups)), vals, color=[colors[g] for g in groups])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{100 * v:.1f}%", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("share of ‖update‖²")
+        ax.grid(axis="y", alpha=0.3)
     return _finish(fig, path, title)

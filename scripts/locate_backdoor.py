@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Where does the backdoor live? Restore one parameter group at a time (and take only that group) and measure.
+
+python scripts/locate_backdoor.py <attackid> <device> [--save_path output] [--testing-size N]
+
+Loads the stored run (manipulated_models/<id>/ or a run folder) and its clean base model, evaluates for every
+parameter group G (BN running statistics, BN affine, convolution weights per stage, classifier) "restore G" and
+"only G" on the attack's test images, prints the table and writes <save_path>/<id>_anatomy.{json,csv,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows  # noqa: E402
+from bnbackdoor.cli import command_line, common_options  # noqa: E402
+from bnbackdoor.data import load_split  # noqa: E402
+from bnbackdoor.device import parse_device  # noqa: E402
+from bnbackdoor.errors import UserError, run_cli  # noqa: E402
+from bnbackdoor.experiment import load_run  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("attackid", help="stored attack id (manipulated_models/<id>) or a run folder")
+    p.add_argument("device", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--testing-size", type=int, default=None,
+                   help="test images (default: the attack's testing_size)")
+    p.add_argument("--batch-size", type=int, default=200, help="evaluation batch size (default 200)")
+    p.add_argument("--models-root", default=None, help="clean base models folder (default: ./models)")
+    common_options(p)
+    a = p.parse_args()
+    device = parse_device(a.device)
+    if a.testing_size is not None and a.testing_size <= 0:
+        raise UserError(f"--testing-size must be positive, got {a.testing_size}")
+    t0 = time.time()
+    params, model, clean = load_run(a.attackid, device, models_root=a.models_root, data_root=a.data_root)
+    size = a.testing_size or params.testing_size
+    x, y = load_split(params.dataset, "test", size=size, seed=a.seed, data_root=a.data_root)
+    groups = parameter_groups(model)
+    rows = locate_backdoor(params, clean, model, x, y, groups=groups, batch_size=a.batch_size, device=device)
+    print(tabulate(table_rows(rows), headers=TABLE_HEADERS, floatfmt=".4f", missingval="n/a"))
+    paths = save_report(rows, groups, params, a.save_path,
+                        extra={"testing_size": len(y), "seed": a.seed, "device": str(device),
+                               "command": command_line(), "seconds": round(time.time() - t0, 1)})
+    print(f"attack {params.id}: {len(groups)} groups, {len(y)} test images, {time.time() - t0:.0f} s -> "
+          f"{paths['json']}, {paths['csv']}, {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

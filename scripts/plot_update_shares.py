@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""The paper's update figure: per parameter group, the per-step update size and its share of the total update.
+
+python scripts/plot_update_shares.py --clean output_clean/gradients_epoch1_clean.csv \
+       --nbn output_nbn/gradients_epoch1.csv --bn output_bn/gradients_epoch1.csv --save output/update_shares.png
+
+Three panels from `python attack.py <device> <id> --grad-layer all` captures: (a) clean fine-tuning of ResNet20
+(percentage_trigger 0), (b) the attack on ResNet20 without BatchNorm, (c) the attack on ResNet20. Each option takes
+one or more CSVs of the same run (epochs, in order). Writes the PNG and, beside it, the numbers as JSON (per group:
+median / mean per-step update size and share of the total squared update).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from bnbackdoor.cli import command_line  # noqa: E402
+from bnbackdoor.errors import run_cli  # noqa: E402
+from bnbackdoor.fileio import write_json  # noqa: E402
+from bnbackdoor.gradlog import fold_groups, read_csvs, update_summary  # noqa: E402
+from bnbackdoor.plots import update_shares  # noqa: E402
+
+PANELS = (("clean", "(a) clean fine-tuning, ResNet20"), ("nbn", "(b) attack, ResNet20 without BatchNorm"),
+          ("bn", "(c) attack, ResNet20"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clean", nargs="+", required=True, help="capture(s) of the clean fine-tuning baseline")
+    p.add_argument("--nbn", nargs="+", required=True, help="capture(s) of the attack on cifar10_resnet20_nbn")
+    p.add_argument("--bn", nargs="+", required=True, help="capture(s) of the attack on cifar10_resnet20")
+    p.add_argument("--save", default="output/update_shares.png", help="output PNG (the JSON goes beside it)")
+    p.add_argument("--title", default="", help="figure title (e.g. the attack's BN mode)")
+    a = p.parse_args()
+    panels, numbers = [], {}
+    for key, title in PANELS:
+        files = getattr(a, key)
+        cols = read_csvs(files)
+        sizes = fold_groups(cols)
+        summary = update_summary(sizes)
+        panels.append((title, cols["global_step"], sizes, {g: s["share"] for g, s in summary.items()}))
+        numbers[key] = {"title": title, "csv": [str(f) for f in files], "steps": len(cols["global_step"]),
+                        "groups": summary}
+    out = Path(a.save)
+    update_shares(panels, out, title=a.title)
+    write_json(out.with_suffix(".json"), {"command": command_line(), "panels": numbers})
+    groups = list(dict.fromkeys(g for n in numbers.values() for g in n["groups"]))
+    rows = [[g, *[_cell(numbers[k]["groups"].get(g)) for k, _ in PANELS]] for g in groups]
+    print(tabulate(rows, headers=["group (median step / share)", *[t for _, t in PANELS]]))
+    print(f"saved {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def _cell(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    share = "n/a" if s["share"] is None else f"{100 * s['share']:.1f}%"
+    return f"{s['median']:.3g} / {share}"
+
+
+if __name__ == "__main__":
+    run_cli(main)
