@@ -126,9 +126,9 @@ def defense_scatter(points: Sequence[dict], path: str | Path, title: str = "", x
         if p.get(x) is None or p.get(y) is None:
             continue
         if p.get("size") is None:
-            ax.scatter(p[x], p[y], c="black", marker=ref_marker[p["group"]], s=110, zorder=3)
+            ax.scatter(p[x], p[y], color="black", marker=ref_marker[p["group"]], s=110, zorder=3)
         else:
-            ax.scatter(p[x], p[y], c=color[p["group"]], marker=marker[p["size"]], s=55, alpha=0.85,
+            ax.scatter(p[x], p[y], color=color[p["group"]], marker=marker[p["size"]], s=55, alpha=0.85,
                        edgecolors="black", linewidths=0.4)
     handles = [Line2D([], [], color=color[g], marker="o", ls="", label=g) for g in groups]
     handles += [Line2D([], [], color="gray", marker=marker[s], ls="", label=f"{s} clean images") for s in sizes]

@@ -20,6 +20,15 @@ FAST = {"finetune": {"epochs": 2}, "bn_finetune": {"epochs": 2}, "fine_pruning":
         "bnp": {}, "anp": {"iterations": 5, "batch_size": 8}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add synchronisation (the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Tiny(nn.Module):
     def __init__(self, bn: bool = True, width: int = 16):
         super().__init__()
@@ -200,3 +209,52 @@ def test_compare_argument_parsing():
         parse_defenses("bnpp")
     with pytest.raises(UserError, match="--clean-images"):
         parse_clean_images("100,abc")
+
+
+def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path, monkeypatch):
+    """End to end on a tiny stored run: the rows equal independent recomputations, the defender's sets are nested
+    TRAINING images, and the json/csv/png are written."""
+    import json
+
+    from bnbackdoor import compare
+    from bnbackdoor.data import load_split
+    from bnbackdoor.experiment import load_run
+    from bnbackdoor.metrics import evaluate_attack
+    from bnbackdoor.models import build_model, save_checkpoint
+    from bnbackdoor.params import resolve_attack
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    clean_model = build_model("cifar10_resnet20").eval()
+    save_checkpoint(tmp_path / "models" / "cifar10_resnet20" / "model_0.pth", clean_model, {})
+    bad = copy.deepcopy(clean_model)
+    with torch.no_grad():
+        bad.layer3[2].bn2.running_mean.add_(0.5)
+    save_checkpoint(tmp_path / "manipulated_models" / "154" / "model.pth", bad, {})
+    resolve_attack("154", root=ROOT).replace(testing_size=8, id="154").save(
+        tmp_path / "manipulated_models" / "154" / "parameters.json")
+
+    seen = []
+    real = compare.apply_defense
+    monkeypatch.setattr(compare, "apply_defense", lambda name, m, clean, **kw: seen.append(clean) or real(
+        name, m, clean, **kw))
+    cmp = compare.compare_defenses("154", "cpu", sizes=[16, 8], defenses="bnp", root=tmp_path,
+                                   data_root=tiny_data_root, save_path=tmp_path / "out", progress=False)
+    assert [(r["defense"], r["clean_images"]) for r in cmp.rows] == [
+        ("clean model", None), ("no defense", None), ("bnp", 8), ("bnp", 16)]
+    x_train, _ = load_split("cifar10", "train", data_root=tiny_data_root)
+    assert torch.equal(seen[0].x, seen[1].x[:8])                      # nested
+    assert all((s.x.flatten(1)[:, None] == x_train.flatten(1)[None]).all(-1).any(1).all() for s in seen)
+    params, model, clean = load_run("154", "cpu", root=tmp_path)
+    x, y = load_split("cifar10", "test", size=8, seed=0, data_root=tiny_data_root)
+    ref = evaluate_attack(model, clean, params, x, y, progress=False)
+    d = real("bnp", model, seen[1], device="cpu", progress=False)
+    ref_bnp = evaluate_attack(d.model, clean, params, x, y, progress=False)
+    for key in ("clean_accuracy", "expl_dssim_to_target", "expl_dssim_to_clean"):
+        assert cmp.rows[1][key] == pytest.approx(ref[key], abs=1e-6)
+        assert cmp.rows[3][key] == pytest.approx(ref_bnp[key], abs=1e-6)
+    assert "bnp" in cmp.table() and "DSSIM to target" in cmp.table()
+    saved = json.loads((tmp_path / "out" / "defenses_154.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["defenses"]["bnp"]["options"]["u"] == 3.0
+    assert (tmp_path / "out" / "defenses_154.csv").read_text().count("\n") == 5
+    assert (tmp_path / "out" / "defenses_154.png").stat().st_size > 0
