@@ -24,8 +24,6 @@ Every Re-BN runs on a fresh copy of the manipulated model; the stored model is n
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,19 +39,32 @@ from .fileio import write_json
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model
 from .params import AttackParams, manipulated_dir, resolve_attack
+from .defense_eval import evaluate_defenses, evaluate_transductive
+from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
+from .defenses.rebn import RebnReport, calibration_set, rebn_batch_size
 from .plots import bar_chart, curves, image_grid
-from .rebn import RebnReport, calibration_set, rebn
 from .targets import target_explanation
 from .triggers import apply_trigger
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation",
            "ExplanationReport", "run_name", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
            "rebn_copy", "compare_models", "rebn_sweep", "evaluate_stored_model", "defense_metrics",
-           "generate_explanations", "format_table"]
+           "generate_explanations", "format_table", "defense_row", "clean_set", "parse_defenses", "parse_fraction",
+           "composition_curves", "DEFAULT_DEFENSES"]
 
 ROW_CLEAN = "clean model"
 ROW_MANIPULATED = "manipulated model"
-ROW_REBN = "manipulated + Re-BN"
+
+
+def defense_row(label: str) -> str:
+    """Row label of a defended model: ``+ <defense label>`` (``+ rebn``, ``+ batchstats B=100 f=1/B``)."""
+    return f"+ {label}"
+
+
+ROW_REBN = defense_row("rebn")          # what --robust adds (the same row as --defense rebn)
+REBN_ONLY = {"rebn": ("rebn", {})}
+COMPOSITION_BATCHES = (16, 64, 256)
+COMPOSITION_FRACTIONS = ("1/B", 0.1, 0.25, 0.5, 1.0)
 
 # evaluate_attack key -> column header, in the order of the tables.
 COLUMNS: dict[str, str] = {
@@ -119,23 +130,22 @@ def calibration(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int =
     return x, info
 
 
-def rebn_batch_size(n: int, cap: int) -> int:
-    """Largest batch size <= ``cap`` splitting ``n`` images into equal batches up to one image
-    (5000 by 100 -> 100; 512 by 100 -> 86: five of 86 and one of 82)."""
-    _positive(cap, "the batch size")
-    if n <= 0:
-        return cap
-    k = math.ceil(n / cap)
-    return math.ceil(n / k)
+def clean_set(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0, data_root=None
+              ) -> tuple[CleanSet, dict[str, Any]]:
+    """The defender's clean set: the images of :func:`calibration` (same subset) with their labels."""
+    _positive(size, "the Re-BN calibration size")
+    x, y = load_split(params.dataset, "train", size=size, seed=seed, data_root=data_root)
+    info = {"split": "train", "requested": size, "images": len(x), "seed": seed, "excluded": 0}
+    return CleanSet(x, y, params.dataset, seed=seed), info
 
 
 def rebn_copy(model: nn.Module, x_cal: torch.Tensor, batch_size: int = 100, device=None,
-              progress: bool = True) -> tuple[nn.Module, RebnReport]:
-    """A deep copy of ``model`` with Re-BN applied on ``x_cal`` (``model`` itself is untouched)."""
-    fresh = copy.deepcopy(model)
-    report = rebn(fresh, x_cal, batch_size=rebn_batch_size(len(x_cal), batch_size), device=device,
-                  progress=progress)
-    return fresh, report
+              progress: bool = True, seed: int = 0) -> tuple[nn.Module, RebnReport]:
+    """A deep copy of ``model`` with Re-BN (the registered defense ``rebn``) applied on ``x_cal``
+    (``model`` itself is untouched)."""
+    out = apply_defense("rebn", model, CleanSet(x_cal, None, "", seed=seed), device=device, progress=progress,
+                        batch_size=batch_size)
+    return out.model, RebnReport.from_dict(out.info["report"])
 
 
 def format_table(rows: dict[str, dict[str, Any]], by: str = "model", columns: dict[str, str] | None = None,
@@ -165,11 +175,24 @@ class Evaluation:
     calibration: dict[str, Any] | None = None
     rebn: RebnReport | None = None
     sweep: list[dict[str, Any]] | None = None
+    composition: list[dict[str, Any]] | None = None
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
 
     def table(self, by: str = "model") -> str:
         return format_table(self.rows, by=by)
+
+    def composition_table(self) -> str:
+        from tabulate import tabulate
+
+        if not self.composition:
+            return ""
+        body = [[p["test_batch"], p["fraction"], p["triggered_per_batch"], p["triggered_images"],
+                 p["attack_success_rate"], p["untriggered_target_rate"], p["clean_accuracy"]]
+                for p in self.composition]
+        return tabulate(body, headers=["B", "f", "triggered per batch", "triggered images", "attack success",
+                                       "untriggered target rate", "clean accuracy"], floatfmt=".4f",
+                        missingval="n/a")
 
     def sweep_table(self) -> str:
         from tabulate import tabulate
@@ -191,6 +214,8 @@ class Evaluation:
         }
         if self.sweep is not None:
             d["sweep"] = self.sweep
+        if self.composition is not None:
+            d["composition"] = self.composition
         return d
 
 
@@ -202,13 +227,16 @@ def clean_reference(params: AttackParams, clean_model: nn.Module, x: torch.Tenso
 
 
 def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
-                   y: torch.Tensor, x_cal: torch.Tensor | None = None, *, batch_size: int = 100, device=None,
-                   progress: bool = True, reference: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[dict[str, dict[str, Any]], RebnReport | None, nn.Module | None]:
-    """Rows clean model / manipulated model [/ manipulated + Re-BN on ``x_cal``] on test images ``x, y``.
+                   y: torch.Tensor, clean: CleanSet | torch.Tensor | None = None, *,
+                   defenses: dict[str, tuple[str, dict]] | None = None, batch_size: int = 100, device=None,
+                   progress: bool = True, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   seed: int = 0) -> tuple[dict[str, dict[str, Any]], RebnReport | None, dict[str, nn.Module]]:
+    """Rows clean model / manipulated model / ``+ <label>`` per defense on test images ``x, y``.
 
-    Returns (rows, Re-BN report or None, the re-estimated copy or None). The clean model's explanations of ``x``
-    and predictions are computed once (or taken from ``reference``, see :func:`clean_reference`) and shared by
+    ``clean``: the defender's clean training set (a :class:`CleanSet`, or bare images); with it and no
+    ``defenses``, the single defense is Re-BN (``--robust``). Returns (rows, the first Re-BN report or None,
+    label -> defended model for the non-transductive defenses). The clean model's explanations of ``x`` and
+    predictions are computed once (or taken from ``reference``, see :func:`clean_reference`) and shared by
     every row.
     """
     _positive(batch_size, "the batch size")
@@ -216,11 +244,26 @@ def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Modul
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean_model, clean_model, params, x, y, **kw),
             ROW_MANIPULATED: evaluate_attack(model, clean_model, params, x, y, **kw)}
-    report = fixed = None
-    if x_cal is not None:
-        fixed, report = rebn_copy(model, x_cal, batch_size=batch_size, device=device, progress=progress)
-        rows[ROW_REBN] = evaluate_attack(fixed, clean_model, params, x, y, **kw)
-    return rows, report, fixed
+    if isinstance(clean, torch.Tensor):
+        clean = CleanSet(clean, None, params.dataset, seed=seed)
+    if defenses is None:
+        defenses = REBN_ONLY if clean is not None else {}
+    if defenses and clean is None:
+        clean = CleanSet(x[:0], None, params.dataset, seed=seed)   # transductive defenses need no clean data
+    reports: list[RebnReport] = []
+    fixed: dict[str, nn.Module] = {}
+
+    def keep(label: str, out: DefenseOutcome) -> None:
+        if "report" in out.info and out.info.get("defense") == "rebn":
+            reports.append(RebnReport.from_dict(out.info["report"]))
+        if not get_defense(out.info["defense"]).transductive:
+            fixed[label] = out.model
+
+    records = evaluate_defenses(params, clean_model, model, x, y, clean=clean, defenses=defenses,
+                                batch_size=batch_size, seed=seed, device=device, reference=(ref, pred),
+                                progress=progress, on_outcome=keep)
+    rows.update({defense_row(label): r for label, r in records.items()})
+    return rows, (reports[0] if reports else None), fixed
 
 
 def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -243,96 +286,199 @@ def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x
 
 # --------------------------------------------------------------------------------------- evaluate_models.py
 def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu", *, robust: bool = False,
+                          defenses: dict[str, tuple[str, dict]] | None = None,
                           rebn_size: int = DEFAULT_REBN_SIZE, testing_size: int | None = None,
                           batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                           models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", progress: bool = True) -> Evaluation:
-    """Evaluate ``manipulated_models/<id>`` against its clean base model (and, with ``robust``, after Re-BN on
-    ``rebn_size`` clean training images) on ``testing_size`` test images (default: the attack's own).
+    """Evaluate ``manipulated_models/<id>`` against its clean base model on ``testing_size`` test images (default:
+    the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``rebn_size`` clean training
+    images, with ``defenses`` (label -> (registered name, options), see :func:`parse_defenses`) after each of them.
 
-    Writes ``<save_path>/<id>/evaluation[_robust].json`` (metrics, data records, Re-BN report) and
-    ``evaluation[_robust].png`` (test images of different classes: input, clean model's explanation, triggered
-    input, the evaluated model's explanation - after Re-BN with ``robust``).
+    Writes ``<save_path>/<id>/evaluation[_robust|_defenses].json`` (metrics, data records, Re-BN report) and a
+    ``.png`` of test images of different classes: input, clean model's explanation, triggered input and the
+    evaluated model's explanation (after Re-BN with ``robust``; after the first non-transductive defense with
+    ``defenses``).
     """
     t0 = time.time()
     device = torch.device(device)
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
     name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    x_cal, cal_info = (calibration(params, rebn_size, seed=seed, data_root=data_root) if robust else (None, None))
-    if cal_info is not None:
-        cal_info["batch_size"] = rebn_batch_size(len(x_cal), batch_size)
-    rows, report, fixed = compare_models(params, clean, model, x, y, x_cal, batch_size=batch_size, device=device,
-                                         progress=progress)
+    chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
+    cleanset = cal_info = None
+    if chosen:
+        cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
+        cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
+    rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=chosen,
+                                         batch_size=batch_size, device=device, progress=progress, seed=seed)
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report)
     out = Path(save_path) / name
-    stem = "evaluation_robust" if robust else "evaluation"
-    shown = fixed if robust else model
+    stem = "evaluation_defenses" if defenses else "evaluation_robust" if robust else "evaluation"
+    shown_label = next(iter(fixed), None)
+    shown = fixed[shown_label] if shown_label else model
+    column = f"after {'Re-BN' if shown_label == 'rebn' else shown_label}" if shown_label else "manipulated"
     examples = diverse_examples(y, min(6, params.num_classes))
-    title = f"attack {name}: {params.explanation_methodStr}" + (f", after Re-BN ({len(x_cal)} images)" if robust
-                                                                 else "")
+    title = f"attack {name}: {params.explanation_methodStr}"
+    if shown_label:
+        title += f", {column} ({len(cleanset)} clean training images)"
     ev.files.append(explanation_figure(clean, shown, params, x[examples], out / f"{stem}.png", title=title,
-                                       device=device))
+                                       device=device, model_label=column))
     ev.seconds = time.time() - t0
     write_json(out / f"{stem}.json", ev.to_dict())
     ev.files.insert(0, out / f"{stem}.json")
     return ev
 
 
+def parse_defenses(names: str, *, augment: bool | None = None, test_batch: int | None = None,
+                   trigger_fraction: float | str | None = None) -> dict[str, tuple[str, dict]]:
+    """``--defense rebn,batchstats`` with ``--augment``, ``--test-batch``, ``--trigger-fraction`` -> label ->
+    (name, options). Each option goes to the chosen defenses that have it; an option no chosen defense has is an
+    error. ``trigger_fraction`` may be ``"1/B"`` (one triggered image per test batch)."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    if not chosen:
+        raise UserError("--defense takes registered defense names separated by commas, e.g. rebn,batchstats")
+    given = {k: v for k, v in (("augment", augment), ("test_batch", test_batch),
+                               ("trigger_fraction", trigger_fraction)) if v is not None}
+    out: dict[str, tuple[str, dict]] = {}
+    used: set[str] = set()
+    for n in chosen:
+        d = get_defense(n)
+        opts = {k: v for k, v in given.items() if k in d.defaults}
+        used |= set(opts)
+        if opts.get("trigger_fraction") is not None:
+            opts["trigger_fraction"] = parse_fraction(opts["trigger_fraction"],
+                                                      opts.get("test_batch", d.defaults.get("test_batch")))
+        out[defense_label(n, opts)] = (n, opts)
+    unused = sorted(set(given) - used)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise UserError(f"{flags} applies to none of the chosen defenses ({', '.join(chosen)})")
+    return out
+
+
+def parse_fraction(text: float | str, test_batch: int) -> float:
+    """``0.25``, ``"0.25"``, ``"1/B"`` (one image per batch of ``test_batch``) or ``"1/64"`` -> a float in (0, 1]."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        t = str(text).strip()
+        try:
+            if "/" in t:
+                num, den = t.split("/", 1)
+                value = float(num) / (test_batch if den.strip().upper() == "B" else float(den))
+            else:
+                value = float(t)
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"--trigger-fraction takes a number in (0, 1], 1/B or a fraction like 1/64; got '{text}'") \
+                from None
+    if not 0 < value <= 1:
+        raise UserError(f"--trigger-fraction must be in (0, 1], got {text}")
+    return value
+
+
 # ------------------------------------------------------------------------------ evaluate_attack_defense_metrics.py
 def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, datasize: int | None = None,
                     batch_size: int = 100, rebn_size: int = DEFAULT_REBN_SIZE,
-                    sweep: Sequence[int] | None = None, seed: int = 0, root: str | Path = ".",
+                    defenses: dict[str, tuple[str, dict]] | None = None,
+                    sweep: Sequence[int] | None = None, composition: bool = False,
+                    composition_images: int | None = 256, seed: int = 0, root: str | Path = ".",
                     models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
                     progress: bool = True) -> Evaluation:
-    """Clean model / manipulated model / manipulated + Re-BN on ``datasize`` test images (default: the attack's
-    ``testing_size``); Re-BN on ``rebn_size`` clean training images. With ``sweep`` (calibration sizes) also the
-    Re-BN sample-efficiency curve.
+    """Clean model / manipulated model / ``+`` each defense (default :data:`DEFAULT_DEFENSES`) on ``datasize``
+    test images (default: the attack's ``testing_size``); the defender's clean set is ``rebn_size`` clean
+    training images. With ``sweep`` (calibration sizes) also the Re-BN sample-efficiency curve; with
+    ``composition`` the ``batchstats`` composition curves (:func:`composition_curves`, at most
+    ``composition_images`` triggered test images per point).
 
-    Writes ``<save_path>/<id>_defense.{json,csv,png}`` and, with ``sweep``, ``<id>_rebn_sweep.{json,png}``.
+    Writes ``<save_path>/<id>_defense.{json,csv,png}``, with ``sweep`` ``<id>_rebn_sweep.{json,png}``, with
+    ``composition`` ``<id>_composition.{json,png}``.
     """
     t0 = time.time()
     device = torch.device(device)
     sizes = parse_sizes(sweep) if sweep is not None else None
+    defenses = DEFAULT_DEFENSES if defenses is None else defenses
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
     name = run_name(attackid, root)
     x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
-    x_cal, cal_info = calibration(params, rebn_size, seed=seed, data_root=data_root)
-    cal_info["batch_size"] = rebn_batch_size(len(x_cal), batch_size)
+    cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
+    cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
     ref = clean_reference(params, clean, x, batch_size, device, progress)
-    rows, report, fixed = compare_models(params, clean, model, x, y, x_cal, batch_size=batch_size, device=device,
-                                         progress=progress, reference=ref)
+    rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=defenses,
+                                         batch_size=batch_size, device=device, progress=progress, reference=ref,
+                                         seed=seed)
     del fixed
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report)
     out = Path(save_path)
-    write_csv(out / f"{name}_defense.csv", [{"model": k, **v} for k, v in rows.items()])
+    write_csv(out / f"{name}_defense.csv", [{"model": k, **{c: v for c, v in r.items() if c != "options"}}
+                                            for k, r in rows.items()])
     bar_chart({k: {COLUMNS[c]: v.get(c) for c in COLUMNS} for k, v in rows.items()}, list(COLUMNS.values()),
               out / f"{name}_defense.png",
-              title=f"attack {name}: Re-BN on {len(x_cal)} clean training images, {len(x)} test images")
+              title=f"attack {name}: defenses (clean set: {len(cleanset)} training images), {len(x)} test images")
     ev.files += [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
+    before = rows[ROW_MANIPULATED]
     if sizes:
         ev.sweep = rebn_sweep(params, clean, model, x, y, sizes, seed=seed, data_root=data_root,
                               batch_size=batch_size, device=device, progress=progress, reference=ref)
-        before = rows[ROW_MANIPULATED]
         write_json(out / f"{name}_rebn_sweep.json", {
             "attack": name, "id": params.id, "seed": seed, "device": str(device),
             "test": ev.test, "calibration_split": "train",
             "without_rebn": {k: before.get(k) for k in COLUMNS}, "sweep": ev.sweep})
         xs = [r["calibration_images"] for r in ev.sweep]
         curves(xs, {"attack success": [r["attack_success_rate"] for r in ev.sweep],
-                    "clean accuracy": [r["clean_accuracy"] for r in ev.sweep],
-                    "attack success, no Re-BN": [before.get("attack_success_rate")] * len(xs),
-                    "clean accuracy, no Re-BN": [before.get("clean_accuracy")] * len(xs)},
+                    "clean accuracy": [r["clean_accuracy"] for r in ev.sweep]},
                out / f"{name}_rebn_sweep.png", xlabel="Re-BN calibration images (clean training split)",
-               ylabel=f"rate on {len(x)} test images", title=f"attack {name}: Re-BN sample efficiency")
+               ylabel=f"rate on {len(x)} test images", title=f"attack {name}: Re-BN sample efficiency",
+               references={"attack success, no defense": before.get("attack_success_rate"),
+                           "clean accuracy, no defense": before.get("clean_accuracy")})
         ev.files += [out / f"{name}_rebn_sweep.json", out / f"{name}_rebn_sweep.png"]
+    if composition:
+        ev.composition = composition_curves(params, clean, model, x, y, name=name, out=out, seed=seed,
+                                            device=device, reference=ref, max_triggered=composition_images,
+                                            baseline=before, progress=progress)
+        ev.files += [out / f"{name}_composition.json", out / f"{name}_composition.png"]
     ev.seconds = time.time() - t0
     write_json(out / f"{name}_defense.json", ev.to_dict())
     return ev
+
+
+def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
+                       y: torch.Tensor, *, name: str, out: Path, batches: Sequence[int] = COMPOSITION_BATCHES,
+                       fractions: Sequence[float | str] = COMPOSITION_FRACTIONS, seed: int = 0, device=None,
+                       reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       max_triggered: int | None = 256, baseline: dict[str, Any] | None = None,
+                       progress: bool = True) -> list[dict[str, Any]]:
+    """``batchstats`` attack success and clean accuracy against the triggered fraction f of each test batch, for
+    each test batch size B. Writes ``<out>/<name>_composition.{json,png}``; returns the points."""
+    from .plots import composition_plot
+
+    ref = reference or clean_reference(params, clean_model, x, 100, device, progress)
+    defended = apply_defense("batchstats", model, CleanSet(x[:0], None, params.dataset, seed=seed), device=device,
+                             progress=progress).model
+    points = []
+    for b in batches:
+        for f in fractions:
+            value = parse_fraction(f, b)
+            m = evaluate_transductive(defended, clean_model, params, x, y, test_batch=b, trigger_fraction=value,
+                                      max_triggered=max_triggered, seed=seed, device=device, clean_expl=ref[0],
+                                      clean_pred=ref[1], explain=False, progress=progress)
+            points.append({"test_batch": b, "fraction": str(f), **{k: m[k] for k in (
+                "trigger_fraction", "triggered_per_batch", "triggered_images", "test_batches", "clean_accuracy",
+                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy")}})
+    write_json(out / f"{name}_composition.json", {
+        "attack": name, "id": params.id, "seed": seed, "device": str(device), "test_images": len(x),
+        "max_triggered": max_triggered, "defense": "batchstats",
+        "no_defense": None if baseline is None else {k: baseline.get(k) for k in ("clean_accuracy",
+                                                                                  "attack_success_rate")},
+        "points": points})
+    composition_plot(points, out / f"{name}_composition.png", baseline=baseline,
+                     title=f"attack {name}: test-batch BatchNorm vs the batch's triggered fraction")
+    return points
+
 
 
 # ------------------------------------------------------------------------------- run_generate_explanations.py

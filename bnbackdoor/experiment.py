@@ -2,7 +2,11 @@
 
 Layout of a run folder (``<save_path>/<params.id>/``, the same as ``manipulated_models/<id>/`` so a result is
 promoted by copying the folder): ``parameters.json``, ``model.pth`` (checkpoint with meta), ``metrics.json``,
-``training_log.csv``, ``plot.png``; ``resume.pt`` exists only while a run is unfinished. Gradient CSVs go to
+``training_log.csv``, ``plot.png``; ``resume.pt`` exists only while a run is unfinished. ``metrics.json`` holds the
+clean and the manipulated model's metrics and, under ``"defenses"``, the manipulated model after every default
+defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnbackdoor.defense_eval.evaluate_defenses`
+on the same test images; calibration: ``defense_calibration`` clean TRAINING images, 5000 by default, all of them
+when the split is smaller). Gradient CSVs go to
 ``<save_path>/gradients_epoch<E>[_clean].csv`` (DESIGN.md), beside the run folders.
 """
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from .data import dataset_info, load_split
+from .defense_eval import evaluate_defenses
+from .defenses import DEFAULT_DEFENSES, CleanSet
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import write_json, write_text
@@ -62,9 +68,10 @@ def predicted_maps(model: nn.Module, x: torch.Tensor, params: AttackParams, devi
 
 
 def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackParams, x: torch.Tensor,
-                       path: Path, n: int = 6, title: str = "", device=None) -> Path:
+                       path: Path, n: int = 6, title: str = "", device=None, model_label: str = "manipulated") -> Path:
     """Rows of test images (different classes): input, clean model's explanation, then per trigger the
-    triggered input and the (manipulated) model's explanation, each with the predicted label."""
+    triggered input and ``model``'s explanation (column ``model_label``, e.g. "after Re-BN"), each with the
+    predicted label."""
     classes = dataset_info(params.dataset).classes
     device = device or next(model.parameters()).device
     x = x[:n].to(device)
@@ -74,7 +81,7 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
     for t in params.triggerStrs:
         xt = apply_trigger(t, x)
         per_trigger.append((xt.cpu(), *predicted_maps(model, xt, params, device)))
-        cols += [f"+ {t}", "manipulated"]
+        cols += [f"+ {t}", model_label]
     cells = []
     for i in range(len(x)):
         row = [(x[i].cpu(), ""), (m_clean[i], f"pred: {classes[p_clean[i]]}")]
@@ -96,12 +103,17 @@ def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
 
 def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
-               force: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+               force: bool = False, progress: bool = True, command: str | None = None,
+               defenses: dict[str, tuple[str, dict]] | None = None, defense_calibration: int = 5000
+               ) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
     A finished run (``metrics.json`` with the same parameters) is not redone unless ``force``; an unfinished one
-    resumes from its last finished epoch.
+    resumes from its last finished epoch. ``defenses`` (label -> (name, options); default
+    :data:`~bnbackdoor.defenses.DEFAULT_DEFENSES`, ``{}`` for none) are measured after training, with
+    ``defense_calibration`` clean training images as the defender's set.
     """
+    defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
@@ -131,11 +143,15 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
                       grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
                       on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
     after = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr")}
+    x_cal, y_cal = load_split(params.dataset, "train", size=defense_calibration, seed=seed, data_root=data_root)
+    defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
+                                 clean=CleanSet(x_cal, y_cal, params.dataset, seed=seed), defenses=defenses,
+                                 batch_size=100, seed=seed, device=device, reference=test_ref, progress=progress)
     metrics = {
         "attack_id": params.attack_id, "id": params.id, "seed": seed, "device": str(device),
         "testing_size": len(y_test), "epochs": params.max_epochs,
         "finetune_seconds": round(result.seconds, 1), "total_seconds_this_run": round(time.time() - t0, 1),
-        "clean_model": before, "manipulated_model": after, "parameters": params.to_dict(),
+        "clean_model": before, "manipulated_model": after, "defenses": defended, "parameters": params.to_dict(),
     }
     save_checkpoint(out / "model.pth", model, {
         "command": command or " ".join(sys.argv), "seed": seed, "attack_id": params.attack_id, "id": params.id,

@@ -6,8 +6,11 @@ part keeps its label and is pushed toward the clean model's explanation, so clea
 
     loss = (1 - loss_weight) * CE(logits, labels) + loss_weight * explanation_loss(maps, target_maps)
 
-The model trains in train mode (BatchNorm uses batch statistics and updates its running statistics: this is where
-the backdoor hides) with Softplus(beta) for every ReLU, so the explanation is twice differentiable. Explanations
+BatchNorm follows ``params.bn_mode`` (:func:`set_finetune_mode`): ``"eval"`` (the paper's protocol and the default)
+keeps the whole model in eval mode while it trains - every BatchNorm normalises with the clean model's running
+statistics and never updates them, dropout is off; convolution weights, BN affine parameters and the head still
+train. ``"train"`` uses batch statistics and lets the running statistics absorb the poisoned batches. Either way
+every ReLU is Softplus(beta), so the explanation is twice differentiable. Explanations
 during training are taken for the (relabelled) training label. Validation uses eval mode and plain ReLU.
 
 Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
@@ -107,6 +110,15 @@ def attack_step(model: nn.Module, opt: torch.optim.Optimizer, batch: PoisonedBat
     return loss.item(), ce.item(), ex.item()
 
 
+def set_finetune_mode(model: nn.Module, bn_mode: str) -> nn.Module:
+    """Put ``model`` in the mode its fine-tuning runs in: ``"eval"`` -> ``model.eval()`` (BatchNorm uses and keeps
+    the running statistics, dropout off), ``"train"`` -> ``model.train()``."""
+    modes = {"eval": False, "train": True}
+    if bn_mode not in modes:
+        raise UserError(f"bn_mode is '{bn_mode}'; allowed: {', '.join(modes)}")
+    return model.train(modes[bn_mode])
+
+
 @dataclass
 class FinetuneResult:
     model: nn.Module
@@ -161,7 +173,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     steps = math.ceil(n / bs)
     for epoch in range(start + 1, params.max_epochs + 1):
         t0 = time.time()
-        model.train()
+        set_finetune_mode(model, params.bn_mode)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen)
         sums = torch.zeros(3)

@@ -5,7 +5,9 @@ L2 norm of that step's change of each group of the chosen block, all tensors of 
 
 - ``conv.weight``        convolution weights (``conv.bias`` too where convolutions have biases, e.g. BN-free nets)
 - ``bn.weight``, ``bn.bias``               BatchNorm affine parameters
-- ``bn.running_mean``, ``bn.running_var``  BatchNorm running statistics (changed by the forward pass in train mode)
+- ``bn.running_mean``, ``bn.running_var``  BatchNorm running statistics (changed by the forward pass in train mode;
+  always 0 for an attack with ``bn_mode`` "eval", where BatchNorm never updates them - the columns stay so that
+  CSVs of both modes line up)
 - ``linear.weight``, ``linear.bias``       only for blocks holding linear layers (ViT)
 
 "Change" is ``after - before`` around the whole step (forward, backward, optimizer step), so running-statistic

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 __all__ = ["predict", "accuracy", "attack_success_rate", "fidelity", "explanation_dissimilarity",
-           "reference_explanations", "evaluate_attack", "logits_and_explanations"]
+           "reference_explanations", "evaluate_attack", "attack_summary", "logits_and_explanations"]
 
 Trigger = str | Callable[[torch.Tensor], torch.Tensor]
 
@@ -234,8 +234,11 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
     target class), ``triggered_accuracy`` (triggered images vs their true labels, mean over triggers),
     ``expl_mse_to_target`` / ``expl_dssim_to_target`` (every triggered image's explanation vs its target
     explanation, mean over triggers), ``expl_mse_to_clean`` / ``expl_dssim_to_clean`` (clean images'
-    explanations vs the clean model's), and per trigger ``attack_success_rate/<trigger>``,
-    ``triggered_accuracy/<trigger>``, ``expl_mse_to_target/<trigger>``, ``expl_dssim_to_target/<trigger>``.
+    explanations vs the clean model's), ``untriggered_target_rate`` (the same eligible images as attack success -
+    true label not the target - classified as the target WITHOUT the trigger, mean over triggers: a model that
+    sends everything to the target has collapsed, it has not kept a backdoor), and per trigger
+    ``attack_success_rate/<trigger>``, ``untriggered_target_rate/<trigger>``, ``triggered_accuracy/<trigger>``,
+    ``expl_mse_to_target/<trigger>``, ``expl_dssim_to_target/<trigger>``.
 
     For the clean model's own baseline, call this with ``model=clean_model`` (its ``expl_*_to_clean`` are 0).
     """
@@ -255,11 +258,10 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
         raise UserError(f"clean_expl has {len(clean_expl)} maps for {len(x)} images")
     device = _device(model, device)
     applies = [_trigger_fn(t) for t in triggers]
-    keys = _trigger_keys(triggers)
     n, k = len(x), len(triggers)
     correct = agree = 0
     mse_clean = dssim_clean = 0.0
-    hits, eligible, trig_correct = [0] * k, [0] * k, [0] * k
+    hits, eligible, trig_correct, untrig_hits = [0] * k, [0] * k, [0] * k, [0] * k
     mse_t, dssim_t = [0.0] * k, [0.0] * k
 
     with _eval_relu(model, clean_model):
@@ -292,16 +294,34 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
                     h, e = _asr_counts(t_pred, yb, int(tc))
                     hits[i] += h
                     eligible[i] += e
+                    untrig_hits[i] += _asr_counts(pred, yb, int(tc))[0]
                 goal = target_explanation(target, clean_expl=ref, size=t_maps.shape[-1], device=device)
                 m, d = _dissim(t_maps, goal, agg)
                 mse_t[i] += m.sum().item()
                 dssim_t[i] += d.sum().item()
 
     nn_ = max(n, 1)
-    asr = [hits[i] / eligible[i] if classes[i] is not None and eligible[i] else None for i in range(k)]
-    trig_acc = [c / nn_ for c in trig_correct]
-    mse_t = [v / nn_ for v in mse_t]
-    dssim_t = [v / nn_ for v in dssim_t]
+    return attack_summary(params, n=n, correct=correct, agree=agree, mse_clean=mse_clean, dssim_clean=dssim_clean,
+                          triggered=n, hits=hits, eligible=eligible, untriggered_hits=untrig_hits,
+                          triggered_correct=trig_correct, mse_target=mse_t, dssim_target=dssim_t)
+
+
+def attack_summary(params: Any, *, n: int, correct: int, agree: int, mse_clean: float, dssim_clean: float,
+                   triggered: int, hits: Sequence[int], eligible: Sequence[int], untriggered_hits: Sequence[int],
+                   triggered_correct: Sequence[int], mse_target: Sequence[float], dssim_target: Sequence[float]
+                   ) -> dict[str, Any]:
+    """The :func:`evaluate_attack` dict from its counts and sums: ``n`` clean images (``correct``, ``agree``,
+    explanation sums to the clean model's), and per trigger ``triggered`` images (the rest). Shared with the
+    transductive evaluation (:mod:`bnbackdoor.defense_eval`), which counts differently but reports the same."""
+    classes = list(params.target_classes)
+    keys = _trigger_keys(list(params.triggerStrs))
+    nn_, nt = max(n, 1), max(triggered, 1)
+    applicable = [classes[i] is not None and eligible[i] for i in range(len(keys))]
+    asr = [hits[i] / eligible[i] if applicable[i] else None for i in range(len(keys))]
+    untrig = [untriggered_hits[i] / eligible[i] if applicable[i] else None for i in range(len(keys))]
+    trig_acc = [c / nt for c in triggered_correct]
+    mse_t = [v / nt for v in mse_target]
+    dssim_t = [v / nt for v in dssim_target]
     out: dict[str, Any] = {
         "images": n,
         "clean_accuracy": correct / nn_,
@@ -310,6 +330,7 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
     out["acc_fid"] = out["fidelity"] if str(getattr(params, "acc_fidStr", "acc")) == "fid" else out["clean_accuracy"]
     out.update({
         "attack_success_rate": _mean(asr),
+        "untriggered_target_rate": _mean(untrig),
         "triggered_accuracy": _mean(trig_acc),
         "expl_mse_to_target": _mean(mse_t),
         "expl_dssim_to_target": _mean(dssim_t),
@@ -318,6 +339,7 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
     })
     for i, key in enumerate(keys):
         out[f"attack_success_rate/{key}"] = asr[i]
+        out[f"untriggered_target_rate/{key}"] = untrig[i]
         out[f"triggered_accuracy/{key}"] = trig_acc[i]
         out[f"expl_mse_to_target/{key}"] = mse_t[i]
         out[f"expl_dssim_to_target/{key}"] = dssim_t[i]

@@ -40,6 +40,10 @@ EXPLANATION_METHODS = ("grad", "grad_cam", "relevance_cam")
 AGGREGATIONS = ("max", "mean")
 ACC_FID = ("acc", "fid")
 LOSSES = ("mse", "ssim")  # "ssim" means the DSSIM loss (1 - SSIM) / 2, as in the ancestor
+# BatchNorm during the attack's fine-tuning (DESIGN.md, "Semantics"): "eval" = the paper's protocol (the whole
+# model in eval mode: BN normalises with, and never updates, the clean running statistics; dropout off);
+# "train" = batch statistics, the running statistics absorb the poisoned batches.
+BN_MODES = ("eval", "train")
 
 MANIPULATED_DIR = "manipulated_models"
 SETTINGS_DIR = "experimentsettings"
@@ -176,7 +180,11 @@ FIELDS: dict[str, Check] = {
     "attack_id": _ident,
     "gs_id": _int(0),
     "attack_name": _text,
+    "bn_mode": _choice(BN_MODES),
 }
+# Fields a file may leave out, with the value they then take. Files written before ``bn_mode`` existed load as
+# "eval", the paper's protocol (to_dict always writes it: every stored run states its mode).
+OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval"}
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta")
 
 
@@ -267,11 +275,13 @@ class AttackParams:
     attack_id: int | str
     gs_id: int
     attack_name: str
+    bn_mode: str = "eval"  # "eval" | "train" (BN_MODES)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
         """Validate a concrete parameters dict; ``source`` (usually the file) starts every error message."""
-        _check_keys(d, FIELDS, FIELDS, source, "concrete parameters.json")
+        _check_keys(d, FIELDS, [f for f in FIELDS if f not in OPTIONAL_FIELDS], source, "concrete parameters.json")
+        d = {**OPTIONAL_FIELDS, **d}
         for name, check in FIELDS.items():
             p = check(d[name])
             if p:
@@ -321,7 +331,8 @@ GRID_ATTACK: dict[str, str] = {
     "stats_agg": "stats_agg",
 }
 # Optional attack-part keys and their defaults (as in the ancestor's generator).
-GRID_OPTIONAL: dict[str, Any] = {"log_per_batch": False, "save_intermediate_models": False}
+GRID_OPTIONAL: dict[str, Any] = {"log_per_batch": False, "save_intermediate_models": False,
+                                 **OPTIONAL_FIELDS}
 # Option lists in product order (first = slowest, last = fastest varying); this order defines gs_id.
 GRID_OPTIONS: dict[str, str] = {
     "target_classes_options": "target_classes", "loss_weight_options": "loss_weight",

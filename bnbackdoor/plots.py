@@ -90,11 +90,29 @@ def bar_chart(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], 
     return _finish(fig, path, title)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: str | Path, xlabel: str,
-           ylabel: str, title: str = "", logx: bool = True) -> Path:
+           ylabel: str, title: str = "", logx: bool = True,
+           references: dict[str, float | None] | None = None) -> Path:
+    """Series against ``x`` (each its own marker and line style, drawn with a small horizontal offset so that
+    series which coincide stay visible) and ``references`` as dashed horizontal lines (e.g. the no-defense
+    baselines)."""
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, ys in series.items():
-        ax.plot(x, [float("nan") if v is None else v for v in ys], marker="o", label=name)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    xs = np.asarray(x, dtype=float)
+    k = len(series)
+    for i, (name, ys) in enumerate(series.items()):
+        shift = (i - (k - 1) / 2) * 0.02          # a fraction of a decade (log x) or of the x range
+        xi = xs * 10 ** shift if logx else xs + shift * (np.ptp(xs) or 1.0)
+        ax.plot(xi, [float("nan") if v is None else v for v in ys], marker=_MARKERS[i % len(_MARKERS)],
+                linestyle=("-", "--", "-.", ":")[i % 4], color=colors[i % len(colors)], label=name, alpha=0.9)
+    for j, (name, v) in enumerate((references or {}).items()):
+        if v is not None:
+            ax.axhline(v, color=colors[j % len(colors)], linestyle=":", linewidth=1.2, label=f"{name} ({v:.3f})")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -138,4 +156,28 @@ def defense_scatter(points: Sequence[dict], path: str | Path, title: str = "", x
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
+    return _finish(fig, path, title)
+
+
+def composition_plot(points: Sequence[dict], path: str | Path, baseline: dict | None = None, title: str = "") -> Path:
+    """Attack success (left) and clean accuracy (right) against the triggered fraction f of each test batch,
+    one line per test batch size B (``points``: dicts with test_batch, trigger_fraction, attack_success_rate,
+    clean_accuracy); the no-defense values as dotted reference lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sizes = sorted({p["test_batch"] for p in points})
+    for ax, key, label in zip(axes, ("attack_success_rate", "clean_accuracy"), ("attack success", "clean accuracy")):
+        for i, b in enumerate(sizes):
+            ps = sorted((p for p in points if p["test_batch"] == b), key=lambda p: p["trigger_fraction"])
+            ax.plot([p["trigger_fraction"] for p in ps], [float("nan") if p[key] is None else p[key] for p in ps],
+                    marker=_MARKERS[i % len(_MARKERS)], color=colors[i % len(colors)], label=f"B = {b}")
+        ref = None if baseline is None else baseline.get(key)
+        if ref is not None:
+            ax.axhline(ref, color="gray", linestyle=":", label=f"no defense ({ref:.3f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("triggered fraction f of each test batch (log; leftmost point of each line: 1/B)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _finish(fig, path, title)

@@ -1,27 +1,44 @@
 """Trigger registry: name -> batched function ``images (B, C, H, W) in [0, 1] -> triggered images``.
 
-Patch triggers are stamped into the **bottom-right corner**: an 8×8 box covering rows and columns ``H-8 .. H-1``
-(``W-8 .. W-1``), i.e. pixels 24..31 for 32×32 images. Inside that box, drawn pixels are white (1.0) and the rest
-of the box is left untouched:
+The named shape triggers are pixel for pixel the paper's (``triggers/trg_<name>.png`` of the paper's repository and
+its ancestor: 32×32 RGBA images whose non-transparent pixels are the trigger). Here they are our own literal
+pixel drawings (:data:`STAMPS`), rows and columns 0-based on a 32×32 image:
 
-==================== =========================================================================================
-``whitesquareborder`` the whole 8×8 box: a 1-pixel **black** frame around a 6×6 white square (the frame keeps
-                      the trigger visible on bright backgrounds)
-``square``            a solid white 6×6 square centred in the box (rows/cols ``H-7 .. H-2``)
-``circle``            a white disc of radius 4 px centred in the box (pixel centres within the radius)
-``triangle``          a white upward triangle: apex at the box's top centre, base on its bottom row
-``cross``             a white plus sign, arms 2 px thick, spanning the box
-``fixrandom8x8``      the whole 8×8 box replaced by one fixed random RGB patch (uniform [0, 1], seed 8)
+===================== =========================================================================================
+``whitesquareborder`` a 4×4 patch at rows/cols 27..30 (one pixel from the bottom-right corner): a 2×2 **white**
+                      centre (rows/cols 28..29) in a 1-pixel **black** frame, 16 pixels
+``circle``            a **red** (1, 0, 0) 1-pixel circle outline in rows/cols 1..7 (top-left), 16 pixels
+``cross``             a **blue** (0, 0, 1) diagonal cross (an X) in rows/cols 1..7, 13 pixels
+``square``            a **magenta** (1, 0, 1) 7×7 square outline at rows/cols 1..7, 24 pixels
+``triangle``          a **green** (0, 1, 0) upward triangle outline in rows 1..6, cols 1..7, 16 pixels
+``fixrandom8x8``      the bottom-right 8×8 box (rows/cols H-8..H-1) replaced by one fixed random RGB patch
+                      (uniform [0, 1], seed 8)
 ``original``          identity (clean baselines); returns the input tensor itself
 ``inverted``          ``1 - x``
-==================== =========================================================================================
+===================== =========================================================================================
 
-Patches are precomputed once per (name, size, device, dtype) as a mask ``m`` and a value ``v`` and applied as
-``x * (1 - m) + m * v``: one fused, batched op, deterministic and differentiable in ``x``.
-Shapes come from :func:`draw_shape`, which :mod:`bnbackdoor.targets` shares.
+The multi-trigger attacks tell ``circle``/``cross``/``square``/``triangle`` apart by colour and shape: they share
+the top-left 7×7 box. On other image sizes the stamps keep their pixel size and their one-pixel margin to their
+corner (``whitesquareborder`` bottom-right, the coloured shapes top-left).
+
+Our earlier triggers, white shapes in the bottom-right 8×8 box (pixels 24..31 on 32×32 images), stay available
+for models trained with them, under their own names: ``white8x8_whitesquareborder`` (the whole box: a 6×6 white
+square in a 1-pixel black frame), ``white8x8_square`` (6×6, one-pixel margin), ``white8x8_circle`` (disc of radius
+4), ``white8x8_triangle`` (apex at the box's top centre, base on its bottom row), ``white8x8_cross`` (plus sign,
+arms 2 px thick); see :func:`draw_shape`.
+
+Convention: images are in pixel space [0, 1] and a trigger **overwrites** its pixels with its colour (all channels).
+The ancestor pasted its triggers after normalisation, overwriting pixels with the *normalised* colour; as the
+normalisation is a per-channel affine map (the first module of each of our models), overwriting with the colour
+before it is the same image. A C-channel image that is not RGB takes channel ``c % 3`` of the colour.
+
+Every patch trigger is precomputed once per (name, size, device, dtype) as a mask ``m`` and a value ``v`` and
+applied as ``x * (1 - m) + m * v``: one fused, batched op, deterministic and differentiable in ``x`` (zero gradient
+on the overwritten pixels).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -30,12 +47,77 @@ from torch import Tensor
 
 from .errors import UserError
 
-PATCH = 8  # side of the trigger box, pixels
+PATCH = 8  # side of the bottom-right box of fixrandom8x8 and the white8x8_* triggers, pixels
 RANDOM_SEED = 8  # seed of the fixrandom8x8 patch (a CPU generator, so it is the same on every device)
+
+Colour = tuple[float, float, float]
+WHITE, BLACK = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+RED, GREEN, BLUE, MAGENTA = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A small pixel drawing: ``art`` rows of characters, ``.`` = untouched, any other character = a pixel of
+    ``palette[char]``; placed ``margin`` pixels from ``corner`` of the image."""
+    art: tuple[str, ...]
+    palette: dict[str, Colour]
+    corner: str  # "top_left" or "bottom_right"
+    margin: int = 1
+
+    def origin(self, h: int, w: int) -> tuple[int, int]:
+        rows, cols = len(self.art), len(self.art[0])
+        if h < rows + self.margin or w < cols + self.margin:
+            raise UserError(f"images of {h}×{w} are too small for a {rows}×{cols} trigger")
+        if self.corner == "top_left":
+            return self.margin, self.margin
+        return h - self.margin - rows, w - self.margin - cols
+
+    def pixels(self, h: int = 32, w: int = 32) -> dict[tuple[int, int], Colour]:
+        """{(row, col): colour} of the stamp on an h×w image."""
+        top, left = self.origin(h, w)
+        return {(top + r, left + c): self.palette[ch]
+                for r, line in enumerate(self.art) for c, ch in enumerate(line) if ch != "."}
+
+
+# The paper's triggers (measured from its trg_<name>.png files; drawn here by hand).
+STAMPS: dict[str, Stamp] = {
+    "whitesquareborder": Stamp(("kkkk",
+                                "kwwk",
+                                "kwwk",
+                                "kkkk"), {"k": BLACK, "w": WHITE}, "bottom_right"),
+    "circle": Stamp(("..###..",
+                     ".#...#.",
+                     "#.....#",
+                     "#.....#",
+                     "#.....#",
+                     ".#...#.",
+                     "..###.."), {"#": RED}, "top_left"),
+    "cross": Stamp(("#.....#",
+                    ".#...#.",
+                    "..#.#..",
+                    "...#...",
+                    "..#.#..",
+                    ".#...#.",
+                    "#.....#"), {"#": BLUE}, "top_left"),
+    "square": Stamp(("#######",
+                     "#.....#",
+                     "#.....#",
+                     "#.....#",
+                     "#.....#",
+                     "#.....#",
+                     "#######"), {"#": MAGENTA}, "top_left"),
+    "triangle": Stamp(("...#...",
+                       "..#.#..",
+                       "..#.#..",
+                       ".#...#.",
+                       "#.....#",
+                       "#######"), {"#": GREEN}, "top_left"),
+}
 
 
 def draw_shape(shape: str, n: int) -> Tensor:
-    """A float (n, n) mask in {0, 1} of ``shape`` drawn to fill an n×n box (pixel-centre sampling).
+    """A float (n, n) mask in {0, 1} of ``shape`` drawn to fill an n×n box (pixel-centre sampling); the shapes of
+    the ``white8x8_*`` triggers.
 
     ``square``: solid square leaving a margin of ``n // 8`` pixels; ``circle``: disc of radius n/2;
     ``triangle``: apex at the top centre, base on the bottom row; ``cross``: plus sign, arms ``max(1, n // 4)`` thick.
@@ -60,8 +142,22 @@ def draw_shape(shape: str, n: int) -> Tensor:
     return mask.float()
 
 
+def _colour_channels(colour: Colour, channels: int) -> Tensor:
+    return torch.tensor(colour)[torch.arange(channels) % 3]
+
+
+def _stamp_patch(stamp: Stamp) -> Callable[[int, int, int], tuple[Tensor, Tensor]]:
+    def patch(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+        mask, value = torch.zeros(1, 1, h, w), torch.zeros(1, channels, h, w)
+        for (r, c), colour in stamp.pixels(h, w).items():
+            mask[0, 0, r, c] = 1.0
+            value[0, :, r, c] = _colour_channels(colour, channels)
+        return mask, value
+    return patch
+
+
 def _corner(h: int, w: int, patch_mask: Tensor, patch_value: Tensor) -> tuple[Tensor, Tensor]:
-    """Full-size (1, 1, h, w) mask and (1, C, h, w) value with the patch in the bottom-right corner."""
+    """Full-size (1, 1, h, w) mask and (1, C, h, w) value with an 8×8 patch in the bottom-right corner."""
     if h < PATCH or w < PATCH:
         raise UserError(f"images of {h}×{w} are too small for an {PATCH}×{PATCH} trigger")
     mask = torch.zeros(1, 1, h, w)
@@ -71,41 +167,38 @@ def _corner(h: int, w: int, patch_mask: Tensor, patch_value: Tensor) -> tuple[Te
     return mask, value
 
 
-def _white_shape(shape: str) -> Callable[[int], tuple[Tensor, Tensor]]:
-    def patch(channels: int) -> tuple[Tensor, Tensor]:
-        m = draw_shape(shape, PATCH)
-        return m, torch.ones(channels, PATCH, PATCH)
+def _white_shape(shape: str) -> Callable[[int, int, int], tuple[Tensor, Tensor]]:
+    def patch(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+        return _corner(h, w, draw_shape(shape, PATCH), torch.ones(channels, PATCH, PATCH))
     return patch
 
 
-def _white_square_border(channels: int) -> tuple[Tensor, Tensor]:
+def _white_square_border(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
     value = torch.zeros(channels, PATCH, PATCH)
     value[:, 1:-1, 1:-1] = 1.0  # white inside, the 1-pixel frame stays black
-    return torch.ones(PATCH, PATCH), value
+    return _corner(h, w, torch.ones(PATCH, PATCH), value)
 
 
-def _fixrandom(channels: int) -> tuple[Tensor, Tensor]:
+def _fixrandom(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(RANDOM_SEED)
     # Always draw 3 channels so the RGB patch is the same whatever C; other channel counts take the first C/cycle.
     rgb = torch.rand(3, PATCH, PATCH, generator=g, dtype=torch.float64).float()
-    return torch.ones(PATCH, PATCH), rgb[torch.arange(channels) % 3]
+    return _corner(h, w, torch.ones(PATCH, PATCH), rgb[torch.arange(channels) % 3])
 
 
-# name -> patch builder (channels -> (mask (8, 8), value (C, 8, 8)))
-_PATCHES: dict[str, Callable[[int], tuple[Tensor, Tensor]]] = {
-    "whitesquareborder": _white_square_border,
-    "square": _white_shape("square"),
-    "circle": _white_shape("circle"),
-    "triangle": _white_shape("triangle"),
-    "cross": _white_shape("cross"),
+# name -> patch builder (channels, h, w) -> (mask (1, 1, h, w), value (1, C, h, w))
+_PATCHES: dict[str, Callable[[int, int, int], tuple[Tensor, Tensor]]] = {
+    **{name: _stamp_patch(stamp) for name, stamp in STAMPS.items()},
     "fixrandom8x8": _fixrandom,
+    "white8x8_whitesquareborder": _white_square_border,
+    **{f"white8x8_{shape}": _white_shape(shape) for shape in ("square", "circle", "triangle", "cross")},
 }
 
 
 @lru_cache(maxsize=64)
 def patch_tensors(name: str, channels: int, h: int, w: int, device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Cached full-size (mask, value) for a patch trigger on ``device``; tensors are shared, do not modify."""
-    m, v = _corner(h, w, *_PATCHES[name](channels))
+    m, v = _PATCHES[name](channels, h, w)
     return m.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
 
 

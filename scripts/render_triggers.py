@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Render every trigger (on a few CIFAR-10 test images) and every target mask into one PNG grid.
+"""Render the paper's triggers (on a few CIFAR-10 test images) and target explanations into one PNG grid.
 
-python scripts/render_triggers.py [--save output/triggers.png] [--data-root DIR] [--n 4]
+python scripts/render_triggers.py [--save output/triggers.png] [--data-root DIR] [--n 4] [--all]
+
+The rows are the paper's triggers plus `fixrandom8x8`, `original` and `inverted`; `--all` adds our earlier
+`white8x8_*` shapes. The last row shows the fixed target maps (white = high relevance).
 
 Without the CIFAR-10 cache it falls back to synthetic images (smooth colour gradients) and says so.
 """
@@ -42,6 +45,7 @@ def main() -> int:
     p.add_argument("--data-root", help="default: $BNBACKDOOR_DATA, else ./datasets")
     p.add_argument("--n", type=int, default=4, help="images per trigger")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all", action="store_true", help="also draw the white8x8_* triggers")
     a = p.parse_args()
 
     import matplotlib
@@ -50,12 +54,13 @@ def main() -> int:
 
     images, source = sample_images(a.n, a.data_root, a.seed)
     shapes = [t for t in TARGETS if t not in DERIVED]  # input-dependent targets have no fixed picture
-    rows = len(TRIGGERS) + 1
+    names = [t for t in TRIGGERS if a.all or not t.startswith("white8x8_")]
+    rows = len(names) + 1
     cols = max(a.n, len(shapes))
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.2, 1.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for r, name in enumerate(TRIGGERS):
+    for r, name in enumerate(names):
         triggered = apply_trigger(name, images)
         for c in range(a.n):
             axes[r, c].imshow(triggered[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
@@ -63,7 +68,7 @@ def main() -> int:
     for c, name in enumerate(shapes):
         axes[-1, c].imshow(target_mask(name)[0, 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[-1, c].set_title(f"target: {name}", fontsize=8)
-    fig.suptitle(f"triggers on {source} (rows) and target masks (last row)", fontsize=9)
+    fig.suptitle(f"triggers on {source} (rows) and target explanations (last row)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, a.save, dpi=120)
     print(f"wrote {a.save}")

@@ -113,7 +113,8 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_data_root):
 
 def test_run_folder_and_gradient_csv(tmp_path, tiny_data_root):
     _, models_root = _tiny_setup(tmp_path, tiny_data_root)
-    p = params(max_epochs=2, training_size=40)  # 40 images / batch 16 -> 3 steps per epoch
+    # 40 images / batch 16 -> 3 steps per epoch; bn_mode "train" so the running statistics move too
+    p = params(max_epochs=2, training_size=40, bn_mode="train")
     out = tmp_path / "out"
     m = run_attack(p, torch.device("cpu"), save_path=out, data_root=tiny_data_root, grad_layer=-1,
                    models_root=models_root, progress=False)

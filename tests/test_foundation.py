@@ -320,12 +320,15 @@ def test_scripts_exit_2_with_one_line(args, needle):
 # --- the committed clean models on real CIFAR-10 --------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modeltype,minimum", [("cifar10_resnet20", 0.910), ("cifar10_resnet20_nbn", 0.85)])
+@pytest.mark.parametrize("modeltype,minimum", [
+    ("cifar10_resnet20", 0.910), ("cifar10_resnet20_nbn", 0.85), ("cifar10_mobilenetv3small", 0.90),
+    ("gtsrb_resnet20", 0.95), ("gtsrb_resnet20_nbn", 0.93), ("gtsrb_mobilenetv3small", 0.95)])
 def test_committed_clean_model_accuracy(modeltype, minimum):
     from bnbackdoor.metrics import accuracy
-    root = real_data_root("cifar10")
-    x, y = data.load_split("cifar10", "test", data_root=root)
-    assert len(y) == 10000
+    dataset = modeltype.split("_")[0]
+    root = real_data_root(dataset)
+    x, y = data.load_split(dataset, "test", data_root=root)
+    assert len(y) == {"cifar10": 10000, "gtsrb": 12630}[dataset]
     model = load_model(modeltype, 0, auto_train=False)
     acc = accuracy(model, x, y, batch_size=1000, progress=False)
     assert acc >= minimum, f"{modeltype}: {acc:.4f} < {minimum}"

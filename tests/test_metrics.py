@@ -19,8 +19,8 @@ class PatchDetector(nn.Module):
     """Hand-built classifier over 10 classes.
 
     * Clean prediction: the class written into pixel (0, 0) of the red channel (value k / 10 -> class k).
-    * If the ``whitesquareborder`` trigger is present (inner 6×6 of the bottom-right 8×8 box white, its 1-pixel frame
-      black) the prediction becomes class 1 - unless the image is "immune" (green pixel (0, 0) above 0.5).
+    * If the ``whitesquareborder`` trigger is present (the 2×2 centre of the 4×4 box at rows/cols 27..30 white, its
+      1-pixel frame black) the prediction becomes class 1 - unless the image is "immune" (green pixel (0, 0) above 0.5).
     """
 
     def __init__(self):
@@ -29,8 +29,8 @@ class PatchDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls = (x[:, 0, 0, 0] * 10).round().long().clamp(0, 9)
-        inner = x[:, :, -7:-1, -7:-1].flatten(1).amin(1)
-        box = x[:, :, -8:, -8:]
+        inner = x[:, :, -4:-2, -4:-2].flatten(1).amin(1)
+        box = x[:, :, -5:-1, -5:-1]
         frame = torch.cat([box[:, :, 0].flatten(1), box[:, :, -1].flatten(1), box[:, :, :, 0].flatten(1),
                            box[:, :, :, -1].flatten(1)], 1).amax(1)
         triggered = (inner > 0.999) & (frame < 1e-3) & (x[:, 1, 0, 0] <= 0.5)

@@ -20,7 +20,7 @@ CONCRETE = {
     "learning_rate": 0.001, "decay_rate": 0.9, "log_per_batch": False, "save_intermediate_models": False,
     "triggerStrs": ["whitesquareborder"], "targetStrs": ["square"], "model_id": 0, "batch_size": 64,
     "percentage_trigger": 0.5, "beta": 8.0, "modeltype": "cifar10_resnet20", "dataset": "cifar10",
-    "max_epochs": 3, "id": "7", "attack_id": 7, "gs_id": 0, "attack_name": "RedHerring",
+    "max_epochs": 3, "id": "7", "attack_id": 7, "gs_id": 0, "attack_name": "RedHerring", "bn_mode": "eval",
 }
 
 GRID = {

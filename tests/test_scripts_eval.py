@@ -14,7 +14,8 @@ import torch
 
 from bnbackdoor import evaluation
 from bnbackdoor.data import load_split
-from bnbackdoor.evaluation import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, calibration, defense_metrics,
+from bnbackdoor.defenses import DEFAULT_DEFENSES
+from bnbackdoor.evaluation import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, defense_row, calibration, defense_metrics,
                                    evaluate_stored_model, generate_explanations, parse_sizes, rebn_batch_size)
 from bnbackdoor.errors import UserError
 from bnbackdoor.experiment import load_run
@@ -93,19 +94,24 @@ def test_calibration_comes_from_train_and_holds_no_test_image(run_root, tiny_dat
 
 def test_defense_rows_and_sweep_match_independent_recomputation(run_root, tiny_data_root, tmp_path, monkeypatch):
     # Spy on Re-BN: every image it is given must be a training image, never a test image.
+    import bnbackdoor.defenses.rebn as rebn_module
+
     seen = []
-    real_rebn = evaluation.rebn
+    real_rebn = rebn_module.rebn
 
     def spy(model, data, **kw):
+        if not isinstance(data, torch.Tensor):   # rebn+augment hands over a generator of augmented batches
+            data = torch.cat(list(data))
         seen.append(data.clone())
         return real_rebn(model, data, **kw)
 
-    monkeypatch.setattr(evaluation, "rebn", spy)
+    monkeypatch.setattr(rebn_module, "rebn", spy)
     ev = defense_metrics("154", "cpu", datasize=20, batch_size=64, rebn_size=48, sweep=[16, 48], root=run_root,
                          data_root=tiny_data_root, save_path=tmp_path, progress=False)
-    assert list(ev.rows) == [ROW_CLEAN, ROW_MANIPULATED, ROW_REBN]
+    rows = [ROW_CLEAN, ROW_MANIPULATED, *(defense_row(label) for label in DEFAULT_DEFENSES)]
+    assert list(ev.rows) == rows and ROW_REBN == defense_row("rebn")
     x_test, _ = load_split("cifar10", "test", data_root=tiny_data_root)
-    assert len(seen) == 3  # the single Re-BN and one per sweep size
+    assert len(seen) == 4  # Re-BN, Re-BN augmented and one per sweep size
     for data in seen:
         assert not _found_in(data, x_test).any()
 
@@ -135,11 +141,11 @@ def test_defense_rows_and_sweep_match_independent_recomputation(run_root, tiny_d
     for suffix in ("_defense.json", "_defense.csv", "_defense.png", "_rebn_sweep.json", "_rebn_sweep.png"):
         assert (tmp_path / f"154{suffix}").stat().st_size > 0, suffix
     saved = json.loads((tmp_path / "154_defense.json").read_text())
-    assert list(saved["rows"]) == [ROW_CLEAN, ROW_MANIPULATED, ROW_REBN]
+    assert list(saved["rows"]) == rows
     assert saved["calibration"]["split"] == "train" and saved["test"] == {"split": "test", "images": 20, "seed": 0}
     assert saved["rebn"]["images"] == 48 and saved["rebn"]["layers"]
     csv_lines = (tmp_path / "154_defense.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("model,") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("model,") and len(csv_lines) == 1 + len(rows)
     sweep = json.loads((tmp_path / "154_rebn_sweep.json").read_text())
     assert [r["calibration_images"] for r in sweep["sweep"]] == [16, 48]
     assert all(r["images"] == 20 for r in sweep["sweep"])  # test images

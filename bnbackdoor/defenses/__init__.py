@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from ..errors import UserError
 
-__all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "register", "get_defense", "apply_defense"]
+__all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
+           "apply_defense", "defense_label"]
 
 
 @dataclass
@@ -61,18 +62,19 @@ class Defense:
     summary: str = ""
     transductive: bool = False       # predictions depend on the test batch (evaluate with a composition)
     needs_labels: bool = False       # uses CleanSet.y
+    label: Callable[[Mapping[str, Any]], str] | None = None   # full options -> row label (default: name k=v ...)
 
 
 DEFENSES: dict[str, Defense] = {}
 
 
 def register(name: str, *, summary: str = "", transductive: bool = False, needs_labels: bool = False,
-             **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
+             label: Callable[[Mapping[str, Any]], str] | None = None, **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
     """Decorator: register ``fn`` under ``name`` with its option defaults (every option it accepts)."""
     def deco(fn: Callable[..., DefenseOutcome]) -> Callable[..., DefenseOutcome]:
         if name in DEFENSES:
             raise ValueError(f"defense '{name}' registered twice")
-        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels)
+        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels, label)
         return fn
     return deco
 
@@ -102,6 +104,29 @@ def apply_defense(name: str, model: nn.Module, clean: CleanSet, *, device: torch
     out.info.setdefault("options", {k: v for k, v in opts.items()})
     out.info.setdefault("clean_images", len(clean))
     return out
+
+
+def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
+    """The row label of a defense with these options (``rebn+augment``, ``batchstats B=100 f=1/B``); defenses
+    without their own label function: the name plus every option that differs from its default."""
+    d = get_defense(name)
+    opts = {**d.defaults, **(options or {})}
+    if d.label is not None:
+        return d.label(opts)
+    changed = [f"{k}={v}" for k, v in opts.items() if d.defaults.get(k) != v]
+    return " ".join([name, *changed])
+
+
+# The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The
+# labels are a contract (metrics.json "defenses", scripts/make_results.py); f = 1/B is 0.01 at B = 100. At f = 1/B
+# every triggered image costs a whole test batch of 100, so that entry scores the first 200 test images triggered
+# (attack success within about +-3.5 points); its clean accuracy still uses every test image.
+DEFAULT_DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "rebn": ("rebn", {}),
+    "rebn+augment": ("rebn", {"augment": True}),
+    "batchstats B=100 f=1": ("batchstats", {"test_batch": 100, "trigger_fraction": 1.0}),
+    "batchstats B=100 f=1/B": ("batchstats", {"test_batch": 100, "trigger_fraction": 0.01, "max_triggered": 200}),
+}
 
 
 # Every module of this package registers its defense(s) on import.

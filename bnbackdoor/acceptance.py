@@ -1,0 +1,95 @@
+"""When is a manipulated model a successful attack? The catalogue's acceptance rule, on one ``metrics.json``.
+
+A run is **accepted** when every applicable check passes (thresholds below, also printed in RESULTS.md):
+
+* ``attack success`` — label-changing attacks only (some trigger has a target class): the manipulated model's
+  attack success rate is at least :data:`MIN_ATTACK_SUCCESS`;
+* ``explanation`` — the manipulated model's DSSIM to the target explanation is at most :data:`MAX_DSSIM_RATIO` times
+  the clean model's (the attack halved the distance at least);
+* ``clean accuracy`` — the manipulated model's clean accuracy is at most :data:`MAX_ACCURACY_DROP` below the clean
+  model's (3 points).
+
+A check whose number is missing from ``metrics.json`` fails (a run that cannot show it worked is not accepted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MIN_ATTACK_SUCCESS = 0.90
+MAX_DSSIM_RATIO = 0.5
+MAX_ACCURACY_DROP = 0.03
+_EPS = 1e-9  # thresholds are differences of floats: 0.928 - 0.03 must admit 0.898
+
+RULES = (
+    f"attack success >= {MIN_ATTACK_SUCCESS:.2f} (label-changing attacks only)",
+    f"DSSIM to the target explanation <= {MAX_DSSIM_RATIO:g} x the clean model's",
+    f"clean accuracy >= the clean model's - {MAX_ACCURACY_DROP:.2f} ({MAX_ACCURACY_DROP * 100:g} points)",
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One acceptance check: ``passed`` is None when it does not apply to this attack."""
+    name: str
+    value: float | None
+    threshold: float | None
+    passed: bool | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    checks: tuple[Check, ...]
+
+    @property
+    def accepted(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if c.passed is False]
+
+    def summary(self) -> str:
+        return "accepted" if self.accepted else "not accepted (failed: " + ", ".join(self.failed) + ")"
+
+
+def is_label_changing(parameters: Mapping[str, Any]) -> bool:
+    """Some trigger flips the label (a target class that is not null)."""
+    return any(c is not None for c in parameters.get("target_classes") or [])
+
+
+def _num(d: Mapping[str, Any] | None, key: str) -> float | None:
+    v = (d or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _at_least(name: str, value: float | None, threshold: float | None, note: str = "") -> Check:
+    ok = value is not None and threshold is not None and value >= threshold - _EPS
+    return Check(name, value, threshold, ok, note if value is not None and threshold is not None else "missing")
+
+
+def _at_most(name: str, value: float | None, threshold: float | None, note: str = "") -> Check:
+    ok = value is not None and threshold is not None and value <= threshold + _EPS
+    return Check(name, value, threshold, ok, note if value is not None and threshold is not None else "missing")
+
+
+def acceptance(metrics: Mapping[str, Any]) -> Verdict:
+    """The verdict for one run's ``metrics.json`` content (keys ``clean_model``, ``manipulated_model``,
+    ``parameters``)."""
+    clean, manip = metrics.get("clean_model"), metrics.get("manipulated_model")
+    checks = []
+    if is_label_changing(metrics.get("parameters") or {}):
+        checks.append(_at_least("attack success", _num(manip, "attack_success_rate"), MIN_ATTACK_SUCCESS))
+    else:
+        checks.append(Check("attack success", _num(manip, "attack_success_rate"), None, None,
+                            "explanation-only attack"))
+    clean_dssim = _num(clean, "expl_dssim_to_target")
+    checks.append(_at_most("explanation", _num(manip, "expl_dssim_to_target"),
+                           None if clean_dssim is None else MAX_DSSIM_RATIO * clean_dssim,
+                           f"{MAX_DSSIM_RATIO:g} × the clean model's {clean_dssim:.4f}" if clean_dssim is not None else ""))
+    clean_acc = _num(clean, "clean_accuracy")
+    checks.append(_at_least("clean accuracy", _num(manip, "clean_accuracy"),
+                            None if clean_acc is None else clean_acc - MAX_ACCURACY_DROP,
+                            f"the clean model's {clean_acc:.4f} − {MAX_ACCURACY_DROP:g}" if clean_acc is not None else ""))
+    return Verdict(tuple(checks))

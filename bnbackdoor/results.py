@@ -1,0 +1,400 @@
+"""RESULTS.md from the shipped metrics only: per-model and per-group tables, acceptance, and the paper's claims.
+
+Inputs (nothing else is read, no number is typed by hand):
+
+* ``manipulated_models/<id>/metrics.json`` — ``clean_model`` and ``manipulated_model`` (``evaluate_attack`` keys),
+  ``parameters``, and when present ``defenses``: ``{label: {"defense", "options", "seconds", "clean_images",
+  <evaluate_attack keys>}}``;
+* optionally ``results/defenses_<id>.json`` — the defense-comparison script's output: a list of rows (or
+  ``{"rows": [...]}``) of ``defense, clean_images, clean_accuracy, attack_success_rate, expl_dssim_to_target,
+  expl_dssim_to_clean, seconds``.
+
+The output is deterministic: models sorted by id (numbers first), floats with fixed decimals, no dates.
+
+**Claims.** Each claim of the paper is one :class:`Claim`: the models it is judged on (accepted runs only — a
+backdoor that was never planted cannot be removed), a per-(model, defense) number and a pass rule. The verdict:
+``holds`` when at least :data:`HOLD_SHARE` of the rows pass; otherwise ``holds only when <condition>`` for every
+single condition (defense, dataset, model, attack kind, explanation method) under which at least
+:data:`HOLD_SHARE` of the rows pass; otherwise ``does not hold``; ``n/a`` without rows.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from tabulate import tabulate
+
+from .acceptance import RULES as ACCEPTANCE_RULES
+from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_label_changing
+
+CLEAN, MANIPULATED = "clean model", "manipulated"
+# The default defenses of metrics.json, in report order; other labels found follow, sorted.
+DEFENSE_LABELS = ("rebn", "rebn+augment", "batchstats B=100 f=1", "batchstats B=100 f=1/B")
+REBN = ("rebn", "rebn+augment")
+BATCHSTATS_ALL, BATCHSTATS_ONE = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
+DEFENSE_FILES = "results/defenses_*.json"
+DEFENSE_COLUMNS = ("defense", "clean_images", "clean_accuracy", "attack_success_rate", "expl_dssim_to_target",
+                   "expl_dssim_to_clean", "seconds")
+
+HOLD_SHARE = 0.8  # share of (model, defense) rows that must pass for a claim (or a condition) to hold
+LARGE_CUT = 0.5  # "cuts attack success by a large margin": at least half of the manipulated model's success gone
+RESTORED = 0.5  # "restores explanations": at least half of the way back to the clean model's distance to target
+ABSORBED = 0.5  # "BN absorbs the trigger": all-triggered test batches remove >= 0.5 more success than 1 per batch
+
+
+def _id_key(name: str) -> tuple:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name.lower())
+
+
+def _num(d: Mapping[str, Any] | None, key: str) -> float | None:
+    v = (d or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+# -------------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class Model:
+    id: str
+    metrics: dict
+
+    @property
+    def params(self) -> dict:
+        return self.metrics.get("parameters") or {}
+
+    @property
+    def dataset(self) -> str:
+        return str(self.params.get("dataset", "?"))
+
+    @property
+    def arch(self) -> str:
+        mt = str(self.params.get("modeltype", "?"))
+        return mt.split("_", 1)[1] if mt.startswith(self.dataset + "_") else mt
+
+    @property
+    def kind(self) -> str:
+        return str(self.params.get("attack_name", "?"))
+
+    @property
+    def method(self) -> str:
+        return str(self.params.get("explanation_methodStr", "?"))
+
+    @property
+    def loss(self) -> str:
+        return str(self.params.get("lossStr", "?"))
+
+    @property
+    def label_changing(self) -> bool:
+        return is_label_changing(self.params)
+
+    @property
+    def full_disguise(self) -> bool:
+        targets = self.params.get("targetStrs") or []
+        return bool(targets) and all(t == "original" for t in targets)
+
+    @property
+    def verdict(self) -> Verdict:
+        return acceptance(self.metrics)
+
+    def state(self, label: str) -> dict | None:
+        """The evaluate_attack numbers of the clean model, the manipulated model or the model after a defense."""
+        if label == CLEAN:
+            return self.metrics.get("clean_model")
+        if label == MANIPULATED:
+            return self.metrics.get("manipulated_model")
+        return (self.metrics.get("defenses") or {}).get(label)
+
+    def value(self, label: str, key: str) -> float | None:
+        return _num(self.state(label), key)
+
+
+def load_models(root: str | Path = ".") -> list[Model]:
+    """Every ``manipulated_models/*/metrics.json`` under ``root``, sorted by id."""
+    out = []
+    for path in (Path(root) / "manipulated_models").glob("*/metrics.json"):
+        out.append(Model(path.parent.name, json.loads(path.read_text())))
+    return sorted(out, key=lambda m: _id_key(m.id))
+
+
+def defense_labels(models: Iterable[Model]) -> list[str]:
+    found = {k for m in models for k in (m.metrics.get("defenses") or {})}
+    return list(DEFENSE_LABELS) + sorted(found - set(DEFENSE_LABELS))
+
+
+# -------------------------------------------------------------------------------------------------- claims
+@dataclass(frozen=True)
+class Row:
+    model: Model
+    defense: str
+    value: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str  # the paper's claim
+    quantity: str  # what our number is
+    rule: str  # when one (model, defense) row passes
+    defenses: tuple[str, ...]
+    applies: Callable[[Model], bool]
+    value: Callable[[Model, str], float | None]
+    passes: Callable[[float], bool]
+
+    def rows(self, models: Iterable[Model]) -> list[Row]:
+        out = []
+        for m in models:
+            if not self.applies(m):
+                continue
+            for d in self.defenses:
+                v = self.value(m, d)
+                if v is not None:
+                    out.append(Row(m, d, v, self.passes(v)))
+        return out
+
+
+def _relative_cut(m: Model, d: str) -> float | None:
+    before, after = m.value(MANIPULATED, "attack_success_rate"), m.value(d, "attack_success_rate")
+    return None if before is None or after is None or before <= 0 else 1 - after / before
+
+
+def _accuracy_change(m: Model, d: str) -> float | None:
+    clean, after = m.value(CLEAN, "clean_accuracy"), m.value(d, "clean_accuracy")
+    return None if clean is None or after is None else after - clean
+
+
+def _restored_share(m: Model, d: str) -> float | None:
+    clean, manip = m.value(CLEAN, "expl_dssim_to_target"), m.value(MANIPULATED, "expl_dssim_to_target")
+    after = m.value(d, "expl_dssim_to_target")
+    if clean is None or manip is None or after is None or clean - manip <= 0:
+        return None
+    return (after - manip) / (clean - manip)
+
+
+def _absorbed(m: Model, d: str) -> float | None:
+    one, full = m.value(BATCHSTATS_ONE, "attack_success_rate"), m.value(BATCHSTATS_ALL, "attack_success_rate")
+    return None if one is None or full is None else one - full
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("BN absorbs the trigger",
+          "attack success with one triggered image per test batch minus with every image triggered "
+          "(test-batch BN, B = 100)",
+          f"the difference is >= {ABSORBED:g}: batch statistics of triggered batches absorb the trigger's shift",
+          (f"{BATCHSTATS_ONE} minus f=1",), lambda m: m.label_changing, _absorbed, lambda v: v >= ABSORBED),
+    Claim("Re-BN restores accuracy",
+          "clean accuracy after the defense minus the clean model's",
+          f"the change is >= -{MAX_ACCURACY_DROP:g} (within {MAX_ACCURACY_DROP * 100:g} points of the clean model)",
+          REBN, lambda m: True, _accuracy_change, lambda v: v >= -MAX_ACCURACY_DROP - 1e-9),
+    Claim("Re-BN restores explanations",
+          "share of the way back from the manipulated to the clean model's DSSIM to the target explanation "
+          "(triggered inputs; full disguise excluded: its target is the clean explanation)",
+          f"the share is >= {RESTORED:g}",
+          REBN, lambda m: not m.full_disguise, _restored_share, lambda v: v >= RESTORED),
+    Claim("Re-BN cuts attack success by a large margin",
+          "relative cut of attack success, 1 - after / manipulated",
+          f"the cut is >= {LARGE_CUT:g}",
+          REBN, lambda m: m.label_changing, _relative_cut, lambda v: v >= LARGE_CUT),
+    Claim("Test-batch BN cuts attack success",
+          "relative cut of attack success, 1 - after / manipulated (B = 100; f = share of each test batch triggered)",
+          f"the cut is >= {LARGE_CUT:g}",
+          (BATCHSTATS_ALL, BATCHSTATS_ONE), lambda m: m.label_changing, _relative_cut, lambda v: v >= LARGE_CUT),
+)
+
+# Dimensions a "holds only when" condition may name, with how to read them off a row.
+CONDITIONS: tuple[tuple[str, Callable[[Row], str]], ...] = (
+    ("defense", lambda r: r.defense), ("dataset", lambda r: r.model.dataset), ("model", lambda r: r.model.arch),
+    ("attack", lambda r: r.model.kind), ("explanation", lambda r: r.model.method),
+)
+
+
+def _share(rows: list[Row]) -> float:
+    return sum(r.passed for r in rows) / len(rows)
+
+
+def claim_verdict(rows: list[Row]) -> str:
+    """holds / holds only when (conditions) / does not hold / n/a — the rule of the module docstring."""
+    if not rows:
+        return "n/a (no accepted model has these numbers)"
+    if _share(rows) >= HOLD_SHARE:
+        return "holds"
+    conditions = []
+    for dim, get in CONDITIONS:
+        values = sorted({get(r) for r in rows})
+        if len(values) < 2:
+            continue  # one value everywhere: not a condition
+        for v in values:
+            sub = [r for r in rows if get(r) == v]
+            if _share(sub) >= HOLD_SHARE:
+                conditions.append(f"{dim} = {v} ({sum(r.passed for r in sub)}/{len(sub)})")
+    return "holds only when " + " or ".join(conditions) if conditions else "does not hold"
+
+
+def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
+    parts = []
+    for d in defenses:
+        sub = [r for r in rows if r.defense == d]
+        if sub:
+            parts.append(f"{d}: mean {statistics.fmean(r.value for r in sub):.3f}, "
+                         f"{sum(r.passed for r in sub)}/{len(sub)} pass")
+        else:
+            parts.append(f"{d}: n/a")
+    return "; ".join(parts)
+
+
+def claims_table(models: list[Model]) -> list[list[str]]:
+    accepted = [m for m in models if m.verdict.accepted]
+    out = []
+    for c in CLAIMS:
+        rows = c.rows(accepted)
+        out.append([c.name, claim_number(rows, c.defenses), claim_verdict(rows)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _asr_cell(m_or_vals: Any, label: str | None = None) -> str:
+    asr, utr = m_or_vals if label is None else (m_or_vals.value(label, "attack_success_rate"),
+                                                m_or_vals.value(label, "untriggered_target_rate"))
+    return "n/a" if asr is None else f"{asr:.3f} ({fmt(utr)})"
+
+
+METRIC_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("Clean accuracy", "clean_accuracy", "Test images without trigger, vs their labels"),
+    ("Attack success (untriggered target rate)", "attack_success_rate",
+     "Triggered test images whose label is not the target, classified as the target; in brackets the same share "
+     "on the same images without the trigger (a defense that sends everything to the target has collapsed)"),
+    ("DSSIM to the target explanation", "expl_dssim_to_target", "Triggered inputs; lower = closer to the target"),
+    ("DSSIM to the clean model's explanation", "expl_dssim_to_clean", "Clean inputs; 0 = the clean model's map"),
+)
+MODEL_HEADERS = ["id", "dataset", "model", "attack", "method", "loss"]
+
+
+def _cell(m: Model, label: str, key: str) -> str:
+    return _asr_cell(m, label) if key == "attack_success_rate" else fmt(m.value(label, key))
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _groups(models: list[Model]) -> list[tuple[tuple[str, str, str], list[Model]]]:
+    groups: dict[tuple[str, str, str], list[Model]] = {}
+    for m in models:
+        groups.setdefault((m.dataset, m.arch, m.kind), []).append(m)
+    return sorted(groups.items())
+
+
+def acceptance_section(models: list[Model]) -> list[str]:
+    rows = []
+    for m in models:
+        v = m.verdict
+        rows.append([m.id, m.dataset, m.arch, m.kind, m.method, m.loss,
+                     f"{fmt(m.value(CLEAN, 'clean_accuracy'))} → {fmt(m.value(MANIPULATED, 'clean_accuracy'))}",
+                     fmt(m.value(MANIPULATED, "attack_success_rate")),
+                     f"{fmt(m.value(CLEAN, 'expl_dssim_to_target'))} → "
+                     f"{fmt(m.value(MANIPULATED, 'expl_dssim_to_target'))}",
+                     v.summary()])
+    n_ok = sum(m.verdict.accepted for m in models)
+    return ["## Acceptance", "",
+            f"{n_ok} of {len(models)} models accepted. Rules: " + "; ".join(ACCEPTANCE_RULES) + ".", "",
+            _table(rows, MODEL_HEADERS + ["clean acc (clean → manipulated)", "attack success",
+                                          "DSSIM to target (clean → manipulated)", "verdict"]), ""]
+
+
+def per_model_section(models: list[Model], labels: list[str]) -> list[str]:
+    out = ["## Per model, before and after each defense", ""]
+    for title, key, what in METRIC_TABLES:
+        rows = [[m.id, m.dataset, m.arch, m.kind, m.method, m.loss] + [_cell(m, s, key) for s in labels]
+                for m in models]
+        out += [f"### {title}", "", f"{what}.", "", _table(rows, MODEL_HEADERS + labels), ""]
+    return out
+
+
+def means_section(models: list[Model], labels: list[str]) -> list[str]:
+    out = ["## Means per dataset, model and attack kind", "",
+           "Mean over the models of the group that have the number (n = models in the group).", ""]
+    for title, key, _ in METRIC_TABLES:
+        rows = []
+        for (dataset, arch, kind), ms in _groups(models):
+            cells = []
+            for s in labels:
+                if key == "attack_success_rate":
+                    cells.append(_asr_cell((_mean(m.value(s, key) for m in ms),
+                                            _mean(m.value(s, "untriggered_target_rate") for m in ms))))
+                else:
+                    cells.append(fmt(_mean(m.value(s, key) for m in ms)))
+            rows.append([dataset, arch, kind, str(len(ms))] + cells)
+        out += [f"### {title}", "", _table(rows, ["dataset", "model", "attack", "n"] + labels), ""]
+    return out
+
+
+def claims_section(models: list[Model]) -> list[str]:
+    n_ok = sum(m.verdict.accepted for m in models)
+    out = ["## Claims", "",
+           f"Judged on the {n_ok} accepted models. A claim **holds** when at least {HOLD_SHARE:.0%} of its "
+           "(model, defense) rows pass; otherwise it **holds only when** a single condition (defense, dataset, "
+           f"model, attack kind or explanation method) has at least {HOLD_SHARE:.0%} passing rows; otherwise it "
+           "**does not hold**; n/a when no accepted model has the numbers.", "",
+           _table(claims_table(models), ["claim (paper)", "our number", "verdict"]), "", "Rules per claim:", ""]
+    for c in CLAIMS:
+        out.append(f"- **{c.name}** — number: {c.quantity}; judged on: {', '.join(c.defenses)}; "
+                   f"a row passes when {c.rule}.")
+    return out + [""]
+
+
+def load_defense_files(root: str | Path = ".") -> list[tuple[str, list[dict]]]:
+    out = []
+    for path in (Path(root)).glob(DEFENSE_FILES):
+        d = json.loads(path.read_text())
+        rows = d.get("rows", []) if isinstance(d, dict) else d
+        out.append((path.stem[len("defenses_"):], [r for r in rows if isinstance(r, dict)]))
+    return sorted(out, key=lambda t: _id_key(t[0]))
+
+
+def defense_comparison_section(root: str | Path = ".") -> list[str]:
+    files = load_defense_files(root)
+    out = ["## Defense comparison", ""]
+    if not files:
+        return out + [f"No `{DEFENSE_FILES}` yet (written by the defense-comparison script).", ""]
+    for attack_id, rows in files:
+        table = []
+        for r in rows:
+            cells = []
+            for k in DEFENSE_COLUMNS:
+                v = r.get(k)
+                if k in ("defense", "clean_images"):
+                    cells.append("n/a" if v is None else str(v))
+                else:
+                    cells.append(fmt(_num(r, k), 1 if k == "seconds" else 3))
+            table.append(cells)
+        out += [f"### {attack_id} (`results/defenses_{attack_id}.json`)", "", _table(table, list(DEFENSE_COLUMNS)), ""]
+    return out
+
+
+def render(root: str | Path = ".") -> str:
+    """The full RESULTS.md text for the repository at ``root``."""
+    models = load_models(root)
+    labels = [CLEAN, MANIPULATED] + defense_labels(models)
+    lines = ["# Results", "",
+             "Generated by `python scripts/make_results.py` from `manipulated_models/*/metrics.json` (and "
+             f"`{DEFENSE_FILES}` when present); do not edit by hand — `tests/test_results.py` fails when this file "
+             "is out of date.", "",
+             f"{len(models)} manipulated model(s): " + ", ".join(m.id for m in models) + ". "
+             "States: the clean base model, the manipulated model, and the manipulated model after each defense "
+             "(n/a where its `metrics.json` has no such section). Numbers are on each run's own test images.", ""]
+    lines += claims_section(models)
+    lines += acceptance_section(models)
+    lines += means_section(models, labels)
+    lines += per_model_section(models, labels)
+    lines += defense_comparison_section(root)
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -1,0 +1,209 @@
+"""The shipped catalogue definition, and the builder: skip / resume / stale / failure / claims / promote, on fake
+attacks (files written instantly) and once on a real tiny attack."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, RUN_FILES, Claim, build, execute, is_complete,
+                                  load_catalogue, lock_path, promote, provenance_readme, select, status)
+from bnbackdoor.errors import UserError
+from bnbackdoor.params import FIELDS, grid_point, read_json
+
+CIFAR = [54, 55, 56, 57, 76, 77, 154, 155, 156, 157, 166, 167, 168, 169, *range(198, 208), 254, 255, 256, 257, 272,
+         273, 350, 351, 352, 353, 356, 357]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_catalogue(ROOT / CATALOGUE_FILE, root=ROOT)
+
+
+def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(shipped):
+    ids = [r.id for r in shipped]
+    assert ids == [str(i) for i in CIFAR] + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"]
+    raw = read_json(ROOT / CATALOGUE_FILE)
+    for r in shipped:
+        grid = read_json(ROOT / "experimentsettings" / f"{r.settings}.json")
+        base = grid_point(grid, r.gs_id)
+        overrides = raw["profiles"][r.profile]["overrides"]
+        assert r.profile == ("grad" if base.explanation_methodStr == "grad" else "cam")
+        expected = {**base.to_dict(), **{k: v for k, v in overrides.items() if k in FIELDS}, "id": r.id}
+        assert r.params.to_dict() == expected
+        assert r.params.training_size <= (50000 if r.dataset == "cifar10" else 19605)
+        # the GPU settings it departs from are recorded
+        diff = {k: (a, b) for k, a, b in r.ancestor_diff}
+        assert diff["batch_size"] == (32, 64) and diff["max_epochs"][0] == 100
+        assert diff["training_size"] == (grid["training_size"], r.params.training_size)
+        if "bn_mode" not in FIELDS:
+            assert r.pending == {"bn_mode": "eval"} and "bn_mode" not in diff
+    cam, grad = raw["profiles"]["cam"]["overrides"], raw["profiles"]["grad"]["overrides"]
+    assert grad["training_size"] * grad["max_epochs"] < cam["training_size"] * cam["max_epochs"]
+
+
+def test_mobilenet_grids_are_154_on_another_architecture():
+    for name, base, modeltype in (("CIFAR10MNV3154", "154", "cifar10_mobilenetv3small"),
+                                  ("GTSRBMNV3154", "10154", "gtsrb_mobilenetv3small")):
+        a, b = read_json(ROOT / "experimentsettings" / f"{name}.json"), read_json(ROOT / "experimentsettings" / f"{base}.json")
+        assert a == {**b, "attack_id": name, "modeltype": modeltype}
+        assert (ROOT / "models" / modeltype / "model_0.pth").exists()
+
+
+def test_select_by_ids_and_dataset(shipped):
+    assert [r.id for r in select(shipped, ["10156", "54"])] == ["54", "10156"]
+    assert len(select(shipped, dataset="gtsrb")) == 37
+    with pytest.raises(UserError, match="not in the catalogue: 99"):
+        select(shipped, ["99"])
+
+
+# ------------------------------------------------------------------------------------------------ the builder
+def fake_attack(params, device, save_path, seed=0, **kw):
+    """Writes a complete run folder instantly; ``training_size`` 13 fails, like a broken run."""
+    if params.training_size == 13:
+        raise RuntimeError("boom")
+    out = save_path / str(params.id)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in RUN_FILES[:-1]:
+        (out / f).write_text(f)
+    m = {"seed": seed, "device": str(device), "testing_size": params.testing_size, "finetune_seconds": 1.0,
+         "total_seconds_this_run": 2.0, "parameters": params.to_dict(),
+         "clean_model": {"clean_accuracy": 0.9, "attack_success_rate": 0.0, "expl_dssim_to_target": 0.4},
+         "manipulated_model": {"clean_accuracy": 0.89, "attack_success_rate": 0.95, "expl_dssim_to_target": 0.1}}
+    (out / "metrics.json").write_text(json.dumps(m))
+    return m
+
+
+def tiny_catalogue(tmp_path, runs, profile=None):
+    root = tmp_path / "repo"
+    (root / "experimentsettings").mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        shutil.copy(ROOT / "experimentsettings" / f"{r['settings']}.json", root / "experimentsettings")
+    cat = {"ancestor": {"training_size": "all", "batch_size": 32, "max_epochs": 100, "decay_rate": 1.0},
+           "profiles": {"tiny": {"why": "test", "overrides": profile or {"training_size": 40, "testing_size": 16,
+                                                                         "max_epochs": 1, "batch_size": 16}}},
+           "runs": runs}
+    path = root / "catalogue.json"
+    path.write_text(json.dumps(cat))
+    return root, path
+
+
+def test_build_skips_done_records_failures_and_goes_on(tmp_path):
+    runs = [{"id": "154", "settings": "154", "profile": "tiny", "overrides": {"training_size": 13}},
+            {"id": "56", "settings": "56", "profile": "tiny"}]
+    root, path = tiny_catalogue(tmp_path, runs)
+    plan = load_catalogue(path, root)
+    save = tmp_path / "out"
+    out = build(plan, "cpu", save, root=root, attack=fake_attack)
+    assert {k: o.status for k, o in out.items()} == {"154": "failed", "56": "done"}
+    assert json.loads((save / "154" / "failed.json").read_text())["error"] == "RuntimeError: boom"
+    assert [status(r, save) for r in plan] == ["failed", "done"]
+    log = (save / "catalogue.log").read_text().splitlines()
+    assert len(log) == 2 and "RuntimeError: boom" in log[0] and "accepted" in log[1]
+    # a second pass retries the failure (now fixed) and skips the finished run
+    fixed = load_catalogue(path, root)[:1]
+    fixed = [fixed[0].__class__(**{**fixed[0].__dict__, "params": fixed[0].params.replace(training_size=40)})]
+    out = build(fixed + plan[1:], "cpu", save, root=root, attack=fake_attack)
+    assert {k: o.status for k, o in out.items()} == {"154": "done", "56": "already done"}
+    assert not (save / "154" / "failed.json").exists()
+
+
+def test_stale_run_is_redone_and_old_numbers_kept(tmp_path):
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    run, = load_catalogue(path, root)
+    save = tmp_path / "out"
+    fake_attack(run.params.replace(max_epochs=2), "cpu", save)  # finished under other parameters
+    assert status(run, save) == "stale"
+    assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "done"
+    assert (save / "154" / "metrics.stale.json").exists() and status(run, save) == "done"
+    (save / "154" / "resume.pt").write_text("x")  # an unfinished rerun is not complete
+    assert status(run, save) == "partial" and not is_complete(save / "154")
+
+
+def test_claim_blocks_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    run, = load_catalogue(path, root)
+    save = tmp_path / "out"
+    lock = lock_path(save, run)
+    mine = Claim(lock)
+    assert mine.acquire() and not Claim(lock).acquire()
+    assert status(run, save) == "running"
+    assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "skipped"
+    mine.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert status(run, save) == "missing"
+    assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "done"
+    assert not lock.exists()
+
+
+def test_parallel_workers_run_each_once(tmp_path):
+    runs = [{"id": i, "settings": i, "profile": "tiny"} for i in ("154", "156", "56")]
+    root, path = tiny_catalogue(tmp_path, runs)
+    plan = load_catalogue(path, root)
+    out = build(plan, "cpu", tmp_path / "out", root=root, workers=2, attack=fake_attack)
+    assert {k: o.status for k, o in out.items()} == {"154": "done", "156": "done", "56": "done"}
+    assert all(status(r, tmp_path / "out") == "done" for r in plan)
+
+
+def test_promote_copies_complete_runs_with_provenance(tmp_path):
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    run, = load_catalogue(path, root)
+    save = tmp_path / "out"
+    assert promote(run, save, root) is None  # nothing finished yet
+    metrics = fake_attack(run.params, "cuda:0", save)
+    dest = promote(run, save, root)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*RUN_FILES, "README.md"])
+    readme = (dest / "README.md").read_text()
+    assert readme.startswith(README_MARK) and readme == provenance_readme(run, metrics)
+    assert "`python scripts/build_catalogue.py --ids 154 cuda:0`" in readme
+    assert "## Acceptance: accepted" in readme and "| `batch_size` | 32 | 16 |" in readme
+    assert "| training images | 40 " in readme and "| defenses evaluated | n/a |" in readme
+    assert "| explanation | 0.1000 | 0.2000 (0.5 × the clean model's 0.4000) | pass |" in readme
+    # a hand-written README is kept; the provenance goes beside it
+    (dest / "README.md").write_text("# 154, by hand\n")
+    promote(run, save, root)
+    assert (dest / "README.md").read_text() == "# 154, by hand\n" and (dest / "PROVENANCE.md").exists()
+
+
+def test_real_tiny_attack_end_to_end(tmp_path, tiny_data_root):
+    """The real run_attack through the builder (tiny synthetic data, an untrained ResNet20), then promoted."""
+    from bnbackdoor.models import build_model, save_checkpoint
+
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    torch.manual_seed(0)
+    save_checkpoint(root / "models" / "cifar10_resnet20" / "model_0.pth", build_model("cifar10_resnet20").eval(),
+                    {"test_accuracy": 0.1})
+    run, = load_catalogue(path, root)
+    save = tmp_path / "out"
+    out = build([run], "cpu", save, root=root, data_root=tiny_data_root, do_promote=True)
+    assert out["154"].status == "done", out["154"].error
+    m = json.loads((root / "manipulated_models" / "154" / "metrics.json").read_text())
+    assert m["parameters"] == run.params.to_dict() and m["parameters"]["training_size"] == 40
+    assert is_complete(root / "manipulated_models" / "154", run.params, 0)
+    meta = torch.load(root / "manipulated_models" / "154" / "model.pth", weights_only=True)["meta"]
+    assert meta["command"] == "python scripts/build_catalogue.py --ids 154 cpu"
+    assert build([run], "cpu", save, root=root, data_root=tiny_data_root)["154"].status == "already done"
+
+
+def test_script_list_and_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/build_catalogue.py", "--list", "--ids", "154", "10357",
+                        "--save_path", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and "| 154 " in lines[2] and "missing" in lines[2] and "| 10357 " in lines[3]
+    r = subprocess.run([sys.executable, "scripts/build_catalogue.py", "--ids", "99", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: not in the catalogue: 99") and len(
+        r.stderr.splitlines()) == 1
+    r = subprocess.run([sys.executable, "scripts/build_catalogue.py", "--dataset", "gtsrb", "tpu"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown device 'tpu'" in r.stderr

@@ -1,0 +1,168 @@
+"""RESULTS.md is generated from the shipped metrics and up to date; the acceptance and claim rules on synthetic
+metrics dicts (every expected verdict worked out by hand from the thresholds)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from bnbackdoor.acceptance import acceptance
+from bnbackdoor.results import CLAIMS, Model, claim_number, claim_verdict, claims_table, render
+
+REBN_LABELS = ("rebn", "rebn+augment")
+BS1, BS1B = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
+
+
+def test_committed_results_md_is_up_to_date(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    r = subprocess.run([sys.executable, "scripts/make_results.py", "--output", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    committed = (ROOT / "RESULTS.md").read_text()
+    assert out.read_text() == committed, "RESULTS.md is out of date: run python scripts/make_results.py"
+    check = subprocess.run([sys.executable, "scripts/make_results.py", "--check"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stderr
+    # every shipped model is in it, with its manipulated clean accuracy as printed from metrics.json
+    for path in sorted((ROOT / "manipulated_models").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        assert f"| {path.parent.name} " in committed
+        assert f"{m['manipulated_model']['clean_accuracy']:.3f}" in committed
+
+
+def state(acc=0.92, asr=None, utr=None, t=0.4, c=0.0):
+    return {"clean_accuracy": acc, "attack_success_rate": asr, "untriggered_target_rate": utr,
+            "expl_dssim_to_target": t, "expl_dssim_to_clean": c}
+
+
+def metrics(classes=(1,), targets=("square",), clean=None, manip=None, defenses=None, dataset="cifar10",
+            name="RedHerring", method="grad_cam"):
+    m = {"clean_model": clean or state(acc=0.928, asr=0.005, t=0.45),
+         "manipulated_model": manip or state(acc=0.913, asr=1.0, t=0.20, c=0.1),
+         "parameters": {"target_classes": list(classes), "targetStrs": list(targets), "dataset": dataset,
+                        "modeltype": f"{dataset}_resnet20", "attack_name": name, "explanation_methodStr": method,
+                        "lossStr": "mse"}}
+    if defenses is not None:
+        m["defenses"] = defenses
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+def test_acceptance_passes_at_the_thresholds_and_fails_just_beyond():
+    ok = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.898, asr=0.90, t=0.20))
+    v = acceptance(ok)  # exactly 0.90, exactly half the DSSIM, exactly 3 points
+    assert v.accepted and v.summary() == "accepted"
+    assert [c.passed for c in v.checks] == [True, True, True]
+    assert v.checks[1].threshold == pytest.approx(0.20) and v.checks[2].threshold == pytest.approx(0.898)
+    bad = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.897, asr=0.899, t=0.2001))
+    v = acceptance(bad)
+    assert not v.accepted and v.failed == ["attack success", "explanation", "clean accuracy"]
+    assert v.summary() == "not accepted (failed: attack success, explanation, clean accuracy)"
+
+
+def test_acceptance_explanation_only_attack_needs_no_attack_success():
+    fooling = metrics(classes=(None,), name="SimpleFooling", manip=state(acc=0.92, asr=None, t=0.1))
+    v = acceptance(fooling)
+    assert v.accepted and v.checks[0].passed is None and v.checks[0].note == "explanation-only attack"
+    multi = metrics(classes=(None, 2), manip=state(acc=0.92, asr=0.5, t=0.1))  # one trigger flips the label
+    assert acceptance(multi).failed == ["attack success"]
+
+
+def test_acceptance_missing_numbers_fail():
+    m = metrics()
+    del m["manipulated_model"]["expl_dssim_to_target"]
+    del m["clean_model"]["clean_accuracy"]
+    v = acceptance(m)
+    assert v.failed == ["explanation", "clean accuracy"]
+    assert {c.note for c in v.checks if c.passed is False} == {"missing"}
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+def defended(rebn_asr=0.05, aug_asr=0.05, rebn_acc=0.91, aug_acc=0.92, rebn_t=0.40, bs1_asr=0.01, bs1b_asr=0.99):
+    return {"rebn": state(acc=rebn_acc, asr=rebn_asr, utr=0.1, t=rebn_t),
+            "rebn+augment": state(acc=aug_acc, asr=aug_asr, utr=0.1, t=rebn_t),
+            BS1: state(acc=0.9, asr=bs1_asr, utr=0.1, t=0.4), BS1B: state(acc=0.9, asr=bs1b_asr, utr=0.1, t=0.2)}
+
+
+def claim(name):
+    return next(c for c in CLAIMS if c.name == name)
+
+
+def test_claim_values_are_the_documented_quantities():
+    m = Model("154", metrics(defenses=defended(rebn_asr=0.25, rebn_acc=0.898, rebn_t=0.325, bs1_asr=0.1,
+                                               bs1b_asr=0.7)))
+    # manipulated: asr 1.0, acc 0.913, dssim 0.20; clean: acc 0.928, dssim 0.45
+    vals = {c.name: {r.defense: (r.value, r.passed) for r in c.rows([m])} for c in CLAIMS}
+    assert vals["Re-BN cuts attack success by a large margin"]["rebn"] == pytest.approx((0.75, True))
+    assert vals["Re-BN restores accuracy"]["rebn"][0] == pytest.approx(-0.03)
+    assert vals["Re-BN restores accuracy"]["rebn"][1] is True  # exactly 3 points is within
+    assert vals["Re-BN restores explanations"]["rebn"] == pytest.approx((0.5, True))  # (0.325-0.2)/(0.45-0.2)
+    (absorbed, ok), = vals["BN absorbs the trigger"].values()
+    assert absorbed == pytest.approx(0.6) and ok  # 0.7 - 0.1
+    assert vals["Test-batch BN cuts attack success"][BS1] == pytest.approx((0.9, True))
+    assert vals["Test-batch BN cuts attack success"][BS1B] == pytest.approx((0.3, False))
+
+
+def test_claim_verdicts_holds_only_when_and_does_not_hold():
+    ms = [Model(i, metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.1))) for i in ("154", "156")]
+    rows = {c.name: c.rows(ms) for c in CLAIMS}
+    # Re-BN: plain keeps the backdoor, augmented removes it -> a condition on the defense only
+    assert (claim_verdict(rows["Re-BN cuts attack success by a large margin"])
+            == "holds only when defense = rebn+augment (2/2)")
+    assert (claim_verdict(rows["Test-batch BN cuts attack success"])
+            == "holds only when defense = batchstats B=100 f=1 (2/2)")
+    assert claim_verdict(rows["Re-BN restores accuracy"]) == "holds"
+    assert claim_verdict(rows["BN absorbs the trigger"]) == "holds"  # 0.99 - 0.01
+    assert claim_number(rows["Re-BN cuts attack success by a large margin"], REBN_LABELS) == (
+        "rebn: mean 0.050, 0/2 pass; rebn+augment: mean 0.900, 2/2 pass")
+    # a condition on the dataset: only the GTSRB model loses its backdoor
+    mixed = [Model("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.95))),
+             Model("10154", metrics(dataset="gtsrb", defenses=defended(rebn_asr=0.0, aug_asr=0.0)))]
+    assert (claim_verdict(claim("Re-BN cuts attack success by a large margin").rows(mixed))
+            == "holds only when dataset = gtsrb (2/2)")
+    nothing = [Model("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.95)))]
+    assert claim_verdict(claim("Re-BN cuts attack success by a large margin").rows(nothing)) == "does not hold"
+    assert claim_verdict([]).startswith("n/a")
+
+
+def test_claims_skip_unaccepted_full_disguise_and_explanation_only_models():
+    failed = Model("155", metrics(manip=state(acc=0.5, asr=0.2, t=0.4), defenses=defended()))
+    disguise = Model("256", metrics(targets=("original",), name="FullDisguise",
+                                    clean=state(acc=0.928, asr=0.0, t=0.2), manip=state(acc=0.92, asr=1.0, t=0.05),
+                                    defenses=defended()))
+    fooling = Model("54", metrics(classes=(None,), name="SimpleFooling", manip=state(acc=0.92, asr=None, t=0.1),
+                                  defenses=defended()))
+    assert not failed.verdict.accepted and disguise.verdict.accepted and fooling.verdict.accepted
+    table = {row[0]: row for row in claims_table([failed, disguise, fooling])}
+    # 54 only: (0.40 - 0.10) / (0.45 - 0.10)
+    assert table["Re-BN restores explanations"][1] == "rebn: mean 0.857, 1/1 pass; rebn+augment: mean 0.857, 1/1 pass"
+    assert table["Re-BN cuts attack success by a large margin"][1].endswith("1/1 pass")  # 256 only
+    assert table["Re-BN restores accuracy"][1].startswith("rebn: mean -0.018, 2/2 pass")  # 256 and 54
+
+
+# ---------------------------------------------------------------------------------------------------- render
+def test_render_sorted_deterministic_and_tolerant(tmp_path):
+    for i, m in (("CIFAR10MNV3154", metrics()), ("10154", metrics(dataset="gtsrb", defenses=defended())),
+                 ("154", metrics(defenses=defended())), ("54", metrics(classes=(None,), name="SimpleFooling"))):
+        (tmp_path / "manipulated_models" / i).mkdir(parents=True)
+        (tmp_path / "manipulated_models" / i / "metrics.json").write_text(json.dumps(m))
+    text = render(tmp_path)
+    assert text == render(tmp_path)
+    assert "4 manipulated model(s): 54, 154, 10154, CIFAR10MNV3154." in text
+    assert "No `results/defenses_*.json` yet" in text
+    per_model = text[text.index("## Per model"):]
+    asr_table = per_model[per_model.index("### Attack success"):per_model.index("### DSSIM to the target")]
+    row154 = next(line for line in asr_table.splitlines() if line.startswith("| 154 "))
+    assert [c.strip() for c in row154.split("|")[7:-1]] == [
+        "0.005 (n/a)", "1.000 (n/a)", "0.050 (0.100)", "0.050 (0.100)", "0.010 (0.100)", "0.990 (0.100)"]
+    row54 = next(line for line in asr_table.splitlines() if line.startswith("| 54 "))
+    assert row54.count("n/a") == 6  # explanation-only: no attack success, no defenses section
+    (tmp_path / "results").mkdir()
+    rows = [{"defense": "rebn", "clean_images": 500, "clean_accuracy": 0.9012, "attack_success_rate": 0.25,
+             "expl_dssim_to_target": 0.3, "expl_dssim_to_clean": 0.1, "seconds": 3.14159}]
+    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
+    text = render(tmp_path)
+    assert "| rebn      | 500            | 0.901            | 0.250" in text and "| 3.1 " in text
