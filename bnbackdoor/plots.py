@@ -123,6 +123,42 @@ def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: 
     return _finish(fig, path, title)
 
 
+def defense_scatter(points: Sequence[dict], path: str | Path, title: str = "", x: str = "clean_accuracy",
+                    y: str = "attack_success_rate", xlabel: str = "clean accuracy",
+                    ylabel: str = "attack success") -> Path:
+    """Scatter of ``points`` (dicts with ``group``, ``size`` and the ``x``/``y`` keys): one colour per group (a
+    defense), one marker per size (clean images); points whose size is None (references such as "no defense") in
+    black with their own markers. Missing values are left out."""
+    from matplotlib.lines import Line2D
+
+    groups = list(dict.fromkeys(p["group"] for p in points if p.get("size") is not None))
+    refs = list(dict.fromkeys(p["group"] for p in points if p.get("size") is None))
+    sizes = sorted({p["size"] for p in points if p.get("size") is not None})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {g: colors[i % len(colors)] for i, g in enumerate(groups)}
+    marks = "os^Dvp<>h"
+    marker = {s: marks[i % len(marks)] for i, s in enumerate(sizes)}
+    ref_marker = {g: "*X+"[i % 3] for i, g in enumerate(refs)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for p in points:
+        if p.get(x) is None or p.get(y) is None:
+            continue
+        if p.get("size") is None:
+            ax.scatter(p[x], p[y], color="black", marker=ref_marker[p["group"]], s=110, zorder=3)
+        else:
+            ax.scatter(p[x], p[y], color=color[p["group"]], marker=marker[p["size"]], s=55, alpha=0.85,
+                       edgecolors="black", linewidths=0.4)
+    handles = [Line2D([], [], color=color[g], marker="o", ls="", label=g) for g in groups]
+    handles += [Line2D([], [], color="gray", marker=marker[s], ls="", label=f"{s} clean images") for s in sizes]
+    handles += [Line2D([], [], color="black", marker=ref_marker[g], ls="", markersize=10, label=g) for g in refs]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path, title)
+
+
 def composition_plot(points: Sequence[dict], path: str | Path, baseline: dict | None = None, title: str = "") -> Path:
     """Attack success (left) and clean accuracy (right) against the triggered fraction f of each test batch,
     one line per test batch size B (``points``: dicts with test_batch, trigger_fraction, attack_success_rate,

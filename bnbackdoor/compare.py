@@ -1,0 +1,172 @@
+"""Re-BN among the baselines: every registered defense × clean-set size on stored attacks, one table per model.
+
+The library side of ``scripts/compare_defenses.py``. Per stored attack (:func:`bnbackdoor.experiment.load_run`):
+
+* **Evaluation images**: the attack's test images (``load_split(dataset, "test", testing_size, seed)``), the same
+  subset its own metrics were measured on; every row is measured there by
+  :func:`bnbackdoor.metrics.evaluate_attack` (the clean model's explanations computed once and shared).
+* **Defender's data**: a labelled subset of the **training** split per size - prefixes of one seeded permutation, so
+  the sets are nested (the 100 images are among the 500, which are among the 2,000). A defense never sees a test
+  image, the trigger or the target.
+* Every defense runs on a fresh copy of the manipulated model (:func:`bnbackdoor.defenses.apply_defense`) with its
+  registered, fixed options; ``seconds`` is its wall-clock time (evaluation excluded).
+
+Rows: ``clean model`` and ``no defense`` (references), then ``<defense>`` × clean-set size. Transductive defenses
+(``batchstats``) make no fixed model and are evaluated elsewhere with a stated batch composition.
+
+>>> cmp = compare_defenses("154", "cpu", sizes=[100, 500, 2000])   # writes output/defenses_154.{json,csv,png}
+>>> print(cmp.table())
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .data import load_split
+from .defenses import DEFENSES, CleanSet, apply_defense, get_defense
+from .errors import UserError
+from .evaluation import clean_reference, eval_images, parse_sizes, run_name
+from .experiment import load_run, write_csv
+from .fileio import write_json
+from .metrics import evaluate_attack
+from .params import AttackParams
+from .plots import defense_scatter
+
+__all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "BASELINES", "default_defenses", "parse_defenses", "parse_clean_images",
+           "clean_sets", "DefenseComparison", "compare_defenses"]
+
+ROW_CLEAN = "clean model"
+ROW_NONE = "no defense"
+DEFAULT_SIZES = (100, 500, 2000)
+BASELINES = ("finetune", "bn_finetune", "fine_pruning", "bnp", "anp")
+# Row key -> column header, in table order. ``untriggered_target_rate`` shows where evaluate_attack reports it.
+COLUMNS: dict[str, str] = {
+    "clean_accuracy": "clean accuracy",
+    "attack_success_rate": "attack success",
+    "untriggered_target_rate": "untriggered target rate",
+    "expl_dssim_to_target": "DSSIM to target",
+    "expl_dssim_to_clean": "DSSIM to clean expl.",
+    "seconds": "seconds",
+}
+
+
+def default_defenses() -> list[str]:
+    """Every registered defense that yields a fixed model: Re-BN variants first, then the baselines, then others."""
+    fixed = [n for n, d in DEFENSES.items() if not d.transductive]
+    first = sorted(n for n in fixed if n.startswith("rebn"))
+    return first + [n for n in BASELINES if n in fixed] + sorted(n for n in fixed if n not in first + list(BASELINES))
+
+
+def parse_defenses(text: str | Iterable[str] | None) -> list[str]:
+    """``"bnp,anp"`` (or a list; None: :func:`default_defenses`) -> checked, distinct defense names."""
+    if text is None:
+        return default_defenses()
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise UserError("--defenses takes comma-separated defense names such as bnp,anp")
+    for n in names:
+        if get_defense(n).transductive:
+            raise UserError(f"defense '{n}' is transductive (its predictions depend on the test batch); "
+                            f"compare_defenses evaluates fixed models only")
+    return list(dict.fromkeys(names))
+
+
+def parse_clean_images(text: str | Iterable[int]) -> list[int]:
+    """``"100,500,2000"`` (or a list) -> ascending, distinct positive sizes."""
+    try:
+        return parse_sizes(text)
+    except UserError:
+        raise UserError(f"--clean-images takes comma-separated positive integers such as 100,500,2000; "
+                        f"got '{text}'") from None
+
+
+def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
+    """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
+    out = {}
+    for size in parse_clean_images(sizes):
+        x, y = load_split(dataset, "train", size=size, seed=seed, data_root=data_root)
+        out[size] = CleanSet(x, y, dataset, seed)
+    return out
+
+
+@dataclass
+class DefenseComparison:
+    name: str
+    params: AttackParams
+    device: str
+    seed: int
+    test: dict[str, Any]
+    rows: list[dict[str, Any]]       # defense, clean_images, seconds, evaluate_attack's keys, info
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+    def columns(self) -> dict[str, str]:
+        cols = dict(COLUMNS)
+        if all(r.get("untriggered_target_rate") is None for r in self.rows):
+            cols.pop("untriggered_target_rate")
+        return cols
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        cols = self.columns()
+        body = [[r["defense"], r.get("clean_images")] + [r.get(k) for k in cols] for r in self.rows]
+        return tabulate(body, headers=["defense", "clean images", *cols.values()], floatfmt=".4f",
+                        missingval="-")
+
+    def flat_rows(self) -> list[dict[str, Any]]:
+        """CSV rows: scalar metrics only (per-trigger keys included), no defense info."""
+        return [{k: v for k, v in r.items() if k != "info"} for r in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attack": self.name, "id": self.params.id, "attack_id": self.params.attack_id,
+                "device": self.device, "seed": self.seed, "test": self.test,
+                "defender_data": "labelled subsets of the TRAINING split, nested, same seed",
+                "defenses": {n: {"summary": DEFENSES[n].summary, "options": dict(DEFENSES[n].defaults)}
+                             for n in dict.fromkeys(r["defense"] for r in self.rows) if n in DEFENSES},
+                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict()}
+
+
+def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
+                     sizes: Sequence[int] = DEFAULT_SIZES, defenses: str | Sequence[str] | None = None,
+                     testing_size: int | None = None, batch_size: int = 100, seed: int = 0, root: str | Path = ".",
+                     models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
+                     progress: bool = True) -> DefenseComparison:
+    """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``."""
+    t0 = time.time()
+    device = torch.device(device)
+    names = parse_defenses(defenses)
+    sizes = parse_clean_images(sizes)
+    params, model, clean_model = load_run(str(attackid), device, root=root, models_root=models_root,
+                                          data_root=data_root)
+    name = run_name(attackid, root)
+    x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
+    sets = clean_sets(params.dataset, sizes, seed=seed, data_root=data_root)
+    ref, pred = clean_reference(params, clean_model, x, batch_size, device, progress)
+    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
+    rows = [{"defense": ROW_CLEAN, "clean_images": None, "seconds": None,
+             **evaluate_attack(clean_model, clean_model, params, x, y, **kw)},
+            {"defense": ROW_NONE, "clean_images": None, "seconds": None,
+             **evaluate_attack(model, clean_model, params, x, y, **kw)}]
+    for d in names:
+        for size, clean in sets.items():
+            out = apply_defense(d, model, clean, device=device, progress=progress)
+            metrics = evaluate_attack(out.model, clean_model, params, x, y, **kw)
+            rows.append({"defense": d, "clean_images": len(clean), "seconds": round(out.seconds, 2), **metrics,
+                         "info": out.info})
+            del out
+    cmp = DefenseComparison(name=name, params=params, device=str(device), seed=seed,
+                            test={"split": "test", "images": len(x), "seed": seed}, rows=rows)
+    out_dir = Path(save_path)
+    write_csv(out_dir / f"defenses_{name}.csv", cmp.flat_rows())
+    points = [{"group": r["defense"], "size": r["clean_images"], **r} for r in rows]
+    defense_scatter(points, out_dir / f"defenses_{name}.png",
+                    title=f"attack {name}: defenses on clean training images ({len(x)} test images)")
+    cmp.seconds = time.time() - t0
+    cmp.files = [out_dir / f"defenses_{name}.json", out_dir / f"defenses_{name}.csv", out_dir / f"defenses_{name}.png"]
+    write_json(cmp.files[0], cmp.to_dict())
+    return cmp

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Compare defenses on stored attacks: python scripts/compare_defenses.py <attackid>... <device>
+[--clean-images 100,500,2000] [--defenses a,b,...] [--save_path output]
+
+Per attack: every defense (default: every registered one that yields a fixed model) on labelled clean TRAINING
+subsets of each size (nested), measured on the attack's test images: clean accuracy, attack success, untriggered
+target rate (where reported), DSSIM to the target explanation and to the clean model's explanation, and the
+defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>.{json,csv,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnbackdoor.cli import common_options  # noqa: E402
+from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses  # noqa: E402
+from bnbackdoor.device import parse_device  # noqa: E402
+from bnbackdoor.errors import run_cli  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("attackids", nargs="+", metavar="attackid", help="stored attack ids (manipulated_models/<id>)")
+    p.add_argument("device", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--clean-images", default=",".join(map(str, DEFAULT_SIZES)), metavar="N,N,...",
+                   help="clean training-set sizes the defender gets (default %(default)s)")
+    p.add_argument("--defenses", default=None, metavar="A,B,...",
+                   help="defenses to compare (default: every registered non-transductive one)")
+    p.add_argument("--testing-size", type=int, default=None, metavar="N",
+                   help="test images to evaluate on (default: the attack's testing_size)")
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+                   help="evaluation batch size (default 100)")
+    common_options(p)
+    a = p.parse_args()
+    device = parse_device(a.device)
+    sizes, defenses = parse_clean_images(a.clean_images), parse_defenses(a.defenses)  # fail before any work
+    for attackid in a.attackids:
+        cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
+                               batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path)
+        print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
+              f"{cmp.test['images']} test images")
+        print(cmp.table())
+        print(f"-> {', '.join(map(str, cmp.files))} ({cmp.seconds:.0f} s)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
