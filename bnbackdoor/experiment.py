@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .data import dataset_info, load_split
+from .data import dataset_info, load_cache, load_split
+from .estimate import Estimate, attack_estimate, guard
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import write_json, write_text
@@ -94,16 +95,32 @@ def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(sorted(seen.values(), key=lambda i: y[i].item()))
 
 
+def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: Path, data_root) -> Estimate:
+    """The attack's time from a few measured steps; a resumable run counts only its remaining epochs."""
+    cache = load_cache(params.dataset, data_root)
+    n_train = min(params.training_size, len(cache["y_train"]))
+    n_test = min(params.testing_size, len(cache["y_test"]))
+    resume = out / "resume.pt"
+    if resume.exists():
+        done = torch.load(resume, map_location="cpu", weights_only=True).get("epoch", 0)
+        if 0 < done < params.max_epochs:
+            params = params.replace(max_epochs=params.max_epochs - done)
+    return attack_estimate(clean_model, params, device, n_train, n_test)
+
+
 def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
-               force: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+               force: bool = False, progress: bool = True, command: str | None = None,
+               allow_long: bool | None = None) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
     A finished run (``metrics.json`` with the same parameters) is not redone unless ``force``; an unfinished one
-    resumes from its last finished epoch.
+    resumes from its last finished epoch. Before any work the time is estimated from a few measured batches
+    (training a missing clean model, then the attack); over 15 minutes the start is refused unless ``allow_long``
+    (None: ``--allow-autotrain`` / ``BNBACKDOOR_ALLOW_LONG``). The run folder is created only once work is done
+    that belongs in it, so a refused or failed start leaves no folder.
     """
     out = run_dir(save_path, params)
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not force:
         import json
@@ -113,7 +130,9 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
             return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
-    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root,
+                             allow_long=allow_long)
+    guard(_attack_estimate(clean_model, params, device, out, data_root), "--allow-autotrain", allowed=allow_long)
     model = copy.deepcopy(clean_model)
     x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
