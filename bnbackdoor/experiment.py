@@ -27,7 +27,7 @@ from .finetune import finetune
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
-from .plots import image_grid
+from .plots import figure_title, image_grid
 from .triggers import apply_trigger
 
 
@@ -82,7 +82,7 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
         for xt, p, m in per_trigger:
             row += [(xt[i], ""), (m[i], f"pred: {classes[p[i]]}")]
         cells.append(row)
-    return image_grid(cells, cols, path, title=title or f"attack {params.id}: {params.explanation_methodStr}")
+    return image_grid(cells, cols, path, title=title or figure_title(params))
 
 
 def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
