@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -105,6 +106,8 @@ class GradLogger:
         w.writerow(self.columns)
         w.writerows(self.rows)
         write_text(path, buf.getvalue())
+        # sidecar for plot titles (scripts/plot_gradients.py): which block the columns belong to
+        write_text(Path(path).with_suffix(".json"), json.dumps({"block": self.block_name}) + "\n")
         self.rows = []
 
 
