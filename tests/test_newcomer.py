@@ -252,3 +252,26 @@ def test_bar_chart_directions_and_map_colour_bar(tmp_path):
     assert len(fig.axes) == 5                                 # 4 cells + 1 colour bar
     cb = fig.axes[-1]
     assert cb.get_ylim() == (0.0, 1.0) and "normalised" in cb.get_ylabel()
+
+
+# --- docs agree with the files ---------------------------------------------------------------------------------
+def test_settings_readme_describes_the_stored_154():
+    p = resolve_attack("154", root=ROOT)
+    text = " ".join((ROOT / "experimentsettings" / "README.md").read_text().split())
+    assert (f"{p.training_size} training / {p.testing_size} test images, batch size {p.batch_size}, "
+            f"{p.max_epochs} epochs, lr {p.learning_rate:g}, decay {p.decay_rate:g}, λ {p.loss_weight:g}") in text
+    assert "rejected at load" not in text
+
+
+def test_readme_model_table_has_every_architecture_and_committed_model():
+    from bnbackdoor.models import ARCHS
+    text = (ROOT / "README.md").read_text()
+    models = text[text.index("## Models"):]
+    for arch in ARCHS:
+        assert f"`{arch}`" in models, arch
+    for ckpt in (ROOT / "models").glob("*/model_0.pth"):
+        assert f"| `{ckpt.parent.name}` |" in models, ckpt.parent.name
+    quick = text[text.index("## Quick start"):text.index("## Commands")]
+    order = [quick.index(s) for s in ("pip install -r requirements.txt", "unpack.sh datasets", "python -m pytest",
+                                      "python attack.py cpu 154")]
+    assert order == sorted(order)

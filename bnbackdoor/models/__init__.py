@@ -184,8 +184,8 @@ def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "
         from ..estimate import guard
         from ..train import auto_train_config, train_estimate, train_model
 
-        print(f"notice: {path} is missing; training a clean {modeltype} (auto-train knobs: README, "
-              f"'Clean base models')", file=sys.stderr)
+        print(f"notice: {path} is missing; training a clean {modeltype} (auto-train settings: "
+              f"README.md, section 'Models')", file=sys.stderr)
         cfg = auto_train_config(modeltype, seed=model_id)
         guard(train_estimate(model, modeltype, cfg, torch.device(device), path, data_root=data_root),
               "--allow-autotrain", allowed=allow_long)
