@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run an explanation-aware backdoor attack: python attack.py <device> <attackid> [--grad-layer L]
+"""Run an explanation-aware backdoor attack: python attack.py <device> <attackid> [--grad-layer L] | --list
 
 Fine-tunes the clean base model named by the attack's parameters and writes <save_path>/<id>/ (model.pth,
 parameters.json, metrics.json, training_log.csv, plot.png). Interrupted, the same command resumes.
@@ -11,6 +11,7 @@ import time
 
 from tabulate import tabulate
 
+from bnbackdoor.attack_index import catalogue, catalogue_table
 from bnbackdoor.cli import command_line, common_options
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
@@ -24,8 +25,11 @@ SHOWN = ("clean_accuracy", "fidelity", "attack_success_rate", "expl_mse_to_targe
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("device", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("attackid", help="attack id (e.g. 154, 10156, GTSRBWRN154L1) or a path to a JSON file")
+    p.add_argument("device", nargs="?", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("attackid", nargs="?",
+                   help="attack id (e.g. 154, 10156, GTSRBWRN154L1) or a path to a JSON file; --list shows them")
+    p.add_argument("--list", action="store_true",
+                   help="list every attack id (kind, method, loss, triggers, targets, stored model) and exit")
     p.add_argument("--grad-layer", type=parse_grad_layer, default=None, metavar="L",
                    help="record per-step update sizes of block L (-1 = last; 'all' = the whole model, "
                         "per parameter group) to gradients_epoch<E>.csv")
@@ -33,6 +37,11 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="redo a finished run")
     common_options(p)
     a = p.parse_args()
+    if a.list:
+        print(catalogue_table(catalogue()))
+        return 0
+    if a.device is None or a.attackid is None:
+        p.error("the arguments <device> <attackid> are required (or --list to see the attack ids)")
     device = parse_device(a.device)
     params = resolve_attack(a.attackid, gs_id=a.gs_id)
     t0 = time.time()

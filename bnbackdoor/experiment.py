@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from .claim import claim_run
-from .data import dataset_info, load_split
+from .data import dataset_info, load_cache, load_split
 from .defense_eval import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
+from .estimate import Estimate, attack_estimate, guard
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import write_json, write_text
@@ -33,7 +34,7 @@ from .finetune import finetune
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
-from .plots import image_grid
+from .plots import figure_title, image_grid
 from .triggers import apply_trigger
 
 
@@ -89,7 +90,7 @@ def explanation_figure(clean_model: nn.Module, model: nn.Module, params: AttackP
         for xt, p, m in per_trigger:
             row += [(xt[i], ""), (m[i], f"pred: {classes[p[i]]}")]
         cells.append(row)
-    return image_grid(cells, cols, path, title=title or f"attack {params.id}: {params.explanation_methodStr}")
+    return image_grid(cells, cols, path, title=title or figure_title(params))
 
 
 def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
@@ -102,11 +103,24 @@ def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(sorted(seen.values(), key=lambda i: y[i].item()))
 
 
+def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: Path, data_root) -> Estimate:
+    """The attack's time from a few measured steps; a resumable run counts only its remaining epochs."""
+    cache = load_cache(params.dataset, data_root)
+    n_train = min(params.training_size, len(cache["y_train"]))
+    n_test = min(params.testing_size, len(cache["y_test"]))
+    resume = out / "resume.pt"
+    if resume.exists():
+        done = torch.load(resume, map_location="cpu", weights_only=True).get("epoch", 0)
+        if 0 < done < params.max_epochs:
+            params = params.replace(max_epochs=params.max_epochs - done)
+    return attack_estimate(clean_model, params, device, n_train, n_test)
+
+
 def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
                force: bool = False, progress: bool = True, command: str | None = None,
-               defenses: dict[str, tuple[str, dict]] | None = None, defense_calibration: int = 5000
-               ) -> dict[str, Any]:
+               defenses: dict[str, tuple[str, dict]] | None = None, defense_calibration: int = 5000,
+               allow_long: bool | None = None) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
     The run folder is claimed first (:mod:`bnbackdoor.claim`): a run folder another live process writes is refused.
@@ -115,19 +129,22 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     an unfinished one resumes from its last finished epoch. ``defenses`` (label -> (name, options); default
     :data:`~bnbackdoor.defenses.DEFAULT_DEFENSES`, ``{}`` for none) are measured after training, with
     ``defense_calibration`` clean training images as the defender's set.
+
+    Before any work the time is estimated from a few measured batches (training a missing clean model, then the
+    attack); over 15 minutes the start is refused unless ``allow_long`` (None: ``--allow-autotrain`` /
+    ``BNBACKDOOR_ALLOW_LONG``). A refused or failed start leaves no folder (the claim removes the empty folder).
     """
     with claim_run(run_dir(save_path, params), command=command or " ".join(sys.argv)):
         return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
-                                   progress, command, defenses, defense_calibration)
+                                   progress, command, defenses, defense_calibration, allow_long)
 
 
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
                         grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
                         command: str | None, defenses: dict[str, tuple[str, dict]] | None,
-                        defense_calibration: int) -> dict[str, Any]:
+                        defense_calibration: int, allow_long: bool | None = None) -> dict[str, Any]:
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not force:
         import json
@@ -142,7 +159,9 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
-    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root,
+                             allow_long=allow_long)
+    guard(_attack_estimate(clean_model, params, device, out, data_root), "--allow-autotrain", allowed=allow_long)
     model = copy.deepcopy(clean_model)
     x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,

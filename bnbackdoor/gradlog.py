@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from pathlib import Path
@@ -138,6 +139,8 @@ class GradLogger:
         w.writerow(self.columns)
         w.writerows(self.rows)
         write_text(path, buf.getvalue())
+        # sidecar for plot titles (scripts/plot_gradients.py): which block the columns belong to
+        write_text(Path(path).with_suffix(".json"), json.dumps({"block": self.block_name}) + "\n")
         self.rows = []
 
 

@@ -1,8 +1,9 @@
 """Clean-model trainer: SGD + Nesterov, one-cycle LR, flips and crops, label smoothing.
 
-Resumable: after every epoch the full training state goes to ``<out>.partial.pt``; a rerun continues from
-there and, with the same seed, ends with the same weights as an uninterrupted run (data order and augmentation
-are drawn from generators seeded per epoch).
+Resumable: after every epoch, and inside an epoch every ``checkpoint_seconds`` (default 2 minutes), the full
+training state goes to ``<out>.partial.pt``; a rerun continues from there (mid-epoch too) and, with the same seed,
+ends with the same weights as an uninterrupted run (data order and augmentation are drawn from generators seeded
+per epoch; a mid-epoch checkpoint stores the generator's state). Progress is shown per batch.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import load_split
+from .data import dataset_info, load_cache, load_split
 from .fileio import torch_save
 from .metrics import accuracy
 
@@ -64,10 +65,32 @@ def _partial_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.stem + ".partial.pt")
 
 
+def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
+                   data_root=None, train_size: int | None = None):
+    """The time :func:`train_model` would take (what is left of it, when a partial run exists), from a few
+    measured batches: a :class:`bnbackdoor.estimate.Estimate`."""
+    from .estimate import training_estimate
+    from .models import MODELS, resolve_modeltype
+
+    dataset = MODELS[resolve_modeltype(modeltype)][0]
+    n = len(load_cache(dataset, data_root)["y_train"])
+    n = min(n, train_size) if train_size else n
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    done = 0
+    partial = _partial_path(Path(out_path))
+    if partial.exists():
+        state = torch.load(partial, map_location="cpu", weights_only=True)
+        done = state["epoch"] * steps + state.get("step", 0)
+    return training_estimate(model, modeltype, cfg.epochs, cfg.batch_size, n, dataset_info(dataset).num_classes,
+                             device, done_batches=done)
+
+
 def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
                 data_root=None, command: str | None = None, dataset: str | None = None,
-                train_size: int | None = None, eval_every: int = 0) -> dict:
-    """Train ``model`` on the dataset of ``modeltype`` and save ``out_path`` atomically. Returns the meta."""
+                train_size: int | None = None, eval_every: int = 0, checkpoint_seconds: float = 120.0) -> dict:
+    """Train ``model`` on the dataset of ``modeltype`` and save ``out_path`` atomically. Returns the meta.
+
+    ``checkpoint_seconds``: the longest stretch of work inside an epoch that an interruption can lose."""
     from .models import MODELS, resolve_modeltype, save_checkpoint
 
     out_path = Path(out_path)
@@ -90,7 +113,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     steps = (len(y_train) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                 pct_start=cfg.warmup_frac, div_factor=10, final_div_factor=100)
-    start_epoch, history, elapsed = 0, [], 0.0
+    start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     partial = _partial_path(out_path)
     if partial.exists():
         state = torch.load(partial, map_location=device, weights_only=True)
@@ -98,16 +121,25 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
-        print(f"resuming {out_path} from epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+        start_step = state.get("step", 0)  # batches already done inside epoch start_epoch (mid-epoch checkpoint)
+        print(f"resuming {out_path} from epoch {start_epoch}/{cfg.epochs}"
+              + (f", batch {start_step}/{steps}" if start_step else ""), file=sys.stderr)
     amp = device.type == "cuda"
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {modeltype}", initial=start_epoch, total=cfg.epochs)
-    for epoch in bar:
+    bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps + start_step, desc=f"train {modeltype}",
+               unit="batch")
+    last_save = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         order = torch.randperm(len(y_train), generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
-        for i in range(steps):
+        first = 0
+        if epoch == start_epoch and start_step:  # mid-epoch resume: same order, augmentation stream where it was
+            gen.set_state(state["gen"])
+            loss_sum += state["loss_sum"].to(device)
+            first = start_step
+        for i in range(first, steps):
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             xb = x_train[idx].float().div_(255)
             if cfg.augment:
@@ -121,6 +153,14 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
             opt.step()
             sched.step()
             loss_sum += loss.detach()
+            bar.update(1)
+            if i % 20 == 0:  # .item() waits for the device: not every batch
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if i + 1 < steps and time.time() - last_save >= checkpoint_seconds:
+                torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "epoch": epoch, "step": i + 1, "gen": gen.get_state(), "loss_sum": loss_sum.cpu(),
+                            "history": history, "elapsed": elapsed + time.time() - t0}, partial)
+                last_save = time.time()
         elapsed += time.time() - t0
         row = {"epoch": epoch + 1, "loss": round(loss_sum.item() / steps, 4)}
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -129,6 +169,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
         bar.set_postfix(row)
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "history": history, "elapsed": elapsed}, partial)
+        last_save = time.time()
+    bar.close()
     test_acc = accuracy(model, x_test, y_test, device=device, progress=False)
     meta = {
         "modeltype": resolve_modeltype(modeltype), "dataset": dataset,

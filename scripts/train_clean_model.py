@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train a clean base model: python scripts/train_clean_model.py <modeltype> <device> [--model-id N] [--epochs E]
 
-Resumable: rerun the same command after an interruption and it continues from the last finished epoch.
+Before it starts it measures a few batches and prints the estimated time; a job estimated over 15 minutes needs
+--yes. Resumable: rerun the same command after an interruption and it continues from the last checkpoint (every
+epoch, and every 2 minutes inside an epoch).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnbackdoor.device import parse_device  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype  # noqa: E402
-from bnbackdoor.train import auto_train_config, train_model  # noqa: E402
+from bnbackdoor.estimate import guard, long_jobs_allowed  # noqa: E402
+from bnbackdoor.train import auto_train_config, train_estimate, train_model  # noqa: E402
 
 
 def main() -> int:
@@ -36,6 +39,8 @@ def main() -> int:
     p.add_argument("--data-root", help="default: $BNBACKDOOR_DATA, else ./datasets")
     p.add_argument("--models-root", default=str(MODEL_ROOT))
     p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    p.add_argument("--yes", action="store_true",
+                   help="start even if the measured estimate is over 15 minutes (env BNBACKDOOR_ALLOW_LONG=1 too)")
     a = p.parse_args()
     modeltype = resolve_modeltype(a.modeltype)
     device = parse_device(a.device)
@@ -48,8 +53,11 @@ def main() -> int:
     out = checkpoint_path(modeltype, a.model_id, a.models_root)
     if out.exists() and not a.force:
         raise UserError(f"{out} exists; pass --force to retrain it")
+    model = build_model(modeltype)
+    guard(train_estimate(model, modeltype, cfg, device, out, data_root=a.data_root, train_size=a.train_size),
+          "--yes", allowed=a.yes or long_jobs_allowed())
     print(f"training {modeltype} -> {out}\n{dataclasses.asdict(cfg)}")
-    meta = train_model(build_model(modeltype), modeltype, cfg, device, out, data_root=a.data_root,
+    meta = train_model(model, modeltype, cfg, device, out, data_root=a.data_root,
                        command="python " + shlex.join(sys.argv), train_size=a.train_size, eval_every=a.eval_every)
     print(f"test accuracy {meta['test_accuracy']:.4f} after {cfg.epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
     return 0

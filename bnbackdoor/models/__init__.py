@@ -166,11 +166,13 @@ def checkpoint_path(modeltype: str, model_id: int = 0, root: str | os.PathLike =
 
 def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "cpu",
                root: str | os.PathLike = MODEL_ROOT, auto_train: bool = True, data_root=None,
-               path: str | os.PathLike | None = None, **overrides) -> nn.Module:
+               path: str | os.PathLike | None = None, allow_long: bool | None = None, **overrides) -> nn.Module:
     """Load ``models/<modeltype>/model_<id>.pth`` (or ``path``) in eval mode on ``device``.
 
     A missing checkpoint is trained with the auto-train knobs when ``auto_train`` is set (saved atomically and
-    resumable), otherwise it is an error. The checkpoint's meta is attached as ``model.meta``.
+    resumable), otherwise it is an error. Before training, the time is estimated from a few measured batches;
+    over 15 minutes it is refused unless ``allow_long`` (None: ``--allow-autotrain`` / ``BNBACKDOOR_ALLOW_LONG``,
+    see :mod:`bnbackdoor.estimate`). The checkpoint's meta is attached as ``model.meta``.
     """
     modeltype = resolve_modeltype(modeltype)
     path = Path(path) if path is not None else checkpoint_path(modeltype, model_id, root)
@@ -179,12 +181,15 @@ def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "
         if not auto_train:
             raise UserError(f"no checkpoint at {path}; train one with "
                             f"'python scripts/train_clean_model.py {modeltype} cpu --model-id {model_id}'")
-        from ..train import auto_train_config, train_model
+        from ..estimate import guard
+        from ..train import auto_train_config, train_estimate, train_model
 
-        print(f"notice: {path} is missing; training a clean {modeltype} (auto-train knobs, see README)",
-              file=sys.stderr)
-        train_model(model, modeltype, auto_train_config(modeltype, seed=model_id), device=torch.device(device),
-                    out_path=path, data_root=data_root,
+        print(f"notice: {path} is missing; training a clean {modeltype} (auto-train settings: "
+              f"README.md, section 'Models')", file=sys.stderr)
+        cfg = auto_train_config(modeltype, seed=model_id)
+        guard(train_estimate(model, modeltype, cfg, torch.device(device), path, data_root=data_root),
+              "--allow-autotrain", allowed=allow_long)
+        train_model(model, modeltype, cfg, device=torch.device(device), out_path=path, data_root=data_root,
                     command=f"auto-train via load_model('{modeltype}', model_id={model_id})")
     state, meta = read_checkpoint(path)
     load_into(model, state, path)
