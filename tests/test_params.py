@@ -276,9 +276,16 @@ def test_catalogue_pins():
         assert (b["attack_id"], b["dataset"], b["modeltype"]) == (10000 + cifar, "gtsrb", "gtsrb_resnet20")
 
 
-def test_clean_baseline_matches_154():
-    run = read_json(ROOT / "manipulated_models" / "154" / "parameters.json")
-    clean = read_json(ROOT / "experimentsettings" / "154clean.json")
+@pytest.mark.parametrize("run_id, clean_id, bn_mode", [("154", "154clean", "eval"),
+                                                      ("154bntrain", "154cleanbntrain", "train")])
+def test_clean_baseline_matches_its_attack(run_id, clean_id, bn_mode):
+    run_file = ROOT / "manipulated_models" / run_id / "parameters.json"
+    if not run_file.exists():
+        pytest.skip(f"{run_file} is not shipped")
+    run = read_json(run_file)
+    clean = read_json(ROOT / "experimentsettings" / f"{clean_id}.json")
+    assert set(run) == set(clean)
     assert {k for k in run if run[k] != clean[k]} <= {"percentage_trigger", "id", "attack_id", "attack_name"}
-    assert AttackParams.from_dict(clean, "154clean").is_clean
-    assert not AttackParams.from_dict(run, "154").is_clean
+    assert run["bn_mode"] == clean["bn_mode"] == bn_mode
+    assert AttackParams.from_dict(clean, clean_id).is_clean
+    assert not AttackParams.from_dict(run, run_id).is_clean
