@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Regenerate RESULTS.md from manipulated_models/*/metrics.json: python scripts/make_results.py [--check]
+"""Regenerate RESULTS.md and the README's measured tables: python scripts/make_results.py [--check]
 
-Reads only the shipped metrics (and results/defenses_<id>.json when present); the claim and acceptance rules are in
-bnbackdoor/results.py and bnbackdoor/acceptance.py and are printed in RESULTS.md. --check exits 1 when the file on
-disk differs from what the metrics give (nothing is written).
+Reads only the shipped metrics (manipulated_models/*/metrics.json, and results/*.json when present); the claim and
+acceptance rules are in bnbackdoor/results.py and bnbackdoor/acceptance.py and are printed in RESULTS.md; the README
+blocks between <!-- generated:NAME --> markers are rendered by bnbackdoor/readme_blocks.py. --check exits 1 when a
+file on disk differs from what the stored results give (nothing is written).
 """
 from __future__ import annotations
 
@@ -15,26 +16,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnbackdoor.errors import run_cli  # noqa: E402
 from bnbackdoor.fileio import write_text  # noqa: E402
+from bnbackdoor.readme_blocks import fill  # noqa: E402
 from bnbackdoor.results import render  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".", help="repository root holding manipulated_models/ (default: .)")
-    p.add_argument("--output", default=None, help="where to write (default: <root>/RESULTS.md)")
-    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date; write nothing")
+    p.add_argument("--output", default=None, help="where to write RESULTS.md (default: <root>/RESULTS.md)")
+    p.add_argument("--readme", default=None, help="README whose generated blocks are filled (default: <root>/README.md)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a file is out of date; write nothing")
     a = p.parse_args()
-    out = Path(a.output) if a.output else Path(a.root) / "RESULTS.md"
-    text = render(a.root)
+    root = Path(a.root)
+    results = Path(a.output) if a.output else root / "RESULTS.md"
+    readme = Path(a.readme) if a.readme else root / "README.md"
+    wanted = {results: render(root)}
+    if readme.exists():
+        wanted[readme] = fill(readme.read_text(), root)
     if a.check:
-        current = out.read_text() if out.exists() else None
-        if current != text:
-            print(f"{out} is out of date; run python scripts/make_results.py", file=sys.stderr)
+        stale = [str(f) for f, text in wanted.items() if not f.exists() or f.read_text() != text]
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run python scripts/make_results.py", file=sys.stderr)
             return 1
-        print(f"{out} is up to date")
+        print(f"up to date: {', '.join(str(f) for f in wanted)}")
         return 0
-    write_text(out, text)
-    print(f"wrote {out}")
+    for f, text in wanted.items():
+        if not f.exists() or f.read_text() != text:
+            write_text(f, text)
+            print(f"wrote {f}")
+        else:
+            print(f"{f} is up to date")
     return 0
 
 

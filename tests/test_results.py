@@ -17,12 +17,15 @@ BS1, BS1B = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
 
 
 def test_committed_results_md_is_up_to_date(tmp_path):
-    out = tmp_path / "RESULTS.md"
-    r = subprocess.run([sys.executable, "scripts/make_results.py", "--output", str(out)], cwd=ROOT,
-                       capture_output=True, text=True)
+    out, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    r = subprocess.run([sys.executable, "scripts/make_results.py", "--output", str(out), "--readme", str(readme)],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     committed = (ROOT / "RESULTS.md").read_text()
     assert out.read_text() == committed, "RESULTS.md is out of date: run python scripts/make_results.py"
+    assert readme.read_text() == (ROOT / "README.md").read_text(), \
+        "README.md's generated tables are out of date: run python scripts/make_results.py"
     check = subprocess.run([sys.executable, "scripts/make_results.py", "--check"], cwd=ROOT, capture_output=True,
                            text=True)
     assert check.returncode == 0, check.stderr
@@ -166,3 +169,24 @@ def test_render_sorted_deterministic_and_tolerant(tmp_path):
     (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
     text = render(tmp_path)
     assert "| rebn      | 500            | 0.901            | 0.250" in text and "| 3.1 " in text
+
+
+def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
+    from bnbackdoor.readme_blocks import fill
+
+    run = tmp_path / "manipulated_models" / "154"
+    run.mkdir(parents=True)
+    defenses = {"rebn": state(acc=0.812, asr=0.987, t=0.3), BS1: state(acc=0.777, asr=0.0123, t=0.44)}
+    (run / "metrics.json").write_text(json.dumps(metrics(defenses=defenses)))
+    text = ("intro\n<!-- generated:two-defenses -->\nstale 9.999\n<!-- /generated:two-defenses -->\n"
+            "<!-- generated:anatomy -->\n<!-- /generated:anatomy -->\n"
+            "<!-- generated:unknown -->\nkept\n<!-- /generated:unknown -->\nend\n")
+    out = fill(text, tmp_path)
+    assert "9.999" not in out and out.startswith("intro\n") and out.endswith("end\n")
+    assert "kept" in out  # a block nobody renders is left alone
+    row = [ln for ln in out.splitlines() if ln.startswith("| 154 ") and "| Re-BN " in ln]
+    assert len(row) == 1 and "0.812" in row[0] and "0.987" in row[0]
+    assert any("0.012" in ln and "f=1 " in ln for ln in out.splitlines())
+    assert "| 256 " in out and "not shipped yet" in out  # a named model that is missing says so
+    assert "no `results/anatomy/154_anatomy.json` yet" in out  # so does a missing ablation file
+    assert fill(out, tmp_path) == out  # idempotent: regenerating changes nothing

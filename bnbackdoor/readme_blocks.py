@@ -1,0 +1,145 @@
+"""The README's measured tables, generated from stored results (never typed by hand).
+
+README.md holds blocks between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; ``fill(text, root)``
+replaces each block's body with what :data:`BLOCKS` renders from the files under ``root``:
+
+- ``two-defenses``   the stored models the README names × (no defense, Re-BN, Re-BN augmented, test-batch BN at
+                     f = 1 and f = 1/B), from ``manipulated_models/<id>/metrics.json``;
+- ``anatomy``        the parameter-group ablation of 154 / 154bntrain / 256, from ``results/anatomy/<id>_anatomy.json``;
+- ``update-shares``  the update figure's per-group medians and shares, from ``results/update_shares/*.json``;
+- ``composition``    test-batch BN against the triggered share of a batch, from ``results/<id>_composition.json``.
+
+A source that is missing renders as one line saying which file and which command makes it, so the README never
+shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
+when README.md is out of date.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from tabulate import tabulate
+
+from .results import CLEAN, MANIPULATED, Model, fmt, load_models
+
+STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
+ANATOMY_IDS = ("154", "154bntrain", "256")
+STATES = ((CLEAN, "clean model"), (MANIPULATED, "no defense"), ("rebn", "Re-BN"),
+          ("rebn+augment", "Re-BN, augmented"), ("batchstats B=100 f=1", "test-batch BN, B=100, f=1"),
+          ("batchstats B=100 f=1/B", "test-batch BN, B=100, f=1/B"))
+STATE_COLUMNS = (("clean_accuracy", "clean acc"), ("attack_success_rate", "attack success"),
+                 ("expl_dssim_to_target", "DSSIM→target"), ("expl_dssim_to_clean", "DSSIM→clean expl."))
+UPDATE_GROUPS = ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "linear.weight",
+                 "linear.bias")
+
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def two_defenses(root: Path) -> list[str]:
+    models = {m.id: m for m in load_models(root)}
+    rows = []
+    for mid in STORED_IDS:
+        m: Model | None = models.get(mid)
+        if m is None:
+            rows.append([mid, "not shipped yet", *["n/a"] * len(STATE_COLUMNS)])
+            continue
+        for label, name in STATES:
+            state = m.state(label)
+            rows.append([mid, name, *[("n/a" if state is None else fmt(state.get(k))) for k, _ in STATE_COLUMNS]])
+    return [_table(rows, ["model", "state", *[h for _, h in STATE_COLUMNS]])]
+
+
+def anatomy(root: Path) -> list[str]:
+    out = []
+    for mid in ANATOMY_IDS:
+        path = root / "results" / "anatomy" / f"{mid}_anatomy.json"
+        d = _read(path)
+        if d is None:
+            out += [f"*{mid}*: no `{path.relative_to(root)}` yet (`python scripts/locate_backdoor.py {mid} cpu "
+                    f"--save_path results/anatomy`).", ""]
+            continue
+        ref = {r["variant"]: r for r in d["rows"] if r["group"] is None}
+        by = {(r["variant"], r["group"]): r for r in d["rows"] if r["group"] is not None}
+        rows = [[name, "", fmt(ref[v].get("clean_accuracy")), fmt(ref[v].get("attack_success_rate")),
+                 fmt(ref[v].get("expl_dssim_to_target")), "", "", ""]
+                for v, name in (("clean", "clean model"), ("manipulated", "manipulated model")) if v in ref]
+        for g in d["groups"]:
+            r, o = by.get(("restore", g), {}), by.get(("only", g), {})
+            rows.append([g, fmt(r.get("rel_change", o.get("rel_change")), 4),
+                         fmt(r.get("clean_accuracy")), fmt(r.get("attack_success_rate")),
+                         fmt(r.get("expl_dssim_to_target")),
+                         fmt(o.get("clean_accuracy")), fmt(o.get("attack_success_rate")),
+                         fmt(o.get("expl_dssim_to_target"))])
+        out += [f"*{mid}* ({d.get('modeltype')}, attack `bn_mode` {d.get('bn_mode')}, {d.get('testing_size')} test "
+                f"images; `{path.relative_to(root)}`):", "",
+                _table(rows, ["group G", "‖Δ‖/‖θ‖", "restore G: acc", "ASR", "DSSIM→target",
+                              "only G: acc", "ASR", "DSSIM→target"]), ""]
+    return out
+
+
+def update_shares(root: Path) -> list[str]:
+    folder = root / "results" / "update_shares"
+    files = sorted(folder.glob("update_shares_*.json"))
+    if not files:
+        return [f"No `{folder.relative_to(root)}/update_shares_<bn_mode>.json` yet (commands above)."]
+    out = []
+    for path in files:
+        panels = json.loads(path.read_text())["panels"]
+        rows = []
+        for g in UPDATE_GROUPS:
+            cells = []
+            for p in panels.values():
+                s = p["groups"].get(g)
+                cells.append("–" if s is None else "0 throughout" if s.get("zero_throughout") else
+                             f"{fmt(s.get('median'), 5)} / {fmt(s.get('share'), 3)}")
+            if any(c != "–" for c in cells):
+                rows.append([g, *cells])
+        out += [f"`{path.relative_to(root)}` (median per-step update ‖Δ‖ / share of the total squared update):", "",
+                _table(rows, ["group", *[f"{p['title']} ({p['steps']} steps)" for p in panels.values()]]), ""]
+    return out
+
+
+def composition(root: Path) -> list[str]:
+    files = sorted((root / "results").glob("*_composition.json"))
+    if not files:
+        return ["No `results/<id>_composition.json` yet (`python evaluate_attack_defense_metrics.py 154 --device "
+                "cpu --datasize 5000 --batchsize 100 --composition --save_path results`)."]
+    out = []
+    for path in files:
+        d = json.loads(path.read_text())
+        rows = [[p["test_batch"], p["fraction"], p["triggered_per_batch"], p["triggered_images"],
+                 fmt(p.get("attack_success_rate")), fmt(p.get("clean_accuracy"))] for p in d["points"]]
+        base = d.get("no_defense") or {}
+        out += [f"attack {d['id']}, `{path.relative_to(root)}` (no defense: attack success "
+                f"{fmt(base.get('attack_success_rate'))}, clean accuracy {fmt(base.get('clean_accuracy'))}):", "",
+                _table(rows, ["B", "f", "triggered per batch", "triggered images", "attack success",
+                              "clean acc (all-clean batches)"]), ""]
+    return out
+
+
+BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
+                                                   "update-shares": update_shares, "composition": composition}
+
+
+def fill(text: str, root: str | Path = ".") -> str:
+    """``text`` (README.md) with every generated block re-rendered from the files under ``root``."""
+    root = Path(root)
+
+    def body(m: re.Match) -> str:
+        render = BLOCKS.get(m.group("name"))
+        if render is None:
+            return m.group(0)
+        lines = render(root)
+        return m.group(1) + "\n".join(lines).rstrip("\n") + "\n" + m.group(4)
+
+    return _BLOCK.sub(body, text)
