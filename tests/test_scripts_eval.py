@@ -170,6 +170,18 @@ def test_evaluate_stored_model(run_root, tiny_data_root, tmp_path):
     assert (tmp_path / "154" / "evaluation.png").exists()
 
 
+
+def test_robust_and_defense_rebn_give_the_same_numbers(run_root, tiny_data_root, tmp_path):
+    common = dict(rebn_size=32, testing_size=12, batch_size=16, root=run_root, data_root=tiny_data_root,
+                  progress=False)
+    robust = evaluate_stored_model("154", "cpu", robust=True, save_path=tmp_path / "a", **common)
+    named = evaluate_stored_model("154", "cpu", defenses=evaluation.parse_defenses("rebn"),
+                                  save_path=tmp_path / "b", **common)
+    assert ROW_REBN in robust.rows and ROW_REBN in named.rows
+    a, b = ({k: v for k, v in ev.rows[ROW_REBN].items() if k != "seconds"} for ev in (robust, named))
+    assert a == b  # same calibration images, same numbers, bit for bit (only the timing differs)
+    assert robust.rows[ROW_REBN]["attack_success_rate"] is not None
+
 def test_generate_explanations_with_and_without_manipulated_model(run_root, tiny_data_root, tmp_path):
     rep = generate_explanations("154", "cpu", metric="ssim", batch_size=8, n_images=10, root=run_root,
                                 data_root=tiny_data_root, save_path=tmp_path, progress=False)
