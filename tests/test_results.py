@@ -168,7 +168,11 @@ def test_render_sorted_deterministic_and_tolerant(tmp_path):
              "expl_dssim_to_target": 0.3, "expl_dssim_to_clean": 0.1, "seconds": 3.14159}]
     (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
     text = render(tmp_path)
-    assert "| rebn      | 500            | 0.901            | 0.250" in text and "| 3.1 " in text
+    cells = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines() if ln.startswith("| rebn ")]
+    assert ["rebn", "500", "0.901", "0.250", "0.300", "0.100", "3.1"] in cells
+    # the model's own metrics.json rows complete the table (Re-BN on its 5,000 images, test-batch BN)
+    comparison = text[text.index("## Defense comparison"):]
+    assert any(ln.startswith("| batchstats B=100 f=1/B ") for ln in comparison.splitlines())
 
 
 def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
@@ -190,3 +194,29 @@ def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
     assert "| 256 " in out and "not shipped yet" in out  # a named model that is missing says so
     assert "no `results/anatomy/154_anatomy.json` yet" in out  # so does a missing ablation file
     assert fill(out, tmp_path) == out  # idempotent: regenerating changes nothing
+
+
+def test_defense_comparison_rows_winner_and_metrics_rows(tmp_path):
+    from bnbackdoor.results import comparison_winner, defense_comparison_section
+
+    run = tmp_path / "manipulated_models" / "154"
+    run.mkdir(parents=True)
+    defenses = {"rebn+augment": {**state(acc=0.920, asr=1.0), "clean_images": 5000, "seconds": 4.0},
+                BS1: {**state(acc=0.890, asr=0.014), "clean_images": 0, "seconds": 0.01}}
+    (run / "metrics.json").write_text(json.dumps(metrics(defenses=defenses)))
+    rows = [{"defense": "clean model", "clean_images": None, **state(acc=0.928, asr=0.005)},
+            {"defense": "no defense", "clean_images": None, **state(acc=0.913, asr=1.0)},
+            {"defense": "finetune", "clean_images": 500, "seconds": 30.0, **state(acc=0.90, asr=0.30)},
+            {"defense": "anp", "clean_images": 500, "seconds": 60.0, **state(acc=0.85, asr=0.01)},  # > 3 points
+            {"defense": "bnp", "clean_images": 500, "seconds": 5.0, **state(acc=0.91, asr=0.30, c=0.05)}]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
+    # anp has the lowest success but loses 7.8 points; finetune and bnp tie at 0.30, bnp wins on... DSSIM to clean
+    # (0.05 vs 0.0 for finetune: finetune wins); the metrics.json rows join the table
+    win = comparison_winner(rows)
+    assert win["defense"] == "finetune"
+    text = "\n".join(defense_comparison_section(tmp_path))
+    assert "| rebn+augment " in text and "| batchstats B=100 f=1 " in text and "| 0.014 " in text
+    winners = [ln for ln in text.splitlines() if ln.startswith("| 154 ")]
+    assert len(winners) == 1 and "finetune (500)" in winners[0]
+    assert comparison_winner(rows[:2]) is None
