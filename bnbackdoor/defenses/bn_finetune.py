@@ -20,7 +20,7 @@ equal batches of at most 100 images.
 """
 from __future__ import annotations
 
-from ..rebn import rebn
+from .rebn import rebn
 from . import CleanSet, DefenseOutcome, register
 from .common import batch_size_for, clean_loss, finetune_on_clean, model_device, require_bn
 
