@@ -6,16 +6,15 @@ parameters.json, metrics.json, training_log.csv, plot.png). Interrupted, the sam
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from tabulate import tabulate
 
 from bnbackdoor.attack_index import catalogue, catalogue_table
-from bnbackdoor.cli import command_line, common_options
+from bnbackdoor.cli import ArgumentParser, command_line, common_options, non_negative_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
-from bnbackdoor.experiment import run_attack, run_dir
+from bnbackdoor.experiment import run_attack, run_dir, time_summary
 from bnbackdoor.gradlog import parse_grad_layer
 from bnbackdoor.params import resolve_attack
 
@@ -24,7 +23,7 @@ SHOWN = ("clean_accuracy", "fidelity", "attack_success_rate", "expl_mse_to_targe
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("device", nargs="?", help="cpu, cuda, cuda:N or mps")
     p.add_argument("attackid", nargs="?",
                    help="attack id (e.g. 154, 10156, GTSRBWRN154L1) or a path to a JSON file; --list shows them")
@@ -33,7 +32,7 @@ def main() -> int:
     p.add_argument("--grad-layer", type=parse_grad_layer, default=None, metavar="L",
                    help="record per-step update sizes of block L (-1 = last; 'all' = the whole model, "
                         "per parameter group) to gradients_epoch<E>.csv")
-    p.add_argument("--gs-id", type=int, default=None, help="grid point of an experimentsettings grid (default 0)")
+    p.add_argument("--gs-id", type=non_negative_int, default=None, help="grid point of an experimentsettings grid (default 0)")
     p.add_argument("--force", action="store_true", help="redo a finished run")
     common_options(p)
     a = p.parse_args()
@@ -49,8 +48,7 @@ def main() -> int:
                    grad_layer=a.grad_layer, force=a.force, command=command_line())
     rows = [[k, m["clean_model"].get(k), m["manipulated_model"].get(k)] for k in SHOWN]
     print(tabulate(rows, headers=["metric", "clean model", "manipulated"], floatfmt=".4f", missingval="n/a"))
-    print(f"attack {params.id}: fine-tuning {m['finetune_seconds']:.0f} s ({time.time() - t0:.0f} s in all) "
-          f"-> {run_dir(a.save_path, params)}")
+    print(f"attack {params.id}: {time_summary(m, time.time() - t0)} -> {run_dir(a.save_path, params)}")
     return 0
 
 

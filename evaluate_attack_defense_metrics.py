@@ -12,9 +12,7 @@ of each test batch, f in 1/B, 0.1, 0.25, 0.5, 1, for B in 16, 64, 256) <id>_comp
 """
 from __future__ import annotations
 
-import argparse
-
-from bnbackdoor.cli import common_options
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFAULT_DEFENSES, DEFENSES
@@ -23,14 +21,14 @@ from bnbackdoor.evaluation import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, de
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("attackid", help="stored attack id (manipulated_models/<id>), e.g. 154, or a run folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--datasize", type=int, default=None, metavar="N",
+    p.add_argument("--datasize", type=positive_int, default=None, metavar="N",
                    help="test images to evaluate on (default: the attack's testing_size)")
-    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="batch size for evaluation and Re-BN (default 100)")
-    p.add_argument("--rebn-size", type=int, default=DEFAULT_REBN_SIZE, metavar="N",
+    p.add_argument("--rebn-size", type=positive_int, default=DEFAULT_REBN_SIZE, metavar="N",
                    help=f"clean training images for Re-BN (default {DEFAULT_REBN_SIZE})")
     default = ",".join(map(str, DEFAULT_SWEEP))
     p.add_argument("--sweep", nargs="?", const=default, default=None, metavar="SIZES",
@@ -40,13 +38,13 @@ def main() -> int:
                         f"({'; '.join(DEFAULT_DEFENSES)})")
     p.add_argument("--composition", action="store_true",
                    help="also draw batchstats attack success and clean accuracy against the triggered fraction")
-    p.add_argument("--composition-images", type=int, default=256, metavar="N",
+    p.add_argument("--composition-images", type=positive_int, default=256, metavar="N",
                    help="at most N triggered test images per composition point (default 256; at f = 1/B each "
                         "costs a whole test batch)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
-    sizes = parse_sizes(a.sweep) if a.sweep is not None else None
+    sizes = parse_sizes(a.sweep) if a.sweep is not None else None  # fail before any work
     defenses = parse_defenses(a.defense) if a.defense is not None else None
     ev = defense_metrics(a.attackid, device, datasize=a.datasize, batch_size=a.batchsize, rebn_size=a.rebn_size,
                          defenses=defenses, sweep=sizes, composition=a.composition,

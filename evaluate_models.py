@@ -9,9 +9,7 @@ the transductive batchstats). Writes <save_path>/<id>/evaluation[_robust|_defens
 """
 from __future__ import annotations
 
-import argparse
-
-from bnbackdoor.cli import common_options
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFENSES
@@ -19,7 +17,7 @@ from bnbackdoor.evaluation import DEFAULT_REBN_SIZE, evaluate_stored_model, pars
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("attackid", help="stored attack id (manipulated_models/<id>), e.g. 154, or a run folder")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--robust", action="store_true", help="also evaluate after Re-BN (the same as --defense rebn)")
@@ -27,15 +25,15 @@ def main() -> int:
                    help=f"also evaluate after these registered defenses ({', '.join(sorted(DEFENSES))})")
     p.add_argument("--augment", action="store_true", default=None,
                    help="rebn: calibrate on the clean trainer's crops and flips (seeded by --seed)")
-    p.add_argument("--test-batch", type=int, default=None, metavar="B",
+    p.add_argument("--test-batch", type=positive_int, default=None, metavar="B",
                    help="batchstats: test batch size (default 100)")
     p.add_argument("--trigger-fraction", default=None, metavar="F",
                    help="batchstats: triggered fraction of each test batch, a number in (0, 1] or 1/B (default 1)")
-    p.add_argument("--rebn-size", type=int, default=DEFAULT_REBN_SIZE, metavar="N",
+    p.add_argument("--rebn-size", type=positive_int, default=DEFAULT_REBN_SIZE, metavar="N",
                    help=f"clean training images for Re-BN (default {DEFAULT_REBN_SIZE})")
-    p.add_argument("--testing-size", type=int, default=None, metavar="N",
+    p.add_argument("--testing-size", type=positive_int, default=None, metavar="N",
                    help="test images to evaluate on (default: the attack's testing_size)")
-    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="batch size for evaluation and Re-BN (default 100)")
     common_options(p)
     a = p.parse_args()

@@ -8,24 +8,23 @@ ssim = DSSIM) to the target explanation and to the clean model's explanation (<s
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from bnbackdoor.cli import common_options
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.evaluation import EXPLANATION_METRICS, generate_explanations
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("attackid", help="attack id (e.g. 154, 272) or a path to a JSON file")
     p.add_argument("--metric", choices=list(EXPLANATION_METRICS), default="mse",
                    help="dissimilarity: mse, or ssim (reported as DSSIM = (1 - SSIM) / 2)")
-    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="batch size (default 100)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--n-images", type=int, default=None, metavar="N",
+    p.add_argument("--n-images", type=positive_int, default=None, metavar="N",
                    help="test images (default: the attack's testing_size)")
     common_options(p)
     a = p.parse_args()

@@ -319,7 +319,7 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
         f"| test images | {metrics.get('testing_size', p.testing_size)} |",
         f"| epochs × batch | {p.max_epochs} × {p.batch_size}, Adam lr {p.learning_rate:g} × {p.decay_rate:g} per epoch, "
         f"loss weight {p.loss_weight:g}, {p.percentage_trigger:g} of each batch triggered |",
-        f"| fine-tuning | {_fmt(metrics.get('finetune_seconds'))} s ({_fmt(metrics.get('total_seconds_this_run'))} s "
+        f"| fine-tuning | {_fmt(metrics.get('finetune_seconds'))} s ({_fmt(metrics.get('total_seconds', metrics.get('total_seconds_this_run')))} s "
         f"with evaluation) |",
         "| defenses evaluated | " + (", ".join(f"{k} ({_fmt(v.get('seconds'))} s)" for k, v in defenses.items())
                                     if defenses else "n/a") + " |",

@@ -1,9 +1,120 @@
-"""Argument helpers shared by the thin scripts (one place for the common options of DESIGN.md)."""
+"""Argument helpers shared by the thin scripts (one place for the common options of DESIGN.md).
+
+Every script builds its parser from :class:`ArgumentParser`: a usage error is one stderr line and exit code 2,
+like every other user error (:mod:`bnbackdoor.errors`). Numeric options take their range from the ``type=``
+helpers below, and output paths are checked while the arguments are parsed, so bad input fails before any work.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
+from pathlib import Path
+from typing import Callable
+
+from .fileio import IMAGE_SUFFIXES, check_output_dir, check_output_file
+from .errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (``error: <prog>: <message>``) and exit code 2."""
+
+    def error(self, message: str):  # argparse's default prints the whole usage block first
+        one_line = " ".join(str(message).split())
+        self.exit(2, f"error: {self.prog}: {one_line} (see {self.prog} --help)\n")
+
+
+# --- type= helpers: a bad value becomes the parser's one-line error naming the option -----------------------
+
+def _number(kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {_range(lo, hi, lo_open, hi_open)}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _range(lo, hi, lo_open, hi_open) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An integer >= ``lo`` (e.g. ``int_at_least(1)`` for epochs, batch sizes, image counts)."""
+    return _number(int, lo, None, False, False)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, axis limits)."""
+    return _number(float, 0, None, True, False)(text)
+
+
+def float_at_least(lo: float) -> Callable[[str], float]:
+    return _number(float, lo, None, False, False)
+
+
+def float_range(lo: float, hi: float, hi_open: bool = False) -> Callable[[str], float]:
+    """A number in [lo, hi] (or [lo, hi) with ``hi_open``), e.g. label smoothing in [0, 1)."""
+    return _number(float, lo, hi, False, hi_open)
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def output_dir(text: str) -> str:
+    """An output folder that exists and is writable, or can be created (nothing is created here)."""
+    return _as_type_error(check_output_dir, text)
+
+
+def image_file(text: str) -> str:
+    """An output figure path: a writable file (not a folder) whose suffix matplotlib writes."""
+    return _as_type_error(lambda t: check_output_file(t, suffixes=IMAGE_SUFFIXES), text)
+
+
+def output_file(text: str) -> str:
+    """Any output file path: not a folder, in a folder that is writable or can be created."""
+    return _as_type_error(check_output_file, text)
+
+
+def existing_dir(text: str) -> str:
+    """A folder that must already exist (e.g. ``--data-root``: a missing one is neither created nor downloaded to)."""
+    p = Path(text)
+    if not p.is_dir():
+        what = "is a file" if p.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}; give an existing folder (for the data: unpack it there "
+                                         "with ../shared/data/unpack.sh <folder>)")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """An input file that must exist (and be a file, not a folder)."""
+    p = Path(text)
+    if not p.is_file():
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}; give an existing file")
+    return text
+
+
+def _as_type_error(check: Callable[[str], object], text: str) -> str:
+    try:
+        check(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 class _AllowLong(argparse.Action):
@@ -19,10 +130,12 @@ class _AllowLong(argparse.Action):
 
 
 def common_options(p: argparse.ArgumentParser, save_path: bool = True) -> argparse.ArgumentParser:
-    p.add_argument("--data-root", default=None, help="dataset cache folder (default: $BNBACKDOOR_DATA, else ./datasets)")
+    p.add_argument("--data-root", type=existing_dir, default=None,
+                   help="dataset cache folder (default: $BNBACKDOOR_DATA, else ./datasets)")
     if save_path:
-        p.add_argument("--save_path", "--save-path", dest="save_path", default="output", help="output folder (default: output/)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data subsets and shuffling (default: 0)")
+        p.add_argument("--save_path", "--save-path", dest="save_path", type=output_dir, default="output",
+                       help="output folder (default: output/)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for data subsets and shuffling (default: 0)")
     p.add_argument("--allow-autotrain", "--allow-long", dest="allow_autotrain", action=_AllowLong,
                    help="start a job estimated over 15 minutes (training a missing clean model, a large attack); "
                         "without it such a job prints its estimate and stops (env BNBACKDOOR_ALLOW_LONG=1 too)")

@@ -2,7 +2,9 @@
 
 Cache format (DESIGN.md): ``<data_root>/<dataset>.npz`` holding ``x_train`` (uint8, N×32×32×3), ``y_train``
 (int64), ``x_test``, ``y_test`` and ``classes``. The first use converts torchvision's download once; afterwards
-only the cache is read (a plain, uncompressed npz: CIFAR-10 loads in about a second).
+only the cache is read (a plain, uncompressed npz: CIFAR-10 loads in about a second). A data root given explicitly
+(``--data-root``, ``$BNBACKDOOR_DATA``) must exist: a missing one is a typo, so nothing is created or downloaded
+there. A damaged cache (truncated, bit-flipped, not ours) is a one-line error naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -129,17 +131,25 @@ def build_cache(name: str, data_root: str | os.PathLike | None = None, source: C
     return path
 
 
+CACHE_FIX = "delete it and rerun (it is rebuilt from the download), or unpack it again with ../shared/data/unpack.sh"
+
+
 @lru_cache(maxsize=4)
 def _read_cache(path: str, mtime: float) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"data cache {path} is unreadable ({e}); delete it and rerun, or unpack it again") from None
+    except Exception as e:  # truncation and bit flips surface as zipfile, zlib, numpy or OS errors: one fix for all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise UserError(f"data cache {path} is unreadable ({first}); {CACHE_FIX}") from None
     for split in ("train", "test"):
-        x = arrays[f"x_{split}"]
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise UserError(f"data cache {path}: x_{split} must be uint8 N×32×32×3, got {x.dtype} {x.shape}")
+            raise UserError(f"data cache {path}: x_{split} must be uint8 N×32×32×3, got {x.dtype} {x.shape}; "
+                            f"{CACHE_FIX}")
+        if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu":
+            raise UserError(f"data cache {path}: y_{split} must be N integer labels for the {len(x)} images, got "
+                            f"{y.dtype} {y.shape}; {CACHE_FIX}")
     return arrays
 
 
@@ -147,6 +157,11 @@ def load_cache(name: str, data_root: str | os.PathLike | None = None, download: 
     """The cached arrays of ``name``; builds the cache on first use when ``download`` is allowed."""
     path = cache_path(name, data_root)
     if not path.exists():
+        given = data_root or os.environ.get("BNBACKDOOR_DATA")
+        if given and not Path(given).is_dir():
+            raise UserError(f"data root {given} {'is a file' if Path(given).exists() else 'does not exist'}; unpack "
+                            f"the data there (../shared/data/unpack.sh {given}) or give an existing folder with "
+                            "--data-root")
         if not download:
             raise UserError(f"{name}: no data cache at {path}; put {path.name} there "
                             f"(offline: ../shared/data/unpack.sh {path.parent}) or pass --data-root")

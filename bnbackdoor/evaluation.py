@@ -35,7 +35,7 @@ import torch.nn as nn
 from .data import dataset_info, load_split
 from .errors import UserError
 from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, write_csv
-from .fileio import write_json
+from .fileio import check_finite_numbers, write_json
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model
 from .params import AttackParams, manipulated_dir, resolve_attack
@@ -327,6 +327,7 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
         cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
     rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=chosen,
                                          batch_size=batch_size, device=device, progress=progress, seed=seed)
+    check_finite_numbers(rows, f"the metrics of {name}")
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report)
@@ -425,6 +426,7 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
                                          batch_size=batch_size, device=device, progress=progress, reference=ref,
                                          seed=seed)
     del fixed
+    check_finite_numbers(rows, f"the metrics of {name}")
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report)
@@ -598,6 +600,7 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
     rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}
     if model is not None:
         rows[ROW_MANIPULATED] = evaluate_attack(model, clean, params, x, y, **kw)
+    check_finite_numbers(rows, f"the explanation metrics of {name}")
     rep = ExplanationReport(name=name, params=params, metric=metric, rows=rows, images=len(x), notice=notice)
     out = Path(save_path)
     examples = diverse_examples(y, min(grid_rows, params.num_classes))

@@ -16,21 +16,22 @@ import csv
 import io
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from .claim import claim_run
+from .claim import CLAIM_FILE, claim_run
 from .data import dataset_info, load_cache, load_split
 from .defense_eval import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
 from .estimate import Estimate, attack_estimate, guard
 from .errors import UserError
 from .explain import explain_with_logits
-from .fileio import write_json, write_text
-from .finetune import finetune
+from .fileio import read_state, write_json, write_text
+from .finetune import RESUME_KEYS, finetune
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
@@ -110,7 +111,7 @@ def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: 
     n_test = min(params.testing_size, len(cache["y_test"]))
     resume = out / "resume.pt"
     if resume.exists():
-        done = torch.load(resume, map_location="cpu", weights_only=True).get("epoch", 0)
+        done = read_state(resume, RESUME_KEYS)["epoch"]
         if 0 < done < params.max_epochs:
             params = params.replace(max_epochs=params.max_epochs - done)
     return attack_estimate(clean_model, params, device, n_train, n_test)
@@ -132,11 +133,68 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
 
     Before any work the time is estimated from a few measured batches (training a missing clean model, then the
     attack); over 15 minutes the start is refused unless ``allow_long`` (None: ``--allow-autotrain`` /
-    ``BNBACKDOOR_ALLOW_LONG``). A refused or failed start leaves no folder (the claim removes the empty folder).
+    ``BNBACKDOOR_ALLOW_LONG``). A refused or failed start leaves no folder (the claim removes the empty folder);
+    a failed run removes what it wrote (:func:`_undo_on_failure`).
     """
-    with claim_run(run_dir(save_path, params), command=command or " ".join(sys.argv)):
-        return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
-                                   progress, command, defenses, defense_calibration, allow_long)
+    folder = run_dir(save_path, params)
+    new_parents = _missing_folders(folder.parent)  # the claim creates them; a failed start takes them back
+    try:
+        with claim_run(folder, command=command or " ".join(sys.argv)), _undo_on_failure(folder):
+            return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
+                                       progress, command, defenses, defense_calibration, allow_long)
+    except BaseException:
+        for d in new_parents:  # deepest first; a folder someone else filled meanwhile stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+@contextmanager
+def _undo_on_failure(folder: Path) -> Iterator[None]:
+    """On any failure (a UserError such as divergence, a crash, Ctrl-C) put the run folder back as it was:
+
+    - a finished run that was there (``metrics.json``; a ``--force`` rerun) stays untouched: every file the failed
+      run added goes, ``parameters.json`` gets its old content back;
+    - otherwise, when an epoch finished (``resume.pt``), the run is kept as interrupted: the same command resumes;
+    - otherwise everything the run added goes (no lone ``parameters.json``); the claim then removes the folder if
+      it created it and it is empty.
+    """
+    before = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+    params_file = folder / "parameters.json"
+    old_params = params_file.read_bytes() if params_file.is_file() else None
+    finished_before = "metrics.json" in before
+    try:
+        yield
+    except BaseException:
+        if finished_before or not (folder / "resume.pt").exists():
+            for f in folder.iterdir():
+                if f.name not in before and f.name != CLAIM_FILE and f.is_file():
+                    f.unlink(missing_ok=True)
+            if old_params is not None and params_file.is_file() and params_file.read_bytes() != old_params:
+                write_text(params_file, old_params.decode())
+        raise
+
+
+def time_summary(metrics: dict[str, Any], wall_seconds: float) -> str:
+    """How long a run took, consistent after a resume: fine-tuning in this process, over all its sessions, and
+    this process's whole time (``wall_seconds``)."""
+    total = metrics.get("finetune_seconds", 0.0)
+    here = metrics.get("finetune_seconds_this_process")
+    if metrics.get("already_finished") or here is None:
+        return f"already finished (fine-tuning took {total:.0f} s); nothing to do"
+    resumed = f", {total:.0f} s over all sessions of this resumed run" if total - here >= 0.5 else ""
+    return f"fine-tuning {here:.0f} s in this process{resumed}; {wall_seconds:.0f} s in all in this process"
 
 
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
@@ -156,7 +214,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
             raise UserError(f"{out} is already finished, so --grad-layer would record nothing; pass --force to "
                             "run it again or use another --save_path")
         print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
-        return done
+        return {**done, "already_finished": True}
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root,
@@ -186,7 +244,12 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     metrics = {
         "attack_id": params.attack_id, "id": params.id, "seed": seed, "device": str(device),
         "testing_size": len(y_test), "epochs": params.max_epochs,
-        "finetune_seconds": round(result.seconds, 1), "total_seconds_this_run": round(time.time() - t0, 1),
+        # fine-tuning over all sessions (resumes included), its part in this process, this process's whole time
+        # (with evaluation) and the run's: all sessions' fine-tuning plus this evaluation
+        "finetune_seconds": round(result.seconds, 1),
+        "finetune_seconds_this_process": round(result.seconds_this_process, 1),
+        "total_seconds_this_run": round(time.time() - t0, 1),
+        "total_seconds": round(result.seconds + time.time() - t0 - result.seconds_this_process, 1),
         "clean_model": before, "manipulated_model": after, "defenses": defended, "parameters": params.to_dict(),
     }
     save_checkpoint(out / "model.pth", model, {

@@ -15,6 +15,9 @@ during training are taken for the (relabelled) training label. Validation uses e
 
 Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
 continues from there and, with the same seed, ends with the same weights as an uninterrupted run.
+
+Divergence (:mod:`bnbackdoor.divergence`): a non-finite step loss, or one far above the starting loss, stops the run
+with a one-line error; the ``resume.pt`` of the last finished epoch stays and no non-finite state is ever saved.
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import load_split
+from .data import dataset_info, load_split
+from .divergence import DivergenceGuard, require_finite
 from .errors import UserError
 from .explain import explain_with_logits
-from .fileio import torch_save
+from .fileio import read_state, torch_save
 from .gradlog import GradLogger
 from .losses import explanation_loss
 from .metrics import evaluate_attack, reference_explanations
@@ -123,7 +127,10 @@ def set_finetune_mode(model: nn.Module, bn_mode: str) -> nn.Module:
 class FinetuneResult:
     model: nn.Module
     history: list[dict]
-    seconds: float
+    seconds: float                 # fine-tuning time over all sessions of the run (resumes included)
+    seconds_this_process: float = 0.0  # the part of it spent in this process
+
+RESUME_KEYS = ("model", "opt", "sched", "epoch", "history", "seconds", "params", "seed")
 
 
 def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
@@ -158,20 +165,27 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     logger = GradLogger(model, grad_layer) if grad_layer is not None else None
     resume = run_dir / "resume.pt"
     start, history, seconds = 0, [], 0.0
+    guard = DivergenceGuard(dataset_info(params.dataset).num_classes, "fine-tuning", params.learning_rate)
     if resume.exists():
-        state = torch.load(resume, map_location=device, weights_only=True)
+        state = read_state(resume, RESUME_KEYS, map_location=device)
         if state["params"] != params.to_dict() or state["seed"] != seed:
             raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
                             "or delete that file to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"saved training state {resume} does not fit this model "
+                            f"({str(e).strip().splitlines()[0][:100]}); delete it to start that run over") from None
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        guard.start_loss = state.get("start_loss")
         if logger is not None:
             logger.global_step = state.get("global_step", 0)
         print(f"resuming {run_dir} after epoch {start}/{params.max_epochs}", file=sys.stderr)
     n, bs = len(y_train), params.batch_size
     steps = math.ceil(n / bs)
+    seconds_before = seconds
     for epoch in range(start + 1, params.max_epochs + 1):
         t0 = time.time()
         set_finetune_mode(model, params.bn_mode)
@@ -185,6 +199,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
             if logger is not None:
                 logger.before_step()
             losses = attack_step(model, opt, batch, params, method)
+            guard.check(losses[0], epoch, step + 1)
             if logger is not None:
                 logger.after_step(epoch, step + 1)
             sums += torch.tensor(losses)
@@ -194,6 +209,9 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
                                 "expl_loss": losses[2]})
         sched.step()
         seconds += time.time() - t0
+        # the last step's loss was finite, but its update may not be: check before anything is measured or saved
+        require_finite(model.state_dict(), f"the model after fine-tuning epoch {epoch}",
+                       f"not saved; lower the learning rate ({params.learning_rate:g})")
         model.eval()
         metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
                                   device=device, clean_expl=test_maps, clean_pred=test_pred, progress=False)
@@ -206,12 +224,13 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
             on_epoch(epoch, row, model)
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch, "history": history, "seconds": seconds, "params": params.to_dict(),
-                    "seed": seed, "global_step": logger.global_step if logger else 0}, resume)
+                    "seed": seed, "global_step": logger.global_step if logger else 0,
+                    "start_loss": guard.start_loss}, resume)
         if progress:
             print(f"epoch {epoch}: loss {row['loss']:.4f}  clean acc {metrics.get('clean_accuracy', float('nan')):.4f}"
                   f"  ASR {_fmt(metrics.get('attack_success_rate'))}", file=sys.stderr)
     model.eval()
-    return FinetuneResult(model, history, seconds)
+    return FinetuneResult(model, history, seconds, seconds - seconds_before)
 
 
 def _fmt(v) -> str:

@@ -149,12 +149,29 @@ def read_csv(path: str | Path) -> tuple[list[str], dict[str, list[float]]]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"no gradient CSV at {path}; run 'python attack.py <device> <id> --grad-layer -1' first")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:3] != ["epoch", "step", "global_step"]:
-        raise UserError(f"{path} is not a gradient CSV (expected columns epoch, step, global_step, ...)")
-    header = rows[0]
-    cols = {h: [float(r[i]) for r in rows[1:]] for i, h in enumerate(header)}
+    fix = "record it again with 'python attack.py <device> <id> --grad-layer -1'"
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a gradient CSV; give the CSV file")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"gradient CSV {path} is unreadable ({type(e).__name__}); {fix}") from None
+    if not rows or rows[0][:3] != ["epoch", "step", "global_step"] or len(rows[0]) < 4:
+        raise UserError(f"{path} is not a gradient CSV (expected columns epoch, step, global_step and at least one "
+                        f"parameter group); {fix}")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if not body:
+        raise UserError(f"gradient CSV {path} has a header but no steps (an empty plot would follow); {fix}")
+    for n, r in enumerate(body, start=2):
+        try:
+            values = [float(v) for v in r]
+        except ValueError:
+            values = []
+        if len(r) != len(header) or not values or not all(math.isfinite(v) for v in values):
+            raise UserError(f"gradient CSV {path}, line {n}: expected {len(header)} finite numbers, got "
+                            f"{','.join(r)[:60]!r}; {fix}")
+    cols = {h: [float(r[i]) for r in body] for i, h in enumerate(header)}
     return header[3:], cols
 
 

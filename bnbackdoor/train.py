@@ -4,6 +4,10 @@ Resumable: after every epoch, and inside an epoch every ``checkpoint_seconds`` (
 training state goes to ``<out>.partial.pt``; a rerun continues from there (mid-epoch too) and, with the same seed,
 ends with the same weights as an uninterrupted run (data order and augmentation are drawn from generators seeded
 per epoch; a mid-epoch checkpoint stores the generator's state). Progress is shown per batch.
+
+Divergence (:mod:`bnbackdoor.divergence`): the step loss is checked every 20 batches and at every checkpoint (a
+non-finite loss poisons the epoch's running sum, so none slips through); a diverged run stops with one line, the
+last checkpoint stays, and no non-finite model or state is saved.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
-from .fileio import torch_save
+from .divergence import DivergenceGuard, require_finite
+from .fileio import read_state, torch_save
+from .errors import UserError
 from .metrics import accuracy
 
 
@@ -65,6 +71,17 @@ def _partial_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.stem + ".partial.pt")
 
 
+PARTIAL_KEYS = ("model", "opt", "sched", "epoch", "history", "elapsed")
+
+
+def _check_before_save(guard: DivergenceGuard, model: nn.Module, mean_loss: torch.Tensor, epoch: int,
+                       step: int) -> None:
+    """The guard on the mean loss since the last check (NaN anywhere shows there), then finite weights."""
+    guard.check(mean_loss.item(), epoch, step)
+    require_finite(model.state_dict(), f"the model at epoch {epoch}, step {step}",
+                   "not saved; lower the learning rate (--lr)")
+
+
 def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
                    data_root=None, train_size: int | None = None):
     """The time :func:`train_model` would take (what is left of it, when a partial run exists), from a few
@@ -79,7 +96,7 @@ def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: t
     done = 0
     partial = _partial_path(Path(out_path))
     if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
+        state = read_state(partial, PARTIAL_KEYS)
         done = state["epoch"] * steps + state.get("step", 0)
     return training_estimate(model, modeltype, cfg.epochs, cfg.batch_size, n, dataset_info(dataset).num_classes,
                              device, done_batches=done)
@@ -115,11 +132,17 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
                                                 pct_start=cfg.warmup_frac, div_factor=10, final_div_factor=100)
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     partial = _partial_path(out_path)
+    guard = DivergenceGuard(dataset_info(dataset).num_classes, f"training {modeltype}", cfg.lr)
     if partial.exists():
-        state = torch.load(partial, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        state = read_state(partial, PARTIAL_KEYS, map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"saved training state {partial} does not fit this model "
+                            f"({str(e).strip().splitlines()[0][:100]}); delete it to start training over") from None
+        guard.start_loss = state.get("start_loss")
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         start_step = state.get("step", 0)  # batches already done inside epoch start_epoch (mid-epoch checkpoint)
         print(f"resuming {out_path} from epoch {start_epoch}/{cfg.epochs}"
@@ -154,21 +177,25 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
             sched.step()
             loss_sum += loss.detach()
             bar.update(1)
-            if i % 20 == 0:  # .item() waits for the device: not every batch
+            if i % 20 == 0 or i == first:  # .item() waits for the device: not every batch
+                guard.check(loss.item(), epoch + 1, i + 1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             if i + 1 < steps and time.time() - last_save >= checkpoint_seconds:
+                _check_before_save(guard, model, loss_sum / (i + 1), epoch + 1, i + 1)
                 torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                             "epoch": epoch, "step": i + 1, "gen": gen.get_state(), "loss_sum": loss_sum.cpu(),
-                            "history": history, "elapsed": elapsed + time.time() - t0}, partial)
+                            "history": history, "elapsed": elapsed + time.time() - t0, "start_loss": guard.start_loss}, partial)
                 last_save = time.time()
         elapsed += time.time() - t0
+        _check_before_save(guard, model, loss_sum / steps, epoch + 1, steps)
         row = {"epoch": epoch + 1, "loss": round(loss_sum.item() / steps, 4)}
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs):
             row["test_accuracy"] = round(accuracy(model, x_test, y_test, device=device, progress=False), 4)
         history.append(row)
         bar.set_postfix(row)
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "history": history, "elapsed": elapsed}, partial)
+                    "epoch": epoch + 1, "history": history, "elapsed": elapsed, "start_loss": guard.start_loss},
+                   partial)
         last_save = time.time()
     bar.close()
     test_acc = accuracy(model, x_test, y_test, device=device, progress=False)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tabulate import tabulate  # noqa: E402
 
 from bnbackdoor.catalogue import CATALOGUE_FILE, PLAN_HEADERS, build, load_catalogue, plan_table, select  # noqa: E402
-from bnbackdoor.cli import common_options  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, common_options, existing_file, positive_int  # noqa: E402
 from bnbackdoor.data import DATASETS  # noqa: E402
 from bnbackdoor.device import parse_device  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
@@ -32,14 +32,14 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("device", nargs="?", help="cpu, cuda, cuda:N or mps (not needed with --list)")
     p.add_argument("--ids", nargs="+", metavar="ID", help="only these catalogue ids, by spaces or commas (default: all)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="only this dataset's runs")
-    p.add_argument("--catalogue", default=str(CATALOGUE_FILE), help=f"catalogue file (default: {CATALOGUE_FILE})")
+    p.add_argument("--catalogue", type=existing_file, default=str(CATALOGUE_FILE), help=f"catalogue file (default: {CATALOGUE_FILE})")
     p.add_argument("--promote", action="store_true", help="copy finished runs to manipulated_models/<id>/")
-    p.add_argument("--workers", type=int, default=1, help="attacks in parallel processes on the one device")
+    p.add_argument("--workers", type=positive_int, default=1, help="attacks in parallel processes on the one device")
     p.add_argument("--list", action="store_true", help="print the plan and each run's status; run nothing")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars (single worker only)")
     common_options(p)
@@ -55,8 +55,6 @@ def main() -> int:
         return 0
     if not a.device:
         raise UserError("give a device (cpu, cuda, cuda:N or mps), or --list")
-    if a.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {a.workers}")
     parse_device(a.device)  # fail now, not once per run
     print(f"{len(runs)} catalogue run(s) -> {a.save_path} on {a.device} with {a.workers} worker(s)", flush=True)
     outcomes = build(runs, a.device, a.save_path, workers=a.workers, data_root=a.data_root, seed=a.seed,

@@ -9,29 +9,28 @@ defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnbackdoor.cli import common_options  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int  # noqa: E402
 from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses  # noqa: E402
 from bnbackdoor.device import parse_device  # noqa: E402
 from bnbackdoor.errors import run_cli  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("attackids", nargs="+", metavar="attackid", help="stored attack ids (manipulated_models/<id>)")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--clean-images", default=",".join(map(str, DEFAULT_SIZES)), metavar="N,N,...",
                    help="clean training-set sizes the defender gets (default %(default)s)")
     p.add_argument("--defenses", default=None, metavar="A,B,...",
                    help="defenses to compare (default: every registered non-transductive one)")
-    p.add_argument("--testing-size", type=int, default=None, metavar="N",
+    p.add_argument("--testing-size", type=positive_int, default=None, metavar="N",
                    help="test images to evaluate on (default: the attack's testing_size)")
-    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=int, default=100,
+    p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="evaluation batch size (default 100)")
     common_options(p)
     a = p.parse_args()

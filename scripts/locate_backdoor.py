@@ -9,7 +9,6 @@ parameter group G (BN running statistics, BN affine, convolution weights per sta
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,26 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tabulate import tabulate  # noqa: E402
 
 from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows  # noqa: E402
-from bnbackdoor.cli import command_line, common_options  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, command_line, common_options, existing_dir, positive_int  # noqa: E402
 from bnbackdoor.data import load_split  # noqa: E402
 from bnbackdoor.device import parse_device  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
+from bnbackdoor.errors import run_cli  # noqa: E402
 from bnbackdoor.experiment import load_run  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("attackid", help="stored attack id (manipulated_models/<id>) or a run folder")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--testing-size", type=int, default=None,
+    p.add_argument("--testing-size", type=positive_int, default=None,
                    help="test images (default: the attack's testing_size)")
-    p.add_argument("--batch-size", type=int, default=200, help="evaluation batch size (default 200)")
-    p.add_argument("--models-root", default=None, help="clean base models folder (default: ./models)")
+    p.add_argument("--batch-size", type=positive_int, default=200, help="evaluation batch size (default 200)")
+    p.add_argument("--models-root", type=existing_dir, default=None, help="clean base models folder (default: ./models)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
-    if a.testing_size is not None and a.testing_size <= 0:
-        raise UserError(f"--testing-size must be positive, got {a.testing_size}")
     t0 = time.time()
     params, model, clean = load_run(a.attackid, device, models_root=a.models_root, data_root=a.data_root)
     size = a.testing_size or params.testing_size

@@ -8,12 +8,12 @@ file on disk differs from what the stored results give (nothing is written).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bnbackdoor.cli import ArgumentParser, existing_dir, output_file  # noqa: E402
 from bnbackdoor.errors import run_cli  # noqa: E402
 from bnbackdoor.fileio import write_text  # noqa: E402
 from bnbackdoor.readme_blocks import fill  # noqa: E402
@@ -21,9 +21,9 @@ from bnbackdoor.results import render  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default=".", help="repository root holding manipulated_models/ (default: .)")
-    p.add_argument("--output", default=None, help="where to write RESULTS.md (default: <root>/RESULTS.md)")
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=existing_dir, default=".", help="repository root holding manipulated_models/ (default: .)")
+    p.add_argument("--output", type=output_file, default=None, help="where to write RESULTS.md (default: <root>/RESULTS.md)")
     p.add_argument("--readme", default=None, help="README whose generated blocks are filled (default: <root>/README.md)")
     p.add_argument("--check", action="store_true", help="exit 1 if a file is out of date; write nothing")
     a = p.parse_args()

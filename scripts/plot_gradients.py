@@ -10,13 +10,13 @@ the CSV's folder when there is one, else the file names) and the block (``--bloc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bnbackdoor.cli import ArgumentParser, existing_file, image_file, positive_int  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.gradlog import read_csv  # noqa: E402
 from bnbackdoor.params import PARAMS_FILE, resolve_attack  # noqa: E402
@@ -49,11 +49,11 @@ def title(attacked: Path, clean: Path | None, block: str | None) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--attacked", required=True, help="gradients_epoch<E>.csv of the attack")
-    p.add_argument("--clean", help="gradients_epoch<E>_clean.csv of the clean baseline (percentage_trigger 0)")
-    p.add_argument("--save", required=True, help="output PNG")
-    p.add_argument("--xmax", type=int, default=None, help="last optimizer step shown (default: the last logged)")
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attacked", type=existing_file, required=True, help="gradients_epoch<E>.csv of the attack")
+    p.add_argument("--clean", type=existing_file, help="gradients_epoch<E>_clean.csv of the clean baseline (percentage_trigger 0)")
+    p.add_argument("--save", type=image_file, required=True, help="output figure (.png, .pdf, .svg or .jpg)")
+    p.add_argument("--xmax", type=positive_int, default=None, help="last optimizer step shown (default: the last logged)")
     p.add_argument("--block", default=None, help="block name for the title (e.g. layer3.2)")
     a = p.parse_args()
     attacked_path, clean_path = Path(a.attacked), Path(a.clean) if a.clean else None

@@ -11,7 +11,6 @@ median / mean per-step update size and share of the total squared update).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tabulate import tabulate  # noqa: E402
 
-from bnbackdoor.cli import command_line  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, command_line, existing_file, image_file  # noqa: E402
 from bnbackdoor.errors import run_cli  # noqa: E402
 from bnbackdoor.fileio import write_json  # noqa: E402
 from bnbackdoor.gradlog import fold_groups, read_csvs, update_summary  # noqa: E402
@@ -30,11 +29,11 @@ PANELS = (("clean", "(a) clean fine-tuning, ResNet20"), ("nbn", "(b) attack, Res
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clean", nargs="+", required=True, help="capture(s) of the clean fine-tuning baseline")
-    p.add_argument("--nbn", nargs="+", required=True, help="capture(s) of the attack on cifar10_resnet20_nbn")
-    p.add_argument("--bn", nargs="+", required=True, help="capture(s) of the attack on cifar10_resnet20")
-    p.add_argument("--save", default="output/update_shares.png", help="output PNG (the JSON goes beside it)")
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clean", nargs="+", type=existing_file, required=True, help="capture(s) of the clean fine-tuning baseline")
+    p.add_argument("--nbn", nargs="+", type=existing_file, required=True, help="capture(s) of the attack on cifar10_resnet20_nbn")
+    p.add_argument("--bn", nargs="+", type=existing_file, required=True, help="capture(s) of the attack on cifar10_resnet20")
+    p.add_argument("--save", type=image_file, default="output/update_shares.png", help="output PNG (the JSON goes beside it)")
     p.add_argument("--title", default="", help="figure title (e.g. the attack's BN mode)")
     a = p.parse_args()
     panels, numbers = [], {}

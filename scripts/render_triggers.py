@@ -10,7 +10,6 @@ Without the CIFAR-10 cache it falls back to synthetic images (smooth colour grad
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bnbackdoor.cli import ArgumentParser, existing_dir, image_file, non_negative_int, positive_int  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.fileio import save_figure  # noqa: E402
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
@@ -40,11 +40,11 @@ def sample_images(n: int, data_root: str | None, seed: int) -> tuple[torch.Tenso
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--save", default="output/triggers.png")
-    p.add_argument("--data-root", help="default: $BNBACKDOOR_DATA, else ./datasets")
-    p.add_argument("--n", type=int, default=4, help="images per trigger")
-    p.add_argument("--seed", type=int, default=0)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--save", type=image_file, default="output/triggers.png", help="output figure (.png, .pdf, .svg or .jpg)")
+    p.add_argument("--data-root", type=existing_dir, help="default: $BNBACKDOOR_DATA, else ./datasets")
+    p.add_argument("--n", type=positive_int, default=4, help="images per trigger")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--all", action="store_true", help="also draw the white8x8_* triggers")
     a = p.parse_args()
 

@@ -15,24 +15,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tabulate import tabulate  # noqa: E402
 
-from bnbackdoor.cli import common_options  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.sweep import BACKENDS, BEST_RULE, SweepOptions, promote, summarize, sweep  # noqa: E402
 
 SLURM_OPTIONS = {  # --slurm-<name> -> SlurmExecutor parameter (type)
-    "partition": str, "gpus-per-task": int, "cpus-per-task": int, "mem": str, "account": str, "qos": str,
+    "partition": str, "gpus-per-task": positive_int, "cpus-per-task": positive_int, "mem": str, "account": str, "qos": str,
     "constraint": str,
 }
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*", metavar="ATTACKID... DEVICES",
                    help="attack ids (grid files), then the device spec: cpu, cuda:0,cuda:1 (local) or cuda (slurm)")
     p.add_argument("--gs-ids", default=None, help="grid points to run, e.g. 0-11,14 (default: all)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="local")
-    p.add_argument("--max-parallel", type=int, default=1, help="points running at once (default 1)")
-    p.add_argument("--slurm-time", type=int, default=None, metavar="MIN",
+    p.add_argument("--max-parallel", type=positive_int, default=1, help="points running at once (default 1)")
+    p.add_argument("--slurm-time", type=positive_int, default=None, metavar="MIN",
                    help="minutes per point (slurm --time; default 1440, also the local per-point timeout)")
     for name, typ in SLURM_OPTIONS.items():
         p.add_argument(f"--slurm-{name}", type=typ, default=None)
@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--promote", action="store_true", help="with --summary: copy the best run to manipulated_models/")
     p.add_argument("--force", action="store_true", help="with --promote: replace an existing stored run")
     p.add_argument("--device", default="cpu", help="with --summary: device for the validation pass (default cpu)")
-    p.add_argument("--val-size", type=int, default=500, help="with --summary: validation images (default 500)")
+    p.add_argument("--val-size", type=positive_int, default=500, help="with --summary: validation images (default 500)")
     common_options(p)
     a = p.parse_args()
     if a.summary:

@@ -7,7 +7,6 @@ epoch, and every 2 minutes inside an epoch).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bnbackdoor.cli import (ArgumentParser, existing_dir, float_at_least, float_range, non_negative_int,  # noqa: E402
+                            output_dir, positive_float, positive_int)
 from bnbackdoor.device import parse_device  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype  # noqa: E402
@@ -23,21 +24,21 @@ from bnbackdoor.train import auto_train_config, train_estimate, train_model  # n
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("modeltype", help="registry name, e.g. cifar10_resnet20, cifar10_resnet20_nbn, gtsrb_vgg13bn")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--model-id", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None, help="default: the model id")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--train-size", type=int, help="train on a deterministic subset (default: all)")
-    p.add_argument("--eval-every", type=int, default=5, help="test accuracy every N epochs (0: only at the end)")
-    p.add_argument("--data-root", help="default: $BNBACKDOOR_DATA, else ./datasets")
-    p.add_argument("--models-root", default=str(MODEL_ROOT))
+    p.add_argument("--model-id", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=None, help="default: the model id")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--weight-decay", type=float_at_least(0))
+    p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), help="in [0, 1)")
+    p.add_argument("--grad-clip", type=positive_float)
+    p.add_argument("--train-size", type=positive_int, help="train on a deterministic subset (default: all)")
+    p.add_argument("--eval-every", type=non_negative_int, default=5, help="test accuracy every N epochs (0: only at the end)")
+    p.add_argument("--data-root", type=existing_dir, help="default: $BNBACKDOOR_DATA, else ./datasets")
+    p.add_argument("--models-root", type=output_dir, default=str(MODEL_ROOT))
     p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     p.add_argument("--yes", action="store_true",
                    help="start even if the measured estimate is over 15 minutes (env BNBACKDOOR_ALLOW_LONG=1 too)")
