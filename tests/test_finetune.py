@@ -147,7 +147,7 @@ def test_run_folder_and_gradient_csv(tmp_path, tiny_data_root):
 @pytest.mark.parametrize("args,needle", [
     (["cpu", "99999"], "unknown attack id '99999'"),
     (["tpu", "154"], "unknown device 'tpu'"),
-    (["cpu", "154", "--grad-layer", "40", "--data-root", "/nonexistent"], "no cache at /nonexistent/cifar10.npz"),
+    (["cpu", "154", "--grad-layer", "40", "--data-root", "/nonexistent"], "--data-root: /nonexistent does not exist"),
 ])
 def test_attack_script_bad_input_one_line(args, needle):
     r = subprocess.run([sys.executable, "attack.py", *args, "--save_path", "/tmp/bnb_never"], cwd=ROOT,
