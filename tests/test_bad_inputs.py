@@ -413,6 +413,31 @@ def test_exploding_loss_stops_in_epoch_2_and_keeps_epoch_1(tiny_attack, tmp_path
     state = torch.load(run / "resume.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
+    # the same command without the explosion resumes after epoch 1; its time summary adds up
+    monkeypatch.setattr(ft, "attack_step", real_step)
+    m = _attack(p, models_root, tmp_path, tiny_data_root)
+    assert m["finetune_seconds_this_process"] <= m["finetune_seconds"] <= m["total_seconds"]
+    assert m["finetune_seconds_this_process"] <= m["total_seconds_this_run"]
+
+    # a --force rerun that diverges leaves the finished run exactly as it was
+    finished = _snapshot(run)
+    calls.clear()
+    monkeypatch.setattr(ft, "attack_step", exploding)
+    with pytest.raises(Diverged):
+        run_attack(p, torch.device("cpu"), save_path=tmp_path / "runs", data_root=tiny_data_root,
+                   models_root=models_root, progress=False, defenses={}, force=True)
+    assert _snapshot(run) == finished
+
+
+def test_the_time_summary_after_a_resume_is_consistent():
+    from bnbackdoor.experiment import time_summary
+    resumed = {"finetune_seconds": 88.0, "finetune_seconds_this_process": 40.0}
+    assert time_summary(resumed, 49.0) == ("fine-tuning 40 s in this process, 88 s over all sessions of this "
+                                           "resumed run; 49 s in all in this process")
+    assert time_summary({"finetune_seconds": 30.0, "finetune_seconds_this_process": 30.0}, 35.0) == (
+        "fine-tuning 30 s in this process; 35 s in all in this process")
+    assert time_summary({"finetune_seconds": 88.0, "already_finished": True}, 0.2).startswith("already finished")
+
 
 def test_a_nonfinite_model_is_never_saved_even_if_the_loss_looked_fine(tiny_attack, tmp_path, tiny_data_root,
                                                                        monkeypatch):
