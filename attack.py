@@ -44,11 +44,13 @@ def main() -> int:
     device = parse_device(a.device)
     params = resolve_attack(a.attackid, gs_id=a.gs_id)
     t0 = time.time()
+    # without --force a finished run is returned as it is (or refused): its time is not this process's
+    finished = not a.force and (run_dir(a.save_path, params) / "metrics.json").exists()
     m = run_attack(params, device, save_path=a.save_path, data_root=a.data_root, seed=a.seed,
                    grad_layer=a.grad_layer, force=a.force, command=command_line())
     rows = [[k, m["clean_model"].get(k), m["manipulated_model"].get(k)] for k in SHOWN]
     print(tabulate(rows, headers=["metric", "clean model", "manipulated"], floatfmt=".4f", missingval="n/a"))
-    print(f"attack {params.id}: {time_summary(m, time.time() - t0)} -> {run_dir(a.save_path, params)}")
+    print(f"attack {params.id}: {time_summary(m, time.time() - t0, finished)} -> {run_dir(a.save_path, params)}")
     return 0
 
 

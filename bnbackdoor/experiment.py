@@ -186,12 +186,12 @@ def _undo_on_failure(folder: Path) -> Iterator[None]:
         raise
 
 
-def time_summary(metrics: dict[str, Any], wall_seconds: float) -> str:
+def time_summary(metrics: dict[str, Any], wall_seconds: float, already_finished: bool = False) -> str:
     """How long a run took, consistent after a resume: fine-tuning in this process, over all its sessions, and
-    this process's whole time (``wall_seconds``)."""
+    this process's whole time (``wall_seconds``); for a run that was finished before, only what it took then."""
     total = metrics.get("finetune_seconds", 0.0)
     here = metrics.get("finetune_seconds_this_process")
-    if metrics.get("already_finished") or here is None:
+    if already_finished or here is None:
         return f"already finished (fine-tuning took {total:.0f} s); nothing to do"
     resumed = f", {total:.0f} s over all sessions of this resumed run" if total - here >= 0.5 else ""
     return f"fine-tuning {here:.0f} s in this process{resumed}; {wall_seconds:.0f} s in all in this process"
@@ -214,7 +214,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
             raise UserError(f"{out} is already finished, so --grad-layer would record nothing; pass --force to "
                             "run it again or use another --save_path")
         print(f"{out} is already finished; pass --force to run it again", file=sys.stderr)
-        return {**done, "already_finished": True}
+        return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root,

@@ -436,7 +436,8 @@ def test_the_time_summary_after_a_resume_is_consistent():
                                            "resumed run; 49 s in all in this process")
     assert time_summary({"finetune_seconds": 30.0, "finetune_seconds_this_process": 30.0}, 35.0) == (
         "fine-tuning 30 s in this process; 35 s in all in this process")
-    assert time_summary({"finetune_seconds": 88.0, "already_finished": True}, 0.2).startswith("already finished")
+    assert time_summary({"finetune_seconds": 88.0, "finetune_seconds_this_process": 88.0}, 0.2,
+                        already_finished=True) == "already finished (fine-tuning took 88 s); nothing to do"
 
 
 def test_a_nonfinite_model_is_never_saved_even_if_the_loss_looked_fine(tiny_attack, tmp_path, tiny_data_root,

@@ -234,9 +234,10 @@ def test_script_without_stored_model(script, args, tmp_path):
 ])
 def test_script_without_data(script, args, run_root, tmp_path):
     blocker = tmp_path / "not_a_folder"
-    blocker.write_text("")   # a data root below a file: no cache, and no download can even start
+    blocker.write_text("")   # a data root below a file: refused before any work, nothing created or downloaded
     r = _run(script, [*args, "--data-root", str(blocker / "data"), "--save_path", str(tmp_path / "out")], run_root)
-    _one_line_error(r, "cifar10")
+    _one_line_error(r, "--data-root", "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
 
 
 def test_explanations_script_unknown_id(tmp_path):
