@@ -10,7 +10,6 @@ MSE, backward into the parameters; the plain step is forward + cross-entropy + b
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+from bnbackdoor.cli import ArgumentParser, positive_int  # noqa: E402
 from bnbackdoor.explain import METHODS, explain, explain_with_logits  # noqa: E402
 from bnbackdoor.losses import explanation_loss  # noqa: E402
 from bnbackdoor.models import build_model, softplus  # noqa: E402
@@ -56,11 +56,11 @@ def attack_step(model, x, y, method, target):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 repetitions")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--batch", type=int, nargs="+", default=[32, 256])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[32, 256])
+    p.add_argument("--reps", type=positive_int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     batches, reps = ([8], 2) if a.quick else (a.batch, a.reps)

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+from bnbackdoor.cli import ArgumentParser, output_file, positive_int  # noqa: E402
 from bnbackdoor.finetune import attack_step, poison_batch  # noqa: E402
 from bnbackdoor.metrics import evaluate_attack, reference_explanations  # noqa: E402
 from bnbackdoor.models import build_model, checkpoint_path, load_model, softplus  # noqa: E402
@@ -222,9 +223,9 @@ def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--batch-sizes: comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 2:
-        raise SystemExit("--batch-sizes: at least one size, each >= 2 (train-mode BatchNorm needs 2 images)")
+        raise argparse.ArgumentTypeError("at least one size, each >= 2 (train-mode BatchNorm needs 2 images)")
     return sizes
 
 
@@ -256,25 +257,23 @@ def fmt_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 8, 1 repetition, 64 Re-BN / 64 evaluation images")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: PyTorch's)")
-    p.add_argument("--batch-sizes", default="32,64,256", help="step batch sizes, comma-separated")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 5; eval 3)")
-    p.add_argument("--rebn-images", type=int, default=5000)
-    p.add_argument("--eval-images", type=int, default=10000)
-    p.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (fine-tuning's default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op CPU threads (default: PyTorch's)")
+    p.add_argument("--batch-sizes", type=parse_sizes, default="32,64,256", help="step batch sizes, comma-separated")
+    p.add_argument("--reps", type=positive_int, default=None, help="repetitions per timing (default 5; eval 3)")
+    p.add_argument("--rebn-images", type=positive_int, default=5000)
+    p.add_argument("--eval-images", type=positive_int, default=10000)
+    p.add_argument("--eval-batch", type=positive_int, default=200, help="evaluation batch size (fine-tuning's default)")
     p.add_argument("--only", default="steps,rebn,eval", help="sections to run: steps, rebn, eval")
     p.add_argument("--real-data", action="store_true", help="CIFAR-10 from ./datasets instead of random images")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=lambda t: Path(output_file(t)), help="also write the results here")
     args = p.parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    sizes = parse_sizes(args.batch_sizes)
+    sizes = args.batch_sizes
     if args.quick:
         sizes, args.rebn_images, args.eval_images, args.eval_batch = [8], 64, 64, 32
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = sections - {"steps", "rebn", "eval"}
     if unknown:
-        raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(unknown))}; use steps, rebn, eval")
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; use steps, rebn, eval")
 
     torch.manual_seed(0)
     base, weights = clean_model()

@@ -314,6 +314,11 @@ CASES = [
     ("results-root-missing", "scripts/make_results.py", ["--root", "nope"], "nope does not exist"),
     ("results-output-is-folder", "scripts/make_results.py", ["--output", "a_dir"], "a_dir is a folder"),
     ("results-unknown-option", "scripts/make_results.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    # benchmarks
+    ("bench-threads-zero", "benchmarks/run.py", ["--threads", "0"], "--threads: 0 is out of range"),
+    ("bench-batch-size-one", "benchmarks/run.py", ["--batch-sizes", "1"], "each >= 2"),
+    ("bench-json-under-file", "benchmarks/run.py", ["--json", "a_file.txt/b.json"], "a_file.txt is a file"),
+    ("bench-explain-reps-zero", "benchmarks/bench_explain.py", ["--reps", "0"], "--reps: 0 is out of range"),
 ]
 
 READ_ONLY = "ro_dir"
@@ -347,7 +352,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, program, args, n
 def test_the_table_covers_every_program_and_is_large_enough():
     programs = {c[1] for c in CASES}
     assert programs == {"attack.py", "evaluate_models.py", "evaluate_attack_defense_metrics.py",
-                        "run_generate_explanations.py", *(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py"))}
+                        "run_generate_explanations.py", "benchmarks/run.py", "benchmarks/bench_explain.py",
+                        *(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py"))}
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 
 
