@@ -53,6 +53,8 @@ def work(tmp_path_factory, tiny_data_root):
     w = tmp_path_factory.mktemp("work")
     p = _tiny_params()
     p.save(w / "params.json")
+    p.replace(id="nan", learning_rate=1e30, training_size=8, testing_size=4, batch_size=4, loss_weight=0.0).save(
+        w / "nan_params.json")
     bad = p.to_dict()
     bad["learning_rte"] = 1.0
     (w / "typo_params.json").write_text(json.dumps(bad))
@@ -357,8 +359,7 @@ def test_the_table_covers_every_program_and_is_large_enough():
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("program,args,needle", [
-    ("attack.py", ["cpu"], "are required"),
+@pytest.mark.parametrize("program,args,needle", [  # one real process: the table runs in this one for speed
     ("scripts/plot_gradients.py", ["--attacked", "header_only.csv", "--save", "o.png"], "no steps"),
 ])
 def test_a_real_process_prints_one_line_and_exits_2(program, args, needle, work):
@@ -370,6 +371,26 @@ def test_a_real_process_prints_one_line_and_exits_2(program, args, needle, work)
 
 
 # --- the divergence guard ---------------------------------------------------------------------------------------
+
+def test_attack_py_with_a_diverging_learning_rate_exits_2_and_leaves_nothing(work, tiny_data_root, monkeypatch,
+                                                                             capsys):
+    import bnbackdoor.experiment as experiment
+    monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)  # measures steps: slow, not tested
+    monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["attack.py", "cpu", "nan_params.json", "--save_path", "runs_new", D,
+                                      str(tiny_data_root)])
+    before = _snapshot(work)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "attack.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside it: progress bars
+    assert len(errors) == 1 and errors[0].startswith("error: fine-tuning diverged at epoch 1, step "), err
+    assert "the loss is nan; the learning rate (1e+30) is probably too high" in errors[0]
+    assert _snapshot(work) == before  # no run folder, no parameters.json, no --save_path folder
+
+
 
 @pytest.fixture
 def tiny_attack(tmp_path, tiny_data_root, monkeypatch):
