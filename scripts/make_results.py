@@ -24,7 +24,7 @@ def main() -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=existing_dir, default=".", help="repository root holding manipulated_models/ (default: .)")
     p.add_argument("--output", type=output_file, default=None, help="where to write RESULTS.md (default: <root>/RESULTS.md)")
-    p.add_argument("--readme", default=None, help="README whose generated blocks are filled (default: <root>/README.md)")
+    p.add_argument("--readme", type=output_file, default=None, help="README whose generated blocks are filled (default: <root>/README.md)")
     p.add_argument("--check", action="store_true", help="exit 1 if a file is out of date; write nothing")
     a = p.parse_args()
     root = Path(a.root)

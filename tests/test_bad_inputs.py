@@ -316,6 +316,7 @@ CASES = [
     ("results-root-missing", "scripts/make_results.py", ["--root", "nope"], "nope does not exist"),
     ("results-output-is-folder", "scripts/make_results.py", ["--output", "a_dir"], "a_dir is a folder"),
     ("results-unknown-option", "scripts/make_results.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("results-readme-is-folder", "scripts/make_results.py", ["--readme", "a_dir"], "a_dir is a folder"),
     # benchmarks
     ("bench-threads-zero", "benchmarks/run.py", ["--threads", "0"], "--threads: 0 is out of range"),
     ("bench-batch-size-one", "benchmarks/run.py", ["--batch-sizes", "1"], "each >= 2"),
