@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 from tabulate import tabulate
 
 from .acceptance import RULES as ACCEPTANCE_RULES
-from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_label_changing
+from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_full_disguise, is_label_changing
 
 CLEAN, MANIPULATED = "clean model", "manipulated"
 # The default defenses of metrics.json, in report order; other labels found follow, sorted.
@@ -95,8 +95,7 @@ class Model:
 
     @property
     def full_disguise(self) -> bool:
-        targets = self.params.get("targetStrs") or []
-        return bool(targets) and all(t == "original" for t in targets)
+        return is_full_disguise(self.params)
 
     @property
     def verdict(self) -> Verdict:

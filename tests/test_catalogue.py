@@ -29,14 +29,18 @@ def shipped():
 
 def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(shipped):
     ids = [r.id for r in shipped]
-    assert ids == [str(i) for i in CIFAR] + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"]
+    cifar = [str(i) for i in CIFAR]
+    cifar[cifar.index("154") + 1:cifar.index("154") + 1] = ["154bntrain", "154nbn"]  # the variants of 154
+    assert ids == cifar + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"]
     raw = read_json(ROOT / CATALOGUE_FILE)
+    variants = {"154bntrain": {"bn_mode": "train"}, "154nbn": {"modeltype": "cifar10_resnet20_nbn"}}
     for r in shipped:
         grid = read_json(ROOT / "experimentsettings" / f"{r.settings}.json")
         base = grid_point(grid, r.gs_id)
         overrides = raw["profiles"][r.profile]["overrides"]
         assert r.profile == ("grad" if base.explanation_methodStr == "grad" else "cam")
-        expected = {**base.to_dict(), **{k: v for k, v in overrides.items() if k in FIELDS}, "id": r.id}
+        expected = {**base.to_dict(), **{k: v for k, v in overrides.items() if k in FIELDS}, "id": r.id,
+                    **variants.get(r.id, {})}
         assert r.params.to_dict() == expected
         assert r.params.training_size <= (50000 if r.dataset == "cifar10" else 19605)
         # the GPU settings it departs from are recorded

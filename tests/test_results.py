@@ -74,6 +74,21 @@ def test_acceptance_explanation_only_attack_needs_no_attack_success():
     assert acceptance(multi).failed == ["attack success"]
 
 
+
+def test_acceptance_full_disguise_uses_the_absolute_bound():
+    from bnbackdoor.acceptance import FULL_DISGUISE_MAX_DSSIM
+
+    def disguise(t):  # the clean model sits at 0.03 from its own explanation: halving that is not the bar
+        return metrics(targets=("original",), name="FullDisguise", clean=state(acc=0.928, asr=0.0, t=0.03),
+                       manip=state(acc=0.92, asr=1.0, t=t))
+    assert FULL_DISGUISE_MAX_DSSIM == 0.125
+    v = acceptance(disguise(0.125))
+    assert v.accepted and v.checks[1].threshold == 0.125 and "full disguise" in v.checks[1].note
+    assert acceptance(disguise(0.1251)).failed == ["explanation"]
+    # a red herring with the same numbers is still judged by the relative rule (0.5 x 0.03)
+    assert acceptance(metrics(clean=state(acc=0.928, asr=0.0, t=0.03),
+                              manip=state(acc=0.92, asr=1.0, t=0.02))).failed == ["explanation"]
+
 def test_acceptance_missing_numbers_fail():
     m = metrics()
     del m["manipulated_model"]["expl_dssim_to_target"]
