@@ -161,3 +161,20 @@ def read_state(path: str | os.PathLike, keys: tuple[str, ...], map_location="cpu
     if missing:
         raise UserError(f"saved training state {path} is not one of ours (no {', '.join(missing[:3])}); {fix}")
     return state
+
+
+def restore_training_state(path: str | os.PathLike, keys: tuple[str, ...], modules: dict[str, Any], *,
+                           map_location="cpu", check=None, start_over: str = "that run") -> dict:
+    """:func:`read_state`, then ``check(state)`` (e.g. same parameters), then ``load_state_dict`` of each of
+    ``modules`` (state key -> model / optimizer / scheduler). A state that does not fit is a one-line UserError that
+    says to delete the file to start ``start_over`` over."""
+    state = read_state(path, keys, map_location=map_location)
+    if check is not None:
+        check(state)
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"saved training state {path} does not fit this model "
+                        f"({str(e).strip().splitlines()[0][:100]}); delete it to start {start_over} over") from None
+    return state

@@ -37,7 +37,7 @@ from .data import dataset_info, load_split
 from .divergence import DivergenceGuard, require_finite
 from .errors import UserError
 from .explain import explain_with_logits
-from .fileio import read_state, torch_save
+from .fileio import restore_training_state, torch_save
 from .gradlog import GradLogger
 from .losses import explanation_loss
 from .metrics import evaluate_attack, reference_explanations
@@ -167,17 +167,13 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     start, history, seconds = 0, [], 0.0
     guard = DivergenceGuard(dataset_info(params.dataset).num_classes, "fine-tuning", params.learning_rate)
     if resume.exists():
-        state = read_state(resume, RESUME_KEYS, map_location=device)
-        if state["params"] != params.to_dict() or state["seed"] != seed:
-            raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
-                            "or delete that file to start over")
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"saved training state {resume} does not fit this model "
-                            f"({str(e).strip().splitlines()[0][:100]}); delete it to start that run over") from None
+        def same_run(state: dict) -> None:
+            if state["params"] != params.to_dict() or state["seed"] != seed:
+                raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
+                                "or delete that file to start over")
+
+        state = restore_training_state(resume, RESUME_KEYS, {"model": model, "opt": opt, "sched": sched},
+                                       map_location=device, check=same_run)
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
         guard.start_loss = state.get("start_loss")
         if logger is not None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
 from .divergence import DivergenceGuard, require_finite
-from .fileio import read_state, torch_save
+from .fileio import read_state, restore_training_state, torch_save
 from .errors import UserError
 from .metrics import accuracy
 
@@ -134,14 +134,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     partial = _partial_path(out_path)
     guard = DivergenceGuard(dataset_info(dataset).num_classes, f"training {modeltype}", cfg.lr)
     if partial.exists():
-        state = read_state(partial, PARTIAL_KEYS, map_location=device)
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"saved training state {partial} does not fit this model "
-                            f"({str(e).strip().splitlines()[0][:100]}); delete it to start training over") from None
+        state = restore_training_state(partial, PARTIAL_KEYS, {"model": model, "opt": opt, "sched": sched},
+                                       map_location=device, start_over="training")
         guard.start_loss = state.get("start_loss")
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         start_step = state.get("step", 0)  # batches already done inside epoch start_epoch (mid-epoch checkpoint)
