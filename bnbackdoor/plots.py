@@ -264,11 +264,13 @@ def composition_plot(points: Sequence[dict], path: str | Path, baseline: dict | 
         if ref is not None:
             ax.axhline(ref, color="gray", linestyle=":", label=f"no defense ({ref:.3f})")
         ax.set_xscale("log")
-        ax.set_xlabel("triggered fraction f of each test batch (log; leftmost point of each line: 1/B)")
+        ax.set_xlabel("triggered share f of each test batch (log; leftmost: 1/B)", fontsize=9)
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _finish(fig, path, title)
+
 
 def ablation_bars(groups: Sequence[str], restored: Sequence[dict], only: Sequence[dict], manipulated: dict,
                   clean: dict, path: str | Path, title: str = "") -> Path:

@@ -159,3 +159,17 @@ def test_composition_batches_hold_exactly_round_fB_triggered(n, B, f):
     assert composition(n, B, f, seed=3)[0].clean.tolist() == batches[0].clean.tolist()   # seeded
     capped = composition(n, B, f, seed=3, max_triggered=5)
     assert sum(int(b.scored.sum()) for b in capped) == min(5, n)
+
+
+def test_composition_plot_writes_its_figure(tmp_path):
+    from PIL import Image
+
+    from bnbackdoor.plots import composition_plot
+
+    points = [{"test_batch": b, "trigger_fraction": f, "attack_success_rate": 1 - f, "clean_accuracy": 0.9}
+              for b in (16, 64) for f in (1 / b, 0.5, 1.0)]
+    out = composition_plot(points, tmp_path / "c.png", baseline={"attack_success_rate": 1.0, "clean_accuracy": 0.92},
+                           title="attack 154: test-batch BN")
+    assert out == tmp_path / "c.png"
+    with Image.open(out) as im:
+        assert im.size[0] > 600 and im.size[1] > 200
