@@ -31,8 +31,6 @@ STATES = ((CLEAN, "clean model"), (MANIPULATED, "no defense"), ("rebn", "Re-BN")
           ("batchstats B=100 f=1/B", "test-batch BN, B=100, f=1/B"))
 STATE_COLUMNS = (("clean_accuracy", "clean acc"), ("attack_success_rate", "attack success"),
                  ("expl_dssim_to_target", "DSSIM→target"), ("expl_dssim_to_clean", "DSSIM→clean expl."))
-UPDATE_GROUPS = ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "linear.weight",
-                 "linear.bias")
 
 _BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
 
@@ -96,7 +94,7 @@ def update_shares(root: Path) -> list[str]:
     for path in files:
         panels = json.loads(path.read_text())["panels"]
         rows = []
-        for g in UPDATE_GROUPS:
+        for g in dict.fromkeys(g for p in panels.values() for g in p["groups"]):  # the figure's groups, in order
             cells = []
             for p in panels.values():
                 s = p["groups"].get(g)
