@@ -20,9 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from tabulate import tabulate
-
-from .results import CLEAN, MANIPULATED, Model, fmt, load_models
+from .results import CLEAN, MANIPULATED, Model, _table, fmt, load_models
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -33,10 +31,6 @@ STATE_COLUMNS = (("clean_accuracy", "clean acc"), ("attack_success_rate", "attac
                  ("expl_dssim_to_target", "DSSIM→target"), ("expl_dssim_to_clean", "DSSIM→clean expl."))
 
 _BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
-
-
-def _table(rows: list[list[Any]], headers: list[str]) -> str:
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _read(path: Path) -> Any:

@@ -372,8 +372,7 @@ def _comparison_rows(rows: list[dict], model: Model | None) -> list[dict]:
         state = model.state(label) if model else None
         if state is None:
             continue
-        key = (label, state.get("clean_images"))
-        if key in have or (label == "rebn" and ("rebn", state.get("clean_images")) in have):
+        if (label, state.get("clean_images")) in have:
             continue
         out.append({**state, "defense": label})
     return out
