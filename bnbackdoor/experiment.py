@@ -14,7 +14,10 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import os
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,16 +167,22 @@ def _missing_folders(path: Path) -> list[Path]:
 def _undo_on_failure(folder: Path) -> Iterator[None]:
     """On any failure (a UserError such as divergence, a crash, Ctrl-C) put the run folder back as it was:
 
-    - a finished run that was there (``metrics.json``; a ``--force`` rerun) stays untouched: every file the failed
-      run added goes, ``parameters.json`` gets its old content back;
+    - a finished run that was there (``metrics.json``; a ``--force`` rerun) comes back byte for byte: its files are
+      copied aside first (the rerun overwrites ``model.pth`` long before it writes ``metrics.json``), every file the
+      failed run added goes;
     - otherwise, when an epoch finished (``resume.pt``), the run is kept as interrupted: the same command resumes;
     - otherwise everything the run added goes (no lone ``parameters.json``); the claim then removes the folder if
       it created it and it is empty.
     """
-    before = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+    before = {f.name for f in folder.iterdir() if f.is_file()} if folder.is_dir() else set()
     params_file = folder / "parameters.json"
     old_params = params_file.read_bytes() if params_file.is_file() else None
     finished_before = "metrics.json" in before
+    kept = None
+    if finished_before:
+        kept = Path(tempfile.mkdtemp(prefix=".before-rerun-", dir=folder))
+        for name in before - {CLAIM_FILE}:
+            shutil.copy2(folder / name, kept / name)
     try:
         yield
     except BaseException:
@@ -183,7 +192,13 @@ def _undo_on_failure(folder: Path) -> Iterator[None]:
                     f.unlink(missing_ok=True)
             if old_params is not None and params_file.is_file() and params_file.read_bytes() != old_params:
                 write_text(params_file, old_params.decode())
+        if kept is not None:
+            for f in kept.iterdir():
+                os.replace(f, folder / f.name)
         raise
+    finally:
+        if kept is not None:
+            shutil.rmtree(kept, ignore_errors=True)
 
 
 def time_summary(metrics: dict[str, Any], wall_seconds: float, already_finished: bool = False) -> str:

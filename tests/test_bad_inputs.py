@@ -457,6 +457,26 @@ def test_exploding_loss_stops_in_epoch_2_and_keeps_epoch_1(tiny_attack, tmp_path
     assert _snapshot(run) == finished
 
 
+def test_a_force_rerun_failing_after_it_wrote_the_model_restores_the_finished_run(tiny_attack, tmp_path,
+                                                                                   tiny_data_root, monkeypatch):
+    import bnbackdoor.experiment as ex
+    p, models_root = tiny_attack
+    _attack(p, models_root, tmp_path, tiny_data_root)
+    run = tmp_path / "runs" / "tiny"
+    finished = _snapshot(run)
+
+    def broken_figure(*a, **k):  # fails after model.pth and training_log.csv were overwritten
+        assert _snapshot(run)["./model.pth"] != finished["./model.pth"]
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(ex, "explanation_figure", broken_figure)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        run_attack(p, torch.device("cpu"), save_path=tmp_path / "runs", data_root=tiny_data_root, seed=1,
+                   models_root=models_root, progress=False, defenses={}, force=True)
+    assert _snapshot(run) == finished  # byte for byte, and no backup folder left behind
+    assert not [f for f in run.iterdir() if f.is_dir()]
+
+
 def test_the_time_summary_after_a_resume_is_consistent():
     from bnbackdoor.experiment import time_summary
     resumed = {"finetune_seconds": 88.0, "finetune_seconds_this_process": 40.0}
