@@ -35,7 +35,7 @@ import torch.nn as nn
 from .data import dataset_info, load_split
 from .errors import UserError
 from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, write_csv
-from .fileio import check_finite_numbers, write_json
+from .fileio import check_finite_numbers, check_output_dir, write_json
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model
 from .params import AttackParams, manipulated_dir, resolve_attack
@@ -317,8 +317,9 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     """
     t0 = time.time()
     device = torch.device(device)
-    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
     name = run_name(attackid, root)
+    check_output_dir(Path(save_path) / name, "evaluation folder")  # before any work, not after minutes of it
+    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
     chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
     cleanset = cal_info = None

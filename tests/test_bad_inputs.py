@@ -80,6 +80,11 @@ def work(tmp_path_factory, tiny_data_root):
     with torch.no_grad():
         model.linear.weight[0, 0] = float("nan")
     save_checkpoint(nan_run / "model.pth", model, {})
+    # a sound run whose evaluation folder would land on a file
+    p.save(w / "manipulated_models" / "ok_run" / "parameters.json")
+    save_checkpoint(w / "manipulated_models" / "ok_run" / "model.pth", build_model("cifar10_resnet20").eval(), {})
+    (w / "clash").mkdir()
+    (w / "clash" / "ok_run").write_text("a file where the evaluation folder goes\n")
     # damaged data caches (the tiny CIFAR-10 cache, cut, bit-flipped, garbage, empty)
     raw = (tiny_data_root / "cifar10.npz").read_bytes()
     flipped = bytearray(raw)
@@ -177,6 +182,8 @@ CASES = [
      "--test-batch"),
     ("eval-save-path-is-file", "evaluate_models.py", ["nan_run", "cpu", "--save_path", "a_file.txt"],
      "is a file, not a folder"),
+    ("eval-run-folder-is-file", "evaluate_models.py", ["ok_run", "cpu", "--save_path", "clash"],
+     "evaluation folder clash/ok_run is a file, not a folder"),
     ("eval-augment-without-defense", "evaluate_models.py", ["nan_run", "cpu", "--augment"], "need --defense"),
     ("eval-unknown-defense", "evaluate_models.py", ["nan_run", "cpu", "--defense", "nosuch"], "nosuch"),
     ("eval-no-stored-run", "evaluate_models.py", ["nosuchrun", "cpu"], "no stored manipulated model"),
