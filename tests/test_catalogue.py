@@ -178,6 +178,26 @@ def test_promote_copies_complete_runs_with_provenance(tmp_path):
     assert (dest / "README.md").read_text() == "# 154, by hand\n" and (dest / "PROVENANCE.md").exists()
 
 
+def test_a_failed_run_readme_says_what_was_tried_an_accepted_one_does_not(tmp_path):
+    runs = [{"id": "154", "settings": "154", "profile": "tiny", "if_not_accepted": "the run's note"}]
+    root, path = tiny_catalogue(tmp_path, runs)
+    cat = json.loads(path.read_text())
+    cat["profiles"]["tiny"]["if_not_accepted"] = "the profile's note"
+    path.write_text(json.dumps(cat))
+    run, = load_catalogue(path, root)
+    assert run.if_not_accepted == ("the profile's note", "the run's note")
+    metrics = fake_attack(run.params, "cpu", tmp_path / "out")
+    assert "What was tried" not in provenance_readme(run, metrics)  # accepted: nothing to explain
+    metrics["manipulated_model"]["attack_success_rate"] = 0.5
+    failed = provenance_readme(run, metrics)
+    assert "## Acceptance: not accepted (failed: attack success)" in failed
+    assert "### What was tried\n\n- the profile's note\n- the run's note\n" in failed
+    cat["runs"][0]["if_not_accepted"] = 7
+    path.write_text(json.dumps(cat))
+    with pytest.raises(UserError, match="'if_not_accepted' must be a string"):
+        load_catalogue(path, root)
+
+
 def test_real_tiny_attack_end_to_end(tmp_path, tiny_data_root):
     """The real run_attack through the builder (tiny synthetic data, an untrained ResNet20), then promoted."""
     from bnbackdoor.models import build_model, save_checkpoint
