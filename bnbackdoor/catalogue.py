@@ -108,12 +108,11 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
     diff = tuple((k, anc[k], mine[k]) for k in mine if k not in ("id",) and k in anc and anc[k] != mine[k])
-    notes = tuple(n for n in (profiles[entry["profile"]].get("if_not_accepted"), entry.get("if_not_accepted")) if n)
-    for n in notes:
-        if not isinstance(n, str):
-            raise UserError(f"{where}: 'if_not_accepted' must be a string")
+    notes = (profiles[entry["profile"]].get("if_not_accepted"), entry.get("if_not_accepted"))
+    if any(n is not None and not isinstance(n, str) for n in notes):  # 0 or [] too, not only truthy non-strings
+        raise UserError(f"{where}: 'if_not_accepted' must be a string")
     return PlannedRun(entry["id"], entry["settings"], gs_id, entry["profile"], params, applied, pending, diff,
-                      notes)
+                      tuple(n for n in notes if n))
 
 
 def load_catalogue(path: str | Path | None = None, root: str | Path = ".") -> list[PlannedRun]:
