@@ -186,15 +186,17 @@ def _undo_on_failure(folder: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if finished_before or not (folder / "resume.pt").exists():
+        interrupted = not finished_before and (folder / "resume.pt").exists()
+        if not interrupted:
             for f in folder.iterdir():
                 if f.name not in before and f.name != CLAIM_FILE and f.is_file():
                     f.unlink(missing_ok=True)
-            if old_params is not None and params_file.is_file() and params_file.read_bytes() != old_params:
-                write_text(params_file, old_params.decode())
-        if kept is not None:
+        if kept is not None:  # the finished run's own files, parameters.json included
             for f in kept.iterdir():
                 os.replace(f, folder / f.name)
+        elif not interrupted and old_params is not None and params_file.is_file():
+            if params_file.read_bytes() != old_params:
+                write_text(params_file, old_params.decode())
         raise
     finally:
         if kept is not None:

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .results import CLEAN, MANIPULATED, Model, _table, fmt, load_models
+from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -48,7 +48,7 @@ def two_defenses(root: Path) -> list[str]:
         for label, name in STATES:
             state = m.state(label)
             rows.append([mid, name, *[("n/a" if state is None else fmt(state.get(k))) for k, _ in STATE_COLUMNS]])
-    return [_table(rows, ["model", "state", *[h for _, h in STATE_COLUMNS]])]
+    return [table(rows, ["model", "state", *[h for _, h in STATE_COLUMNS]])]
 
 
 def anatomy(root: Path) -> list[str]:
@@ -74,7 +74,7 @@ def anatomy(root: Path) -> list[str]:
                          fmt(o.get("expl_dssim_to_target"))])
         out += [f"*{mid}* ({d.get('modeltype')}, attack `bn_mode` {d.get('bn_mode')}, {d.get('testing_size')} test "
                 f"images; `{path.relative_to(root)}`):", "",
-                _table(rows, ["group G", "‖Δ‖/‖θ‖", "restore G: acc", "ASR", "DSSIM→target",
+                table(rows, ["group G", "‖Δ‖/‖θ‖", "restore G: acc", "ASR", "DSSIM→target",
                               "only G: acc", "ASR", "DSSIM→target"]), ""]
     return out
 
@@ -97,7 +97,7 @@ def update_shares(root: Path) -> list[str]:
             if any(c != "–" for c in cells):
                 rows.append([g, *cells])
         out += [f"`{path.relative_to(root)}` (median per-step update ‖Δ‖ / share of the total squared update):", "",
-                _table(rows, ["group", *[f"{p['title']} ({p['steps']} steps)" for p in panels.values()]]), ""]
+                table(rows, ["group", *[f"{p['title']} ({p['steps']} steps)" for p in panels.values()]]), ""]
     return out
 
 
@@ -114,7 +114,7 @@ def composition(root: Path) -> list[str]:
         base = d.get("no_defense") or {}
         out += [f"attack {d['id']}, `{path.relative_to(root)}` (no defense: attack success "
                 f"{fmt(base.get('attack_success_rate'))}, clean accuracy {fmt(base.get('clean_accuracy'))}):", "",
-                _table(rows, ["B", "f", "triggered per batch", "triggered images", "attack success",
+                table(rows, ["B", "f", "triggered per batch", "triggered images", "attack success",
                               "clean acc (all-clean batches)"]), ""]
     return out
 

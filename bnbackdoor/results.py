@@ -256,7 +256,7 @@ def claims_table(models: list[Model]) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-def _table(rows: list[list[Any]], headers: list[str]) -> str:
+def table(rows: list[list[Any]], headers: list[str]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -306,7 +306,7 @@ def acceptance_section(models: list[Model]) -> list[str]:
     n_ok = sum(m.verdict.accepted for m in models)
     return ["## Acceptance", "",
             f"{n_ok} of {len(models)} models accepted. Rules: " + "; ".join(ACCEPTANCE_RULES) + ".", "",
-            _table(rows, MODEL_HEADERS + ["clean acc (clean → manipulated)", "attack success",
+            table(rows, MODEL_HEADERS + ["clean acc (clean → manipulated)", "attack success",
                                           "DSSIM to target (clean → manipulated)", "verdict"]), ""]
 
 
@@ -315,25 +315,34 @@ def per_model_section(models: list[Model], labels: list[str]) -> list[str]:
     for title, key, what in METRIC_TABLES:
         rows = [[m.id, m.dataset, m.arch, m.kind, m.method, m.loss] + [_cell(m, s, key) for s in labels]
                 for m in models]
-        out += [f"### {title}", "", f"{what}.", "", _table(rows, MODEL_HEADERS + labels), ""]
+        out += [f"### {title}", "", f"{what}.", "", table(rows, MODEL_HEADERS + labels), ""]
     return out
 
 
 def means_section(models: list[Model], labels: list[str]) -> list[str]:
+    """Means per group, with the accepted and the non-accepted runs of a group in separate rows: a run that missed
+    acceptance (e.g. an attack whose explanation never moved) would otherwise pull a group's numbers towards the
+    clean model's and make a defense look better or worse than it is on a working backdoor."""
     out = ["## Means per dataset, model and attack kind", "",
-           "Mean over the models of the group that have the number (n = models in the group).", ""]
+           "Mean over the models of the group that have the number; the accepted runs and the runs that missed "
+           "acceptance (see Acceptance) are averaged in separate rows, never together (runs = how many).", ""]
     for title, key, _ in METRIC_TABLES:
         rows = []
-        for (dataset, arch, kind), ms in _groups(models):
-            cells = []
-            for s in labels:
-                if key == "attack_success_rate":
-                    cells.append(_asr_cell((_mean(m.value(s, key) for m in ms),
-                                            _mean(m.value(s, "untriggered_target_rate") for m in ms))))
-                else:
-                    cells.append(fmt(_mean(m.value(s, key) for m in ms)))
-            rows.append([dataset, arch, kind, str(len(ms))] + cells)
-        out += [f"### {title}", "", _table(rows, ["dataset", "model", "attack", "n"] + labels), ""]
+        for (dataset, arch, kind), group in _groups(models):
+            for accepted in (True, False):
+                ms = [m for m in group if m.verdict.accepted == accepted]
+                if not ms:
+                    continue
+                cells = []
+                for s in labels:
+                    if key == "attack_success_rate":
+                        cells.append(_asr_cell((_mean(m.value(s, key) for m in ms),
+                                                _mean(m.value(s, "untriggered_target_rate") for m in ms))))
+                    else:
+                        cells.append(fmt(_mean(m.value(s, key) for m in ms)))
+                rows.append([dataset, arch, kind, f"{len(ms)} {'accepted' if accepted else 'not accepted'}"]
+                            + cells)
+        out += [f"### {title}", "", table(rows, ["dataset", "model", "attack", "runs"] + labels), ""]
     return out
 
 
@@ -344,7 +353,7 @@ def claims_section(models: list[Model]) -> list[str]:
            "(model, defense) rows pass; otherwise it **holds only when** a single condition (defense, dataset, "
            f"model, attack kind or explanation method) has at least {HOLD_SHARE:.0%} passing rows; otherwise it "
            "**does not hold**; n/a when no accepted model has the numbers.", "",
-           _table(claims_table(models), ["claim (paper)", "our number", "verdict"]), "", "Rules per claim:", ""]
+           table(claims_table(models), ["claim (paper)", "our number", "verdict"]), "", "Rules per claim:", ""]
     for c in CLAIMS:
         out.append(f"- **{c.name}** — number: {c.quantity}; judged on: {', '.join(c.defenses)}; "
                    f"a row passes when {c.rule}.")
@@ -411,7 +420,7 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
     for attack_id, rows in files:
         m = by_id.get(attack_id)
         rows = _comparison_rows(rows, m)
-        table = []
+        rows_out = []
         for r in rows:
             cells = []
             for k in DEFENSE_COLUMNS:
@@ -420,15 +429,16 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
                     cells.append("n/a" if v is None else str(v))
                 else:
                     cells.append(fmt(_num(r, k), 1 if k == "seconds" else 3))
-            table.append(cells)
+            rows_out.append(cells)
         win = comparison_winner(rows)
         none = next((r for r in rows if r.get("defense") == "no defense"), None)
         summary.append([attack_id, m.kind if m else "?", m.method if m else "?",
                         fmt(_num(none, "attack_success_rate")),
                         "none qualifies" if win is None else f"{win['defense']} ({win.get('clean_images')})",
                         fmt(_num(win, "attack_success_rate")), fmt(_num(win, "clean_accuracy"))])
-        out += [f"### {attack_id} (`results/defenses_{attack_id}.json`)", "", _table(table, list(DEFENSE_COLUMNS)), ""]
-    out[4:4] = ["### Winners", "", _table(summary, ["id", "attack", "method", "attack success, no defense",
+        out += [f"### {attack_id} (`results/defenses_{attack_id}.json`)", "",
+                table(rows_out, list(DEFENSE_COLUMNS)), ""]
+    out[4:4] = ["### Winners", "", table(summary, ["id", "attack", "method", "attack success, no defense",
                                                     "winner (clean images)", "its attack success",
                                                     "its clean accuracy"]), ""]
     return out

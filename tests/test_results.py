@@ -235,3 +235,19 @@ def test_defense_comparison_rows_winner_and_metrics_rows(tmp_path):
     winners = [ln for ln in text.splitlines() if ln.startswith("| 154 ")]
     assert len(winners) == 1 and "finetune (500)" in winners[0]
     assert comparison_winner(rows[:2]) is None
+
+
+def test_means_never_mix_accepted_and_failed_runs(tmp_path):
+    # 154 and 156 accepted (manipulated ASR 1.0 and 0.9); 157 in the same group missed acceptance (ASR 0.2, map
+    # unmoved): the group gets one row per verdict, and the accepted row's mean is 0.95, not 0.7
+    runs = {"154": metrics(), "156": metrics(manip=state(acc=0.913, asr=0.9, t=0.20)),
+            "157": metrics(manip=state(acc=0.91, asr=0.2, t=0.44))}
+    for i, m in runs.items():
+        (tmp_path / "manipulated_models" / i).mkdir(parents=True)
+        (tmp_path / "manipulated_models" / i / "metrics.json").write_text(json.dumps(m))
+    assert [Model(i, m).verdict.accepted for i, m in runs.items()] == [True, True, False]
+    text = render(tmp_path)
+    means = text[text.index("## Means"):text.index("## Per model")]
+    asr = means[means.index("### Attack success"):means.index("### DSSIM to the target")]
+    rows = [[c.strip() for c in line.split("|")[4:7]] for line in asr.splitlines() if line.startswith("| cifar10 ")]
+    assert rows == [["2 accepted", "0.005 (n/a)", "0.950 (n/a)"], ["1 not accepted", "0.005 (n/a)", "0.200 (n/a)"]]
