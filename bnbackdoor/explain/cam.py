@@ -57,9 +57,10 @@ def relevance_cam(model: nn.Module, images: Tensor, target: Target, create_graph
     if spec is None:
         raise UserError("Relevance-CAM needs the model's architecture: build it with bnbackdoor.models.build_model")
     head = lrp_head(spec.arch)
-    module = explained_layer(model, None)
+    module = explained_layer(model, head.layer)
     if layer is not None and explained_layer(model, layer) is not module:
-        raise UserError(f"Relevance-CAM on {spec.arch} is defined for its declared layer '{spec.cam_layer}' only")
+        raise UserError(f"Relevance-CAM on {spec.arch} is defined for its declared layer "
+                        f"'{head.layer or spec.cam_layer}' only")
     extra = head.capture(model)
     with capture({"A": module, **extra}) as got, torch.set_grad_enabled(create_graph):
         logits = model(images)  # relevance needs no backward pass: no graph unless the caller wants one

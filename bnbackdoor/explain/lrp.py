@@ -1,7 +1,8 @@
 """Layer-wise relevance propagation (LRP-ε) from the target logit down to the CAM layer, per architecture.
 
 Relevance starts as the target logit, ``R = onehot(t) ⊙ z``, and flows back through the few modules between the
-CAM layer and the logits with closed-form, batched rules (differentiable, no backward pass needed):
+CAM layer (the head's ``layer``, else the Grad-CAM layer) and the logits with closed-form, batched rules
+(differentiable, no backward pass needed):
 
 * linear ``z = W x + b`` (ε-rule): ``R_x = x ⊙ Wᵀ (R_z / (z + ε·sign z))``; the bias keeps its share;
 * average pooling ``p = mean(x)``: ``R_x = x ⊙ R_p / ((p + ε·sign p) · hw)``;
@@ -66,6 +67,8 @@ class LrpHead:
     capture: Callable[[nn.Module], dict[str, nn.Module]]
     # (model, A, captured, logits, target, eps) -> relevances by name ("layer": at A).
     propagate: Callable[..., dict[str, Tensor]]
+    # The layer A the relevance is propagated to (a dotted path); None: the architecture's Grad-CAM layer.
+    layer: str | None = None
 
 
 def _resnet(model, acts, got, logits, target, eps=EPSILON):
@@ -122,7 +125,9 @@ LRP_HEADS: dict[str, LrpHead] = {
     "vgg13": _VGG,
     "vgg13bn": _VGG,
     "wideresnet28_10": LrpHead(lambda m: {}, _wrn),
-    "mobilenetv3small": LrpHead(lambda m: {"dropout": m.classifier[2]}, _mnv3),
+    # Relevance-CAM stays on the last 1×1 conv's BN (4×4): the rules here do not cross inverted residuals and
+    # squeeze-excitation blocks, which lie between it and the 8×8 Grad-CAM layer (features.8).
+    "mobilenetv3small": LrpHead(lambda m: {"dropout": m.classifier[2]}, _mnv3, layer="features.-1.1"),
 }
 
 

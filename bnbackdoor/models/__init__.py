@@ -110,8 +110,10 @@ ARCHS: dict[str, ModelSpec] = {
     "vgg13bn": ModelSpec("vgg13bn", lambda n, m, s: vgg13bn(n, m, s), "features.-3",
                          notes="Grad-CAM on the last BN (2×2 map before the last pool)"),
     "wideresnet28_10": ModelSpec("wideresnet28_10", _wrn, "bn", notes="Grad-CAM on the final BN (8×8)"),
-    "mobilenetv3small": ModelSpec("mobilenetv3small", _mnv3, "features.-1.1",
-                                  notes="Grad-CAM on the last 1×1 conv's BN (4×4)"),
+    # Not the last 1×1 conv (4×4 at 32×32): with that layer the red-herring attack moved attack success but not
+    # the map (manipulated_models/*MNV3154/README.md); the last 8×8 block matches ResNet20's map size.
+    "mobilenetv3small": ModelSpec("mobilenetv3small", _mnv3, "features.8",
+                                  notes="Grad-CAM on the last 8×8 block (features.8, 48 channels)"),
     "vit_b_16": ModelSpec("vit_b_16", _vit, "vit.encoder.layers.-1", tokens=True, has_bn=False,
                           notes="Grad-CAM on the last encoder block's tokens, reshaped to the patch grid"),
 }

@@ -13,7 +13,8 @@ from .layers import Normalize, replace_relus
 class MobileNetV3Small(nn.Module):
     """torchvision's MobileNetV3-Small with its first two stride-2 stages set to stride 1.
 
-    At 32×32 the ImageNet strides (total 32) would leave a 1×1 map; total stride 8 keeps a 4×4 map for Grad-CAM.
+    At 32×32 the ImageNet strides (total 32) would leave a 1×1 map; total stride 8 leaves 4×4 at the end and 8×8
+    up to ``features.8``, the Grad-CAM layer.
     """
 
     def __init__(self, num_classes: int, mean, std):
