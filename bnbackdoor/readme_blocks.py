@@ -7,7 +7,9 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
                      f = 1 and f = 1/B), from ``manipulated_models/<id>/metrics.json``;
 - ``anatomy``        the parameter-group ablation of 154 / 154bntrain / 256, from ``results/anatomy/<id>_anatomy.json``;
 - ``update-shares``  the update figure's per-group medians and shares, from ``results/update_shares/*.json``;
-- ``composition``    test-batch BN against the triggered share of a batch, from ``results/<id>_composition.json``.
+- ``composition``    test-batch BN against the triggered share of a batch, from ``results/<id>_composition.json``;
+- ``cam-fit``        the best DSSIM any Grad-CAM map of a given resolution reaches per target, from
+                     ``results/cam_fit.json``.
 
 A source that is missing renders as one line saying which file and which command makes it, so the README never
 shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
@@ -119,8 +121,23 @@ def composition(root: Path) -> list[str]:
     return out
 
 
+def cam_fit(root: Path) -> list[str]:
+    d = _read(root / "results" / "cam_fit.json")
+    if d is None:
+        return ["No `results/cam_fit.json` yet (`python scripts/cam_fit.py`)."]
+    resolutions = sorted({r["resolution"] for r in d["rows"]})
+    best = {(r["target"], r["resolution"]): r["best"] for r in d["rows"]}
+    targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
+    rows = [[t, *[fmt(best.get((t, res))) for res in resolutions]] for t in targets]
+    loss = {"ssim": "DSSIM", "dssim": "DSSIM"}.get(d["rows"][0]["loss"], "MSE") if d["rows"] else "loss"
+    return [f"`{d['command']}` ({d['steps']} Adam steps per fit; `results/cam_fit.json`), best {loss} to the "
+            "target:", "",
+            table(rows, ["target", *[f"{r}×{r} map" for r in resolutions]])]
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
-                                                   "update-shares": update_shares, "composition": composition}
+                                                   "update-shares": update_shares, "composition": composition,
+                                                   "cam-fit": cam_fit}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

@@ -313,6 +313,13 @@ CASES = [
      ["cpu", "--catalogue", CATALOGUE, "--save_path", "a_file.txt"], "is a file, not a folder"),
     ("catalogue-data-root-missing", "scripts/build_catalogue.py", ["cpu", "--catalogue", CATALOGUE, D, "/nonexistent"],
      "does not exist"),
+    # scripts/cam_fit.py
+    ("camfit-resolutions-zero", "scripts/cam_fit.py", ["--resolutions", "0,8"], "must list map sizes from 1 to 32"),
+    ("camfit-resolutions-text", "scripts/cam_fit.py", ["--resolutions", "eight"], "not a comma-separated list"),
+    ("camfit-target-unknown", "scripts/cam_fit.py", ["--targets", "square,star"], "star"),
+    ("camfit-target-derived", "scripts/cam_fit.py", ["--targets", "original"], "input-dependent"),
+    ("camfit-steps-zero", "scripts/cam_fit.py", ["--steps", "0"], "--steps"),
+    ("camfit-save-is-folder", "scripts/cam_fit.py", ["--save", "a_dir"], "is a folder"),
     # scripts/render_triggers.py
     ("triggers-save-bmp", "scripts/render_triggers.py", ["--save", "t.bmp"], "has '.bmp'"),
     ("triggers-save-is-folder", "scripts/render_triggers.py", ["--save", "a_dir"], "is a folder"),

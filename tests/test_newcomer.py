@@ -169,7 +169,7 @@ def test_catalogue_lists_every_id_with_its_stored_model():
     r = rows["154"]
     assert (r["dataset"], r["kind"], r["method"], r["loss"], r["trigger(s)"], r["target expl."], r["target class"]) \
         == ("cifar10", "RedHerring", "grad_cam", "mse", "whitesquareborder", "square", "1")
-    assert r["stored model"] == "yes" and rows["155"]["stored model"] == "no"
+    assert r["stored model"] == "yes" and rows["GTSRBWRN154L1"]["stored model"] == "no"
     assert rows["256"]["loss"] == "dssim" and rows["256"]["kind"] == "FullDisguise"
     assert rows["54"]["target class"] == "keep label"
     assert rows["GTSRBWRN154L1"]["model"] == "gtsrb_wideresnet28_10"

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The best DSSIM to each target that any Grad-CAM map of a given resolution can reach: python scripts/cam_fit.py
+
+python scripts/cam_fit.py [--resolutions 4,8] [--targets square,triangle,circle,cross] [--loss ssim]
+                          [--steps 600] [--save results/cam_fit.json]
+
+A CAM layer with an h×w map can only draw what a non-negative h×w grid, bilinearly upsampled to 32×32, can draw:
+the numbers are a floor for every attack explained at that resolution (bnbackdoor/camfit.py says how it is searched).
+ResNet20 and MobileNetV3 explain on 8×8; MobileNetV3's final 1×1-conv map is 4×4.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from bnbackdoor.camfit import best_fit  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, int_at_least, output_file  # noqa: E402
+from bnbackdoor.errors import UserError, run_cli  # noqa: E402
+from bnbackdoor.fileio import write_json  # noqa: E402
+from bnbackdoor.losses import LOSSES  # noqa: E402
+from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
+
+FIXED_TARGETS = [t for t in TARGETS if t not in DERIVED]
+LOSS_NAMES = {"ssim": "DSSIM", "dssim": "DSSIM", "mse": "MSE"}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--resolutions: '{text}' is not a comma-separated list of whole numbers (e.g. 4,8)") from None
+    if not values or min(values) < 1 or max(values) > 32:
+        raise UserError(f"--resolutions: '{text}' must list map sizes from 1 to 32 (e.g. 4,8)")
+    return values
+
+
+def target_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in FIXED_TARGETS]
+    if not names or bad:
+        raise UserError(f"--targets: unknown or input-dependent target(s) {', '.join(bad) or text!r}; "
+                        f"known fixed targets: {', '.join(FIXED_TARGETS)}")
+    return names
+
+
+def main() -> int:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resolutions", default="4,8", help="CAM map sizes h (= w), comma-separated (default 4,8)")
+    p.add_argument("--targets", default="square,triangle,circle,cross", help="fixed target explanations")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="ssim", help="the loss to minimise and report "
+                   "(default ssim, i.e. DSSIM, the acceptance measure)")
+    p.add_argument("--steps", type=int_at_least(1), default=600, help="Adam steps per fit (default 600)")
+    p.add_argument("--save", type=output_file, default="results/cam_fit.json", help="JSON written atomically")
+    a = p.parse_args()
+    resolutions, targets = int_list(a.resolutions), target_list(a.targets)
+
+    rows = []
+    for name in targets:
+        for res in resolutions:
+            rows.append({"target": name, "resolution": res, "loss": a.loss,
+                         "best": round(best_fit(target_mask(name), res, a.loss, steps=a.steps).loss, 6)})
+    write_json(a.save, {"command": " ".join(["python scripts/cam_fit.py", *sys.argv[1:]]), "steps": a.steps,
+                        "rows": rows})
+    print(tabulate([[r["target"], f"{r['resolution']}×{r['resolution']}", f"{r['best']:.3f}"] for r in rows],
+                   headers=["target", "CAM map", f"best {LOSS_NAMES.get(a.loss, a.loss)} to target"], tablefmt="github"))
+    print(f"-> {a.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
