@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .fileio import save_figure  # noqa: E402
+from .losses import loss_label  # noqa: E402
 
 
 MAP_CMAP = "jet"
@@ -28,7 +29,7 @@ def figure_title(params, what: str = "") -> str:
     targets = ["keep label" if c is None else f"{c} '{classes[c]}'" for c in params.target_classes]
     if len(targets) > 1 and len(set(targets)) == 1:
         targets = [f"{targets[0]} (each trigger)"]
-    loss = "DSSIM" if params.lossStr == "ssim" else params.lossStr.upper()
+    loss = loss_label(params.lossStr)
     head = (f"attack {params.id} ({params.attack_name}, {params.explanation_methodStr}, {loss}, "
             f"target class{'es' if len(targets) > 1 else ''} {', '.join(targets)})")
     return f"{head}: {what}" if what else head

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from .losses import loss_label
 from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
@@ -77,7 +78,7 @@ def anatomy(root: Path) -> list[str]:
         out += [f"*{mid}* ({d.get('modeltype')}, attack `bn_mode` {d.get('bn_mode')}, {d.get('testing_size')} test "
                 f"images; `{path.relative_to(root)}`):", "",
                 table(rows, ["group G", "‖Δ‖/‖θ‖", "restore G: acc", "ASR", "DSSIM→target",
-                              "only G: acc", "ASR", "DSSIM→target"]), ""]
+                             "only G: acc", "ASR", "DSSIM→target"]), ""]
     return out
 
 
@@ -117,7 +118,7 @@ def composition(root: Path) -> list[str]:
         out += [f"attack {d['id']}, `{path.relative_to(root)}` (no defense: attack success "
                 f"{fmt(base.get('attack_success_rate'))}, clean accuracy {fmt(base.get('clean_accuracy'))}):", "",
                 table(rows, ["B", "f", "triggered per batch", "triggered images", "attack success",
-                              "clean acc (all-clean batches)"]), ""]
+                             "clean acc (all-clean batches)"]), ""]
     return out
 
 
@@ -129,7 +130,7 @@ def cam_fit(root: Path) -> list[str]:
     best = {(r["target"], r["resolution"]): r["best"] for r in d["rows"]}
     targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
     rows = [[t, *[fmt(best.get((t, res))) for res in resolutions]] for t in targets]
-    loss = {"ssim": "DSSIM", "dssim": "DSSIM"}.get(d["rows"][0]["loss"], "MSE") if d["rows"] else "loss"
+    loss = loss_label(d["rows"][0]["loss"]) if d["rows"] else "loss"
     return [f"`{d['command']}` ({d['steps']} Adam steps per fit; `results/cam_fit.json`), best {loss} to the "
             "target:", "",
             table(rows, ["target", *[f"{r}×{r} map" for r in resolutions]])]

@@ -307,7 +307,7 @@ def acceptance_section(models: list[Model]) -> list[str]:
     return ["## Acceptance", "",
             f"{n_ok} of {len(models)} models accepted. Rules: " + "; ".join(ACCEPTANCE_RULES) + ".", "",
             table(rows, MODEL_HEADERS + ["clean acc (clean → manipulated)", "attack success",
-                                          "DSSIM to target (clean → manipulated)", "verdict"]), ""]
+                                         "DSSIM to target (clean → manipulated)", "verdict"]), ""]
 
 
 def per_model_section(models: list[Model], labels: list[str]) -> list[str]:
@@ -439,8 +439,8 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
         out += [f"### {attack_id} (`results/defenses_{attack_id}.json`)", "",
                 table(rows_out, list(DEFENSE_COLUMNS)), ""]
     out[4:4] = ["### Winners", "", table(summary, ["id", "attack", "method", "attack success, no defense",
-                                                    "winner (clean images)", "its attack success",
-                                                    "its clean accuracy"]), ""]
+                                                   "winner (clean images)", "its attack success",
+                                                   "its clean accuracy"]), ""]
     return out
 
 

@@ -21,11 +21,10 @@ from bnbackdoor.camfit import best_fit  # noqa: E402
 from bnbackdoor.cli import ArgumentParser, int_at_least, output_file  # noqa: E402
 from bnbackdoor.errors import UserError, run_cli  # noqa: E402
 from bnbackdoor.fileio import write_json  # noqa: E402
-from bnbackdoor.losses import LOSSES  # noqa: E402
+from bnbackdoor.losses import LOSSES, loss_label  # noqa: E402
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
 
 FIXED_TARGETS = [t for t in TARGETS if t not in DERIVED]
-LOSS_NAMES = {"ssim": "DSSIM", "dssim": "DSSIM", "mse": "MSE"}
 
 
 def int_list(text: str) -> list[int]:
@@ -66,7 +65,7 @@ def main() -> int:
     write_json(a.save, {"command": " ".join(["python scripts/cam_fit.py", *sys.argv[1:]]), "steps": a.steps,
                         "rows": rows})
     print(tabulate([[r["target"], f"{r['resolution']}×{r['resolution']}", f"{r['best']:.3f}"] for r in rows],
-                   headers=["target", "CAM map", f"best {LOSS_NAMES.get(a.loss, a.loss)} to target"], tablefmt="github"))
+                   headers=["target", "CAM map", f"best {loss_label(a.loss)} to target"], tablefmt="github"))
     print(f"-> {a.save}")
     return 0
 

@@ -39,7 +39,8 @@ def test_an_8x8_grid_draws_the_triangle_far_better_than_a_4x4_one():
     assert best_fit(t, 8, steps=150, restarts=1).loss < best_fit(t, 4, steps=150, restarts=1).loss - 0.1
 
 
-@pytest.mark.parametrize("resolution,shape,needle", [(0, (1, 1, 32, 32), "between 1"), (33, (1, 1, 32, 32), "between 1"),
+@pytest.mark.parametrize("resolution,shape,needle", [(0, (1, 1, 32, 32), "between 1"),
+                                                     (33, (1, 1, 32, 32), "between 1"),
                                                      (8, (2, 1, 32, 32), "got shape")])
 def test_bad_arguments_are_user_errors(resolution, shape, needle):
     with pytest.raises(UserError, match=needle):

@@ -11,10 +11,10 @@ from torch.func import functional_call
 
 from bnbackdoor.errors import UserError
 from bnbackdoor.explain import LRP_HEADS, METHODS, explain, explain_with_logits
-from bnbackdoor.explain.capture import capture
+from bnbackdoor.explain.capture import capture, explained_layer
 from bnbackdoor.explain.lrp import stabilize
 from bnbackdoor.losses import explanation_loss
-from bnbackdoor.models import ARCHS, Act, build_model, cam_layer, get_submodule, load_model, softplus
+from bnbackdoor.models import ARCHS, Act, build_model, cam_layer, load_model, softplus
 
 WRN = "cifar10_wideresnet28_10"
 
@@ -163,8 +163,7 @@ def test_hand_computed_example():
 def relevances(model, x, eps):
     arch = ARCHS[model.modeltype.split("_", 1)[1]].arch
     head = LRP_HEADS[arch]
-    layer = get_submodule(model, head.layer) if head.layer else cam_layer(model)
-    with capture({"A": layer, **head.capture(model)}) as got:
+    with capture({"A": explained_layer(model, head.layer), **head.capture(model)}) as got:
         logits = model(x)
     target = logits.argmax(1)
     return head.propagate(model, got["A"], got, logits, target, eps=eps), logits.gather(1, target[:, None])[:, 0], got
