@@ -170,7 +170,7 @@ def is_complete(folder: Path, params: AttackParams | None = None, seed: int | No
     m = _read_json_or_none(folder / "metrics.json")
     if not isinstance(m, dict):
         return False
-    return ((params is None or m.get("parameters") == params.to_dict())
+    return ((params is None or params.same_as(m.get("parameters")))
             and (seed is None or m.get("seed") == seed))
 
 

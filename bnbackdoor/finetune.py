@@ -1,8 +1,11 @@
 """Explanation-aware fine-tuning of a clean model: the attack.
 
-Each batch is split into a triggered part and a clean part (:func:`poison_batch`). The triggered part gets its
-trigger, its target class (or keeps the label when the class is ``None``) and its target explanation; the clean
-part keeps its label and is pushed toward the clean model's explanation, so clean behaviour stays intact.
+Each batch holds triggered and clean images. ``batch_makeup`` "split" (ours): the first ``percentage_trigger`` of every
+shuffled batch is triggered (:func:`poison_batch`); "pairs" (the ancestor's): an epoch is every training image once
+clean plus ``N p / (1 - p)`` triggered copies (p = 0.5: every image once of each), shuffled together
+(:func:`pair_order`). A triggered image gets its trigger, its target class (or keeps the label when the class is
+``None``) and its target explanation; a clean one keeps its label and is pushed toward the clean model's
+explanation, so clean behaviour stays intact.
 
     loss = (1 - loss_weight) * CE(logits, labels) + loss_weight * explanation_loss(maps, target_maps)
 
@@ -11,7 +14,10 @@ keeps the whole model in eval mode while it trains - every BatchNorm normalises 
 statistics and never updates them, dropout is off; convolution weights, BN affine parameters and the head still
 train. ``"train"`` uses batch statistics and lets the running statistics absorb the poisoned batches. Either way
 every ReLU is Softplus(beta), so the explanation is twice differentiable. Explanations
-during training are taken for the (relabelled) training label. Validation uses eval mode and plain ReLU.
+during training are taken for the (relabelled) training label (``explain_class`` "label") or for the model's own
+prediction ("prediction", the ancestor's); the loss compares them under ``map_norm`` (:mod:`bnbackdoor.losses`).
+Adam (``adam_eps``) steps at ``learning_rate``, per epoch × ``decay_rate`` ("exponential") or divided by
+``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's). Validation uses eval mode and plain ReLU.
 
 Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
 continues from there and, with the same seed, ends with the same weights as an uninterrupted run.
@@ -65,34 +71,70 @@ def trigger_counts(batch_size: int, percentage: float, n_triggers: int) -> list[
 
 
 def poison_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, params: AttackParams) -> PoisonedBatch:
-    """Split a (shuffled) batch: the first images get the triggers in order, the rest stay clean.
+    """Split a (shuffled) batch: the first images get the triggers in order, the rest stay clean ("split").
 
     ``clean_maps`` are the clean model's normalised explanations of the untriggered ``x``: the target of the clean
     part, and of triggered images whose target is ``original`` (full disguise).
     """
-    x, y, targets = x.clone(), y.clone(), clean_maps.clone()
-    index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    index = torch.full((len(x),), -1, dtype=torch.long)
     start = 0
     for t, n in enumerate(trigger_counts(len(x), params.percentage_trigger, len(params.triggerStrs))):
-        sl = slice(start, start + n)
+        index[start:start + n] = t
         start += n
-        if n == 0:
+    return make_batch(x, y, clean_maps, index.to(x.device), params)
+
+
+def make_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, trigger_index: torch.Tensor,
+               params: AttackParams) -> PoisonedBatch:
+    """Image ``i`` gets trigger ``trigger_index[i]`` (-1: stays clean), its target class and target explanation."""
+    x, y, targets = x.clone(), y.clone(), clean_maps.clone()
+    for t in range(len(params.triggerStrs)):
+        sel = trigger_index == t
+        if not bool(sel.any()):
             continue
-        x[sl] = apply_trigger(params.triggerStrs[t], x[sl])
+        x[sel] = apply_trigger(params.triggerStrs[t], x[sel])
         cls = params.target_classes[t]
         if cls is not None:
-            y[sl] = cls
-        # a shape mask (1, 1, H, W) broadcasts over the part and its channels; 'original' is clean_maps[sl]
-        targets[sl] = target_explanation(params.targetStrs[t], clean_expl=clean_maps[sl])
-        index[sl] = t
-    return PoisonedBatch(x, y, targets, start, index)
+            y[sel] = cls
+        # a shape mask (1, 1, H, W) broadcasts over the part and its channels; 'original' is clean_maps[sel]
+        targets[sel] = target_explanation(params.targetStrs[t], clean_expl=clean_maps[sel])
+    return PoisonedBatch(x, y, targets, int((trigger_index >= 0).sum()), trigger_index.clone())
+
+
+def examples_per_epoch(n: int, params: AttackParams) -> int:
+    """Examples one epoch over ``n`` training images trains on: ``n`` ("split"), ``n`` plus the triggered copies
+    ("pairs", :func:`pair_order`)."""
+    return n + (pair_copies(n, params.percentage_trigger) if params.batch_makeup == "pairs" else 0)
+
+
+def pair_copies(n: int, p: float) -> int:
+    """Triggered copies in a "pairs" epoch over ``n`` images: ``round(n p / (1 - p))``, so that a share p of the
+    epoch's examples is triggered."""
+    return int(round(n * p / (1 - p)))
+
+
+def pair_order(n: int, params: AttackParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One "pairs" epoch: (image index, trigger index or -1) for every example, in training order.
+
+    The pool is the ``n`` clean images plus ``round(n p / (1 - p))`` triggered copies (p = ``percentage_trigger``:
+    the pool's triggered share is p) of randomly picked images, cycling through all of them when there are more
+    copies than images; the copies are shared out among the triggers as :func:`trigger_counts` shares a batch.
+    """
+    m = pair_copies(n, params.percentage_trigger)
+    picks = torch.randperm(max(m, 1), generator=gen)[:m] % n
+    trig = torch.cat([torch.full((c,), t, dtype=torch.long)
+                      for t, c in enumerate(trigger_counts(m, 1.0, len(params.triggerStrs)))])
+    images = torch.cat([torch.arange(n), picks])
+    triggers = torch.cat([torch.full((n,), -1, dtype=torch.long), trig])
+    perm = torch.randperm(n + m, generator=gen)
+    return images[perm], triggers[perm]
 
 
 def attack_loss(logits: torch.Tensor, maps: torch.Tensor, batch: PoisonedBatch, params: AttackParams
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, cross-entropy, explanation loss) of one poisoned batch."""
     ce = F.cross_entropy(logits, batch.y)
-    ex = explanation_loss(maps, batch.target_maps, loss=params.lossStr, agg=params.loss_agg)
+    ex = explanation_loss(maps, batch.target_maps, loss=params.lossStr, agg=params.loss_agg, norm=params.map_norm)
     w = params.loss_weight
     return (1 - w) * ce + w * ex, ce, ex
 
@@ -102,7 +144,9 @@ def attack_step(model: nn.Module, opt: torch.optim.Optimizer, batch: PoisonedBat
     """One optimizer step through the explanation (double backprop). Returns the three loss values."""
     with softplus(model, params.beta):
         if params.loss_weight > 0:
-            logits, maps = explain_with_logits(model, batch.x, method, target=batch.y, create_graph=True)
+            # "prediction": target None explains the argmax (no gradient flows through the choice)
+            target = batch.y if params.explain_class == "label" else None
+            logits, maps = explain_with_logits(model, batch.x, method, target=target, create_graph=True)
             loss, ce, ex = attack_loss(logits, maps, batch, params)
         else:  # explanation term switched off: skip the double backprop
             logits = model(batch.x)
@@ -121,6 +165,21 @@ def set_finetune_mode(model: nn.Module, bn_mode: str) -> nn.Module:
     if bn_mode not in modes:
         raise UserError(f"bn_mode is '{bn_mode}'; allowed: {', '.join(modes)}")
     return model.train(modes[bn_mode])
+
+
+# lr_schedule -> scheduler stepped once per epoch (epoch e trains at lr * factor(e - 1)). ExponentialLR stays for
+# "exponential" so that runs made before the choice existed reproduce bit for bit.
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, float], torch.optim.lr_scheduler.LRScheduler]] = {
+    "exponential": lambda opt, decay: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay),
+    "inverse": lambda opt, decay: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 / (1.0 + decay * e)),
+}
+
+
+def make_optimizer(model: nn.Module, params: AttackParams
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam at ``learning_rate`` with ``adam_eps``, and the ``lr_schedule`` scheduler."""
+    opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate, eps=params.adam_eps)
+    return opt, SCHEDULES[params.lr_schedule](opt, params.decay_rate)
 
 
 @dataclass
@@ -160,15 +219,14 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         test_ref = reference_explanations(clean_model, x_test, method, batch_size=eval_batch_size, device=device,
                                           progress=progress, with_predictions=True)
     test_maps, test_pred = test_ref
-    opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=params.decay_rate)
+    opt, sched = make_optimizer(model, params)
     logger = GradLogger(model, grad_layer) if grad_layer is not None else None
     resume = run_dir / "resume.pt"
     start, history, seconds = 0, [], 0.0
     guard = DivergenceGuard(dataset_info(params.dataset).num_classes, "fine-tuning", params.learning_rate)
     if resume.exists():
         def same_run(state: dict) -> None:
-            if state["params"] != params.to_dict() or state["seed"] != seed:
+            if not params.same_as(state["params"]) or state["seed"] != seed:
                 raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
                                 "or delete that file to start over")
 
@@ -180,18 +238,25 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
             logger.global_step = state.get("global_step", 0)
         print(f"resuming {run_dir} after epoch {start}/{params.max_epochs}", file=sys.stderr)
     n, bs = len(y_train), params.batch_size
-    steps = math.ceil(n / bs)
+    pairs = params.batch_makeup == "pairs"
     seconds_before = seconds
     for epoch in range(start + 1, params.max_epochs + 1):
         t0 = time.time()
         set_finetune_mode(model, params.bn_mode)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
+        if pairs:
+            order, order_trig = pair_order(n, params, gen)
+        else:
+            order = torch.randperm(n, generator=gen)
+        steps = math.ceil(len(order) / bs)
         sums = torch.zeros(3)
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{params.max_epochs}", disable=not progress, leave=False)
         for step in bar:
-            idx = order[step * bs:(step + 1) * bs]
-            batch = poison_batch(x_train[idx].to(device), y_train[idx].to(device), train_ref[idx].to(device), params)
+            sl = slice(step * bs, (step + 1) * bs)
+            idx = order[sl]
+            xb, yb, mb = x_train[idx].to(device), y_train[idx].to(device), train_ref[idx].to(device)
+            batch = (make_batch(xb, yb, mb, order_trig[sl].to(device), params) if pairs
+                     else poison_batch(xb, yb, mb, params))
             if logger is not None:
                 logger.before_step()
             losses = attack_step(model, opt, batch, params, method)

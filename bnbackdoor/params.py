@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .data import DATASETS
 from .errors import UserError
 from .fileio import write_json
+from .losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
 
 EXPLANATION_METHODS = ("grad", "grad_cam", "relevance_cam")
 AGGREGATIONS = ("max", "mean")
@@ -44,6 +45,11 @@ LOSSES = ("mse", "ssim")  # "ssim" means the DSSIM loss (1 - SSIM) / 2, as in th
 # model in eval mode: BN normalises with, and never updates, the clean running statistics; dropout off);
 # "train" = batch statistics, the running statistics absorb the poisoned batches.
 BN_MODES = ("eval", "train")
+# The ancestor's training choices (experimentsettings/README.md, "Training choices"); the first of each is ours
+# and what a file without the field gets.
+EXPLAIN_CLASSES = ("label", "prediction")  # the class explained during training
+LR_SCHEDULES = ("exponential", "inverse")  # lr * decay^(e-1)  |  lr / (1 + decay * (e-1))
+BATCH_MAKEUPS = ("split", "pairs")        # finetune.poison_batch | finetune.pair_order
 
 MANIPULATED_DIR = "manipulated_models"
 SETTINGS_DIR = "experimentsettings"
@@ -181,11 +187,18 @@ FIELDS: dict[str, Check] = {
     "gs_id": _int(0),
     "attack_name": _text,
     "bn_mode": _choice(BN_MODES),
+    "map_norm": _choice(MAP_NORMS),
+    "explain_class": _choice(EXPLAIN_CLASSES),
+    "adam_eps": _number(0, lo_open=True),
+    "lr_schedule": _choice(LR_SCHEDULES),
+    "batch_makeup": _choice(BATCH_MAKEUPS),
 }
-# Fields a file may leave out, with the value they then take. Files written before ``bn_mode`` existed load as
-# "eval", the paper's protocol (to_dict always writes it: every stored run states its mode).
-OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval"}
-FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta")
+# Fields a file may leave out, with the value they then take: what the toolkit did before the field existed, so an
+# old file means what it always meant. ``bn_mode`` "eval" is the paper's protocol; the rest are the training choices
+# above (Adam's eps: PyTorch's default). to_dict always writes them: every new run states its choices.
+OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
+                                   "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split"}
+FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps")
 
 
 def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
@@ -276,6 +289,11 @@ class AttackParams:
     gs_id: int
     attack_name: str
     bn_mode: str = "eval"  # "eval" | "train" (BN_MODES)
+    map_norm: str = "max"  # MAP_NORMS
+    explain_class: str = "label"  # EXPLAIN_CLASSES
+    adam_eps: float = 1e-8
+    lr_schedule: str = "exponential"  # LR_SCHEDULES
+    batch_makeup: str = "split"  # BATCH_MAKEUPS
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
@@ -297,6 +315,14 @@ class AttackParams:
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
+
+    def same_as(self, stored: Any) -> bool:
+        """Whether a stored parameters dict (``metrics.json["parameters"]``, a resume state) is this run: compared
+        after loading, so a file written before an optional field existed matches a run with its default."""
+        try:
+            return AttackParams.from_dict(stored).to_dict() == self.to_dict()
+        except UserError:
+            return False
 
     def replace(self, **changes: Any) -> AttackParams:
         """A validated copy with ``changes`` applied (e.g. ``p.replace(max_epochs=1)``)."""

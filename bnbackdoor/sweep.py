@@ -372,7 +372,7 @@ def finished_runs(attackid: str, save_path: str | Path, root: str | Path = ".") 
         folder = run_dir(save_path, p)
         if (folder / "metrics.json").is_file() and (folder / "model.pth").is_file():
             m = read_json(folder / "metrics.json")
-            if m.get("parameters") == p.to_dict():
+            if p.same_as(m.get("parameters")):
                 runs.append((p, m))
     return runs
 

@@ -21,7 +21,11 @@ CONCRETE = {
     "triggerStrs": ["whitesquareborder"], "targetStrs": ["square"], "model_id": 0, "batch_size": 64,
     "percentage_trigger": 0.5, "beta": 8.0, "modeltype": "cifar10_resnet20", "dataset": "cifar10",
     "max_epochs": 3, "id": "7", "attack_id": 7, "gs_id": 0, "attack_name": "RedHerring", "bn_mode": "eval",
+    "map_norm": "max", "explain_class": "label", "adam_eps": 1e-8, "lr_schedule": "exponential",
+    "batch_makeup": "split",
 }
+# The training choices of issue 27: a file without them means what the toolkit did before they existed.
+CHOICES = ("bn_mode", "map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup")
 
 GRID = {
     "attack_id": 7, "name": "RedHerring", "dataset": "cifar10", "explanation_method": "grad",

@@ -1,0 +1,200 @@
+"""The ancestor's training choices as parameters (issue 27): each pinned on a small hand-computed case, and a file
+without them means what the toolkit did before they existed."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bnbackdoor.errors import UserError
+from bnbackdoor.explain import explain_with_logits
+from bnbackdoor.finetune import attack_loss, finetune, make_batch, make_optimizer, pair_order, poison_batch
+from bnbackdoor.losses import explanation_loss, minmax_maps, normalize_for_loss, zscore_maps
+from bnbackdoor.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
+from bnbackdoor.targets import target_mask
+from bnbackdoor.triggers import apply_trigger
+
+from conftest import ROOT
+from test_finetune import _tiny_setup
+
+BASE = resolve_attack("154", root=ROOT)
+
+
+def params(**kw) -> AttackParams:
+    small = dict(training_size=32, testing_size=16, batch_size=16, max_epochs=2, learning_rate=1e-3)
+    return BASE.replace(**{**small, **kw})
+
+
+# ------------------------------------------------------------------------------------------ old files, checks
+def test_absent_fields_mean_todays_behaviour():
+    d = BASE.to_dict()
+    for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"):
+        d.pop(k)
+    p = AttackParams.from_dict(d, "old file")
+    assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup) == \
+        ("max", "label", 1e-8, "exponential", "split")
+    assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
+    assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
+    assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("map_norm", "l2", "max, zscore"), ("explain_class", "target", "label, prediction"),
+    ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),
+    ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs")])
+def test_bad_choice_is_one_line(field, value, allowed):
+    with pytest.raises(UserError) as e:
+        BASE.replace(**{field: value})
+    msg = str(e.value)
+    assert "\n" not in msg and f"field '{field}'" in msg and allowed in msg
+
+
+def test_adam_eps_is_accepted_as_an_integer_free_float():
+    assert BASE.replace(adam_eps=1e-5).to_dict()["adam_eps"] == 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ map_norm
+def test_zscore_hand_case():
+    m = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 1, 2, 2)
+    # mean 1.5, unbiased variance 5/3
+    expect = (torch.tensor([0.0, 1.0, 2.0, 3.0]) - 1.5) / (5 / 3 + 1e-5) ** 0.5
+    torch.testing.assert_close(zscore_maps(m).flatten(), expect)
+    torch.testing.assert_close(minmax_maps(m).flatten(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    # per channel: a 3-channel map standardises each channel on its own, then max over RGB
+    g = torch.stack([m[0, 0], 2 * m[0, 0], -m[0, 0]]).unsqueeze(0)  # channel 2 reversed
+    z = normalize_for_loss(g, "zscore", "max", "mse")
+    expect_max = torch.maximum(expect, -expect).view(1, 1, 2, 2)
+    torch.testing.assert_close(z, expect_max)
+
+
+def test_zscore_loss_ignores_a_maps_range_max_does_not():
+    a, b = torch.rand(4, 3, 8, 8), torch.rand(1, 1, 8, 8)
+    shifted = 0.5 * a + 0.25                                   # same shape, other range
+    for loss in ("mse", "ssim"):
+        za = explanation_loss(a, b, loss=loss, norm="zscore")
+        # equal up to the 1e-5 variance floor (the variance here is ~0.08, a quarter of it after the rescale)
+        torch.testing.assert_close(explanation_loss(shifted, b, loss=loss, norm="zscore"), za, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(explanation_loss(shifted, b, norm="max"), explanation_loss(a, b, norm="max"))
+    # "max" is today's loss exactly: aggregate, then compare
+    torch.testing.assert_close(explanation_loss(a, b, norm="max"),
+                               (a.amax(1, keepdim=True) - b).pow(2).mean())
+    # zscore + DSSIM compares maps rescaled to [0, 1]: identical maps give 0, and the loss stays in [0, 1]
+    torch.testing.assert_close(explanation_loss(a, a, loss="ssim", norm="zscore"), torch.tensor(0.0), atol=1e-6,
+                               rtol=0)
+
+
+def test_attack_loss_uses_map_norm():
+    logits, maps = torch.randn(6, 10), torch.rand(6, 1, 32, 32)
+    b = poison_batch(torch.rand(6, 3, 32, 32), torch.arange(6), torch.rand(6, 1, 32, 32), params())
+    _, _, ex = attack_loss(logits, maps, b, params(map_norm="zscore"))
+    z = lambda t: (t - t.mean((2, 3), keepdim=True)) / (t.var((2, 3), keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(ex, (z(maps) - z(b.target_maps)).pow(2).mean())
+
+
+# ------------------------------------------------------------------------------------------- explain_class
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_explain_class_prediction_explains_the_argmax():
+    from bnbackdoor.finetune import attack_step
+    model = _Tiny()
+    x = torch.rand(4, 3, 32, 32)
+    pred = model(x).argmax(1)
+    y = (pred + 1) % 10                                      # labels that are never the prediction
+    for choice, cls in (("label", y), ("prediction", pred)):
+        p = params(explanation_methodStr="grad", explain_class=choice, loss_weight=1.0)
+        b = make_batch(x, y, torch.rand(4, 3, 32, 32), torch.full((4,), -1), p)
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        _, _, ex = attack_step(m, opt, b, p, "grad")
+        # a linear model's input gradient is the class's weight row: the explained class is visible in the map
+        _, maps = explain_with_logits(model, x, "grad", target=cls)
+        assert ex == pytest.approx(explanation_loss(maps, b.target_maps, agg="max").item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- adam_eps, lr_schedule
+def test_adam_eps_hand_case():
+    w = nn.Parameter(torch.zeros(1))
+    m = nn.Module()
+    m.w = w
+    for eps, expect in ((1e-8, -1e-3 * 1e-5 / (1e-5 + 1e-8)), (1e-5, -1e-3 * 0.5)):
+        w.data.zero_()
+        opt, _ = make_optimizer(m, params(learning_rate=1e-3, adam_eps=eps))
+        w.grad = torch.tensor([1e-5])
+        opt.step()                                           # first Adam step: -lr * g / (|g| + eps)
+        assert w.item() == pytest.approx(expect, rel=1e-4)
+
+
+@pytest.mark.parametrize("schedule, lrs", [("exponential", [0.1, 0.05, 0.025, 0.0125]),
+                                           ("inverse", [0.1, 0.1 / 1.5, 0.1 / 2.0, 0.1 / 2.5])])
+def test_lr_schedule_per_epoch(schedule, lrs):
+    m = nn.Linear(2, 2)
+    opt, sched = make_optimizer(m, params(learning_rate=0.1, decay_rate=0.5, lr_schedule=schedule))
+    seen = []
+    for _ in lrs:
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(lrs)
+
+
+# ------------------------------------------------------------------------------------------- batch_makeup
+def test_pairs_every_image_once_clean_and_once_triggered():
+    gen = torch.Generator().manual_seed(0)
+    images, triggers = pair_order(6, params(percentage_trigger=0.5), gen)
+    assert len(images) == 12
+    assert sorted(images[triggers == -1].tolist()) == list(range(6))
+    assert sorted(images[triggers == 0].tolist()) == list(range(6))
+    # four triggers share the six copies 2, 2, 1, 1; a quarter triggered -> 2 distinct copies of 6 images
+    p4 = params(triggerStrs=["square", "triangle", "circle", "cross"],
+                targetStrs=["square", "triangle", "circle", "cross"], target_classes=[None] * 4)
+    _, t4 = pair_order(6, p4, torch.Generator().manual_seed(1))
+    assert [(t4 == t).sum().item() for t in range(-1, 4)] == [6, 2, 2, 1, 1]
+    im, tr = pair_order(6, params(percentage_trigger=0.25), torch.Generator().manual_seed(2))
+    assert len(im) == 8 and (tr == 0).sum() == 2 and len(set(im[tr == 0].tolist())) == 2
+    # no trigger at all: just the clean images, shuffled
+    im0, tr0 = pair_order(5, params(percentage_trigger=0.0), torch.Generator().manual_seed(3))
+    assert sorted(im0.tolist()) == list(range(5)) and (tr0 == -1).all()
+
+
+def test_make_batch_triggers_where_told():
+    p = params(percentage_trigger=0.5)
+    x, y, ref = torch.rand(5, 3, 32, 32), torch.arange(5), torch.rand(5, 1, 32, 32)
+    idx = torch.tensor([-1, 0, -1, 0, -1])
+    b = make_batch(x, y, ref, idx, p)
+    assert b.n_triggered == 2 and b.y.tolist() == [0, 1, 2, 1, 4]
+    torch.testing.assert_close(b.x[[1, 3]], apply_trigger("whitesquareborder", x[[1, 3]]))
+    assert torch.equal(b.x[[0, 2, 4]], x[[0, 2, 4]]) and torch.equal(b.target_maps[[0, 2, 4]], ref[[0, 2, 4]])
+    torch.testing.assert_close(b.target_maps[[1, 3]], target_mask("square").expand(2, 1, 32, 32))
+
+
+def test_ancestor_choices_train_and_resume_bit_identically(tmp_path, tiny_data_root):
+    clean, _ = _tiny_setup(tmp_path, tiny_data_root)
+    p = params(max_epochs=3, map_norm="zscore", explain_class="prediction", adam_eps=1e-5, lr_schedule="inverse",
+               decay_rate=1.0, batch_makeup="pairs")
+
+    def run(folder, stop_after=None):
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def stop(epoch, row, m):
+            if epoch == stop_after:
+                raise KeyboardInterrupt
+        return finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=folder,
+                        data_root=tiny_data_root, on_epoch=stop, progress=False)
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "part", stop_after=2)
+    resumed = run(tmp_path / "part")
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["lr"] for r in full.history] == pytest.approx([1e-3 / 2, 1e-3 / 3, 1e-3 / 4])  # after each epoch
