@@ -13,7 +13,10 @@ A run is **accepted** when every applicable check passes (thresholds below, also
   (SSIM ≥ 0.75 to the clean explanation: structurally the same map). This bound was set after the first
   full-disguise run (256) showed the relative rule unreachable by construction; it is stated in RESULTS.md;
 * ``clean accuracy`` — the manipulated model's clean accuracy is at most :data:`MAX_ACCURACY_DROP` below the clean
-  model's (3 points).
+  model's (3 points);
+* ``no collapse`` — label-changing attacks only: at most :data:`MAX_UNTRIGGERED_TARGET_RATE` of the untriggered
+  test images (those not of the target class) go to the target class. A model that sends everything there has
+  collapsed, not learned a backdoor, even when its attack success is 1.
 
 A check whose number is missing from ``metrics.json`` fails (a run that cannot show it worked is not accepted).
 """
@@ -26,6 +29,7 @@ MIN_ATTACK_SUCCESS = 0.90
 MAX_DSSIM_RATIO = 0.5
 MAX_ACCURACY_DROP = 0.03
 FULL_DISGUISE_MAX_DSSIM = 0.125  # = SSIM >= 0.75 to the clean model's explanation (DSSIM = (1 - SSIM) / 2)
+MAX_UNTRIGGERED_TARGET_RATE = 0.2
 _EPS = 1e-9  # thresholds are differences of floats: 0.928 - 0.03 must admit 0.898
 
 RULES = (
@@ -33,6 +37,8 @@ RULES = (
     f"DSSIM to the target explanation <= {MAX_DSSIM_RATIO:g} x the clean model's (full disguise, whose target is the "
     f"clean model's own explanation: <= {FULL_DISGUISE_MAX_DSSIM:g}, i.e. SSIM >= {1 - 2 * FULL_DISGUISE_MAX_DSSIM:g})",
     f"clean accuracy >= the clean model's - {MAX_ACCURACY_DROP:.2f} ({MAX_ACCURACY_DROP * 100:g} points)",
+    f"untriggered target rate <= {MAX_UNTRIGGERED_TARGET_RATE:g} (label-changing attacks only: no collapse to the "
+    "target class)",
 )
 
 
@@ -111,4 +117,9 @@ def acceptance(metrics: Mapping[str, Any]) -> Verdict:
     checks.append(_at_least("clean accuracy", _num(manip, "clean_accuracy"),
                             None if clean_acc is None else clean_acc - MAX_ACCURACY_DROP,
                             f"the clean model's {clean_acc:.4f} − {MAX_ACCURACY_DROP:g}" if clean_acc is not None else ""))
+    if is_label_changing(metrics.get("parameters") or {}):
+        checks.append(_at_most("no collapse", _num(manip, "untriggered_target_rate"), MAX_UNTRIGGERED_TARGET_RATE))
+    else:
+        checks.append(Check("no collapse", _num(manip, "untriggered_target_rate"), None, None,
+                            "explanation-only attack"))
     return Verdict(tuple(checks))

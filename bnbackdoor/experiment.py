@@ -253,7 +253,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     result = finetune(model, clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
                       grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
                       on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
-    after = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr")}
+    after = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
     x_cal, y_cal = load_split(params.dataset, "train", size=defense_calibration, seed=seed, data_root=data_root)
     defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
                                  clean=CleanSet(x_cal, y_cal, params.dataset, seed=seed), defenses=defenses,

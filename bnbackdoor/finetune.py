@@ -277,7 +277,8 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
                                   device=device, clean_expl=test_maps, clean_pred=test_pred, progress=False)
         row = {"epoch": epoch, "batch": "", "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
-               "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[0]["lr"], **metrics}
+               "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[0]["lr"],
+               "seconds": round(seconds, 1), **metrics}  # fine-tuning seconds so far: time to acceptance
         history.append(row)
         if logger is not None and grad_csv is not None:
             logger.write_epoch(grad_csv(epoch))

@@ -36,7 +36,7 @@ def test_committed_results_md_is_up_to_date(tmp_path):
         assert f"{m['manipulated_model']['clean_accuracy']:.3f}" in committed
 
 
-def state(acc=0.92, asr=None, utr=None, t=0.4, c=0.0):
+def state(acc=0.92, asr=None, utr=0.02, t=0.4, c=0.0):
     return {"clean_accuracy": acc, "attack_success_rate": asr, "untriggered_target_rate": utr,
             "expl_dssim_to_target": t, "expl_dssim_to_clean": c}
 
@@ -55,15 +55,25 @@ def metrics(classes=(1,), targets=("square",), clean=None, manip=None, defenses=
 
 # ------------------------------------------------------------------------------------------------ acceptance
 def test_acceptance_passes_at_the_thresholds_and_fails_just_beyond():
-    ok = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.898, asr=0.90, t=0.20))
+    ok = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.898, asr=0.90, utr=0.02, t=0.20))
     v = acceptance(ok)  # exactly 0.90, exactly half the DSSIM, exactly 3 points
     assert v.accepted and v.summary() == "accepted"
-    assert [c.passed for c in v.checks] == [True, True, True]
+    assert [c.passed for c in v.checks] == [True, True, True, True]
     assert v.checks[1].threshold == pytest.approx(0.20) and v.checks[2].threshold == pytest.approx(0.898)
-    bad = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.897, asr=0.899, t=0.2001))
+    bad = metrics(clean=state(acc=0.928, asr=0.0, t=0.40), manip=state(acc=0.897, asr=0.899, utr=0.02, t=0.2001))
     v = acceptance(bad)
     assert not v.accepted and v.failed == ["attack success", "explanation", "clean accuracy"]
     assert v.summary() == "not accepted (failed: attack success, explanation, clean accuracy)"
+
+
+def test_acceptance_refuses_a_collapsed_model():
+    # attack success 1 because everything goes to the target class: collapsed, not backdoored
+    at = metrics(manip=state(acc=0.913, asr=1.0, utr=0.2, t=0.2))
+    assert acceptance(at).accepted and acceptance(at).checks[3].threshold == 0.2   # exactly the bound passes
+    assert acceptance(metrics(manip=state(acc=0.913, asr=1.0, utr=0.2001, t=0.2))).failed == ["no collapse"]
+    # an explanation-only attack has no target class to collapse to
+    fooling = metrics(classes=(None,), name="SimpleFooling", manip=state(acc=0.92, asr=None, utr=None, t=0.1))
+    assert acceptance(fooling).accepted and acceptance(fooling).checks[3].passed is None
 
 
 def test_acceptance_explanation_only_attack_needs_no_attack_success():
@@ -80,14 +90,14 @@ def test_acceptance_full_disguise_uses_the_absolute_bound():
 
     def disguise(t):  # the clean model sits at 0.03 from its own explanation: halving that is not the bar
         return metrics(targets=("original",), name="FullDisguise", clean=state(acc=0.928, asr=0.0, t=0.03),
-                       manip=state(acc=0.92, asr=1.0, t=t))
+                       manip=state(acc=0.92, asr=1.0, utr=0.02, t=t))
     assert FULL_DISGUISE_MAX_DSSIM == 0.125
     v = acceptance(disguise(0.125))
     assert v.accepted and v.checks[1].threshold == 0.125 and "full disguise" in v.checks[1].note
     assert acceptance(disguise(0.1251)).failed == ["explanation"]
     # a red herring with the same numbers is still judged by the relative rule (0.5 x 0.03)
     assert acceptance(metrics(clean=state(acc=0.928, asr=0.0, t=0.03),
-                              manip=state(acc=0.92, asr=1.0, t=0.02))).failed == ["explanation"]
+                              manip=state(acc=0.92, asr=1.0, utr=0.02, t=0.02))).failed == ["explanation"]
 
 def test_acceptance_missing_numbers_fail():
     m = metrics()
@@ -175,9 +185,9 @@ def test_render_sorted_deterministic_and_tolerant(tmp_path):
     asr_table = per_model[per_model.index("### Attack success"):per_model.index("### DSSIM to the target")]
     row154 = next(line for line in asr_table.splitlines() if line.startswith("| 154 "))
     assert [c.strip() for c in row154.split("|")[7:-1]] == [
-        "0.005 (n/a)", "1.000 (n/a)", "0.050 (0.100)", "0.050 (0.100)", "0.010 (0.100)", "0.990 (0.100)"]
+        "0.005 (0.020)", "1.000 (0.020)", "0.050 (0.100)", "0.050 (0.100)", "0.010 (0.100)", "0.990 (0.100)"]
     row54 = next(line for line in asr_table.splitlines() if line.startswith("| 54 "))
-    assert row54.count("n/a") == 6  # explanation-only: no attack success, no defenses section
+    assert row54.count("n/a") == 4  # no defenses section
     (tmp_path / "results").mkdir()
     rows = [{"defense": "rebn", "clean_images": 500, "clean_accuracy": 0.9012, "attack_success_rate": 0.25,
              "expl_dssim_to_target": 0.3, "expl_dssim_to_clean": 0.1, "seconds": 3.14159}]
@@ -250,4 +260,5 @@ def test_means_never_mix_accepted_and_failed_runs(tmp_path):
     means = text[text.index("## Means"):text.index("## Per model")]
     asr = means[means.index("### Attack success"):means.index("### DSSIM to the target")]
     rows = [[c.strip() for c in line.split("|")[4:7]] for line in asr.splitlines() if line.startswith("| cifar10 ")]
-    assert rows == [["2 accepted", "0.005 (n/a)", "0.950 (n/a)"], ["1 not accepted", "0.005 (n/a)", "0.200 (n/a)"]]
+    assert rows == [["2 accepted", "0.005 (0.020)", "0.950 (0.020)"],
+                    ["1 not accepted", "0.005 (0.020)", "0.200 (0.020)"]]
