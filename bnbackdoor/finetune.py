@@ -177,8 +177,19 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, float], torch.optim.lr_sch
 
 def make_optimizer(model: nn.Module, params: AttackParams
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam at ``learning_rate`` with ``adam_eps``, and the ``lr_schedule`` scheduler."""
-    opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate, eps=params.adam_eps)
+    """Adam at ``learning_rate`` with ``adam_eps`` (convolution weights at ``learning_rate x conv_lr_factor``), and
+    the ``lr_schedule`` scheduler.
+
+    Why a factor for convolutions: Adam's step is about ``lr`` per weight whatever the weight's size, so a model whose
+    convolution weights are ``s`` times smaller moves ``s`` times faster relative to them at the same ``lr`` (BatchNorm
+    and the head, not weight-decayed, keep their size). ``1 / s`` restores the relative step the ``lr`` was chosen for.
+    """
+    conv = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    conv_ids = {id(w) for w in conv}
+    rest = [q for q in model.parameters() if id(q) not in conv_ids]
+    groups = ([{"params": conv, "lr": params.learning_rate * params.conv_lr_factor}, {"params": rest}]
+              if params.conv_lr_factor != 1.0 else [{"params": list(model.parameters())}])  # one group: as before
+    opt = torch.optim.Adam(groups, lr=params.learning_rate, eps=params.adam_eps)
     return opt, SCHEDULES[params.lr_schedule](opt, params.decay_rate)
 
 
@@ -277,7 +288,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
                                   device=device, clean_expl=test_maps, clean_pred=test_pred, progress=False)
         row = {"epoch": epoch, "batch": "", "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
-               "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[0]["lr"],
+               "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[-1]["lr"],
                "seconds": round(seconds, 1), **metrics}  # fine-tuning seconds so far: time to acceptance
         history.append(row)
         if logger is not None and grad_csv is not None:

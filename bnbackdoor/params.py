@@ -192,13 +192,16 @@ FIELDS: dict[str, Check] = {
     "adam_eps": _number(0, lo_open=True),
     "lr_schedule": _choice(LR_SCHEDULES),
     "batch_makeup": _choice(BATCH_MAKEUPS),
+    "conv_lr_factor": _number(0, lo_open=True),
 }
 # Fields a file may leave out, with the value they then take: what the toolkit did before the field existed, so an
 # old file means what it always meant. ``bn_mode`` "eval" is the paper's protocol; the rest are the training choices
 # above (Adam's eps: PyTorch's default). to_dict always writes them: every new run states its choices.
 OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
-                                   "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split"}
-FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps")
+                                   "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split",
+                                   "conv_lr_factor": 1.0}
+FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
+                "conv_lr_factor")
 
 
 def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
@@ -294,6 +297,7 @@ class AttackParams:
     adam_eps: float = 1e-8
     lr_schedule: str = "exponential"  # LR_SCHEDULES
     batch_makeup: str = "split"  # BATCH_MAKEUPS
+    conv_lr_factor: float = 1.0  # convolution weights step at learning_rate x this (finetune.make_optimizer)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:

@@ -30,11 +30,11 @@ def params(**kw) -> AttackParams:
 # ------------------------------------------------------------------------------------------ old files, checks
 def test_absent_fields_mean_todays_behaviour():
     d = BASE.to_dict()
-    for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"):
+    for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor"):
         d.pop(k)
     p = AttackParams.from_dict(d, "old file")
-    assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup) == \
-        ("max", "label", 1e-8, "exponential", "split")
+    assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor) == \
+        ("max", "label", 1e-8, "exponential", "split", 1.0)
     assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
     assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
@@ -43,7 +43,8 @@ def test_absent_fields_mean_todays_behaviour():
 @pytest.mark.parametrize("field, value, allowed", [
     ("map_norm", "l2", "max, zscore"), ("explain_class", "target", "label, prediction"),
     ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),
-    ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs")])
+    ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
+    ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0")])
 def test_bad_choice_is_one_line(field, value, allowed):
     with pytest.raises(UserError) as e:
         BASE.replace(**{field: value})
@@ -132,6 +133,22 @@ def test_adam_eps_hand_case():
         w.grad = torch.tensor([1e-5])
         opt.step()                                           # first Adam step: -lr * g / (|g| + eps)
         assert w.item() == pytest.approx(expect, rel=1e-4)
+
+
+def test_conv_lr_factor_slows_convolutions_only():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    m(torch.rand(2, 3, 6, 6))
+    before = [q.detach().clone() for q in m.parameters()]
+    opt, _ = make_optimizer(m, params(learning_rate=1e-2, conv_lr_factor=0.25))
+    for q in m.parameters():
+        q.grad = torch.ones_like(q)
+    opt.step()  # first Adam step with a gradient of 1 everywhere: every weight moves by its group's lr
+    moved = [(q.detach() - b).abs().max().item() for q, b in zip(m.parameters(), before)]
+    assert moved[0] == pytest.approx(2.5e-3, rel=1e-4)                  # conv weight: lr x 0.25
+    assert moved[1:] == pytest.approx([1e-2] * (len(moved) - 1), rel=1e-4)  # conv bias, BN affine, head: lr
+    # factor 1 is one group, exactly today's optimizer
+    assert len(make_optimizer(m, params(learning_rate=1e-2))[0].param_groups) == 1
 
 
 @pytest.mark.parametrize("schedule, lrs", [("exponential", [0.1, 0.05, 0.025, 0.0125]),

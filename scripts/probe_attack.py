@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Short attack probes for issue 27: which setting makes an attack take without breaking the clean model?
+
+    python scripts/probe_attack.py NAME [--attack 155] [--set '{"learning_rate": 5e-4, "max_epochs": 2}']
+                                   [--scale S] [--models-root DIR] [--threads N]
+
+Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or under ``--models-root``) with the
+attack's stored parameters, then the ancestor's settings (:data:`ANCESTOR`), then ``--set``; ``--scale S`` first
+rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`: the same function, weights S
+times larger). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished NAME is not
+rerun). The table in ``experimentsettings/README.md`` is generated from these files (``make_results.py``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bnbackdoor.cli import ArgumentParser
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.fileio import write_json
+from bnbackdoor.finetune import finetune
+from bnbackdoor.models import load_model
+from bnbackdoor.models.rescale import rescale_conv_bn
+from bnbackdoor.params import resolve_attack
+
+PROBES = Path("results") / "probes"
+# The ancestor's settings (intellisec/xai-backdoors, its attack 155), on 2,500 images shown clean and triggered.
+ANCESTOR = dict(training_size=2500, testing_size=1000, max_epochs=5, batch_size=32, learning_rate=1.5e-3,
+                loss_weight=0.938, decay_rate=1.0, adam_eps=1e-5, lr_schedule="inverse", map_norm="zscore",
+                explain_class="prediction", batch_makeup="pairs", bn_mode="eval")
+
+
+def main() -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="probe name: results/probes/<name>.json")
+    ap.add_argument("--attack", default="155", help="attack id whose parameters are the start (default 155)")
+    ap.add_argument("--set", default="{}", help="JSON object of parameter overrides, applied last")
+    ap.add_argument("--scale", type=float, default=None, help="rescale conv->BN pairs of the copy by this factor")
+    ap.add_argument("--models-root", default=None, help="clean models folder (default: models/)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--data-root", default=None)
+    a = ap.parse_args()
+    out = PROBES / f"{a.name}.json"
+    if out.exists():
+        print(f"{out} exists; delete it to rerun", file=sys.stderr)
+        return 0
+    try:
+        overrides = json.loads(a.set)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--set is not JSON ({e.msg}); give an object such as '{{\"max_epochs\": 2}}'") from None
+    if not isinstance(overrides, dict):
+        raise UserError("--set must be a JSON object of parameter fields")
+    if a.scale is not None and not a.scale > 0:
+        raise UserError(f"--scale is {a.scale}; give a factor > 0")
+    torch.set_num_threads(a.threads)
+    settings = {**ANCESTOR, **overrides}
+    p = resolve_attack(a.attack).replace(**settings)
+    kw = {"root": a.models_root, "auto_train": False} if a.models_root else {}
+    clean = load_model(p.canonical_modeltype, model_id=0, device="cpu", **kw)
+    model = copy.deepcopy(clean)
+    if a.scale is not None:
+        rescale_conv_bn(model, a.scale)
+    t0 = time.time()
+    run_dir = Path("output") / "probes" / a.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    res = finetune(model, clean, p, device=torch.device("cpu"), run_dir=run_dir, data_root=a.data_root,
+                   progress=False)
+    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.history if r["batch"] == ""]
+    write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
+                     "cfg": {**settings, "scale": a.scale, "attack": a.attack, "models_root": a.models_root},
+                     "seconds": time.time() - t0, "epochs": rows})
+    last = rows[-1]
+    print(f"{a.name}: clean acc {last['clean_accuracy']:.3f}, attack success {last.get('attack_success_rate')}, "
+          f"DSSIM to target {last['expl_dssim_to_target']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
