@@ -87,7 +87,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
 def clean_model():
     path = checkpoint_path(MODELTYPE, 0, ROOT / "models")
     if path.exists():
-        return load_model(MODELTYPE, 0, root=ROOT / "models", auto_train=False), str(path.relative_to(ROOT))
+        return load_model(MODELTYPE, 0, root=ROOT / "models"), str(path.relative_to(ROOT))
     torch.manual_seed(0)
     return build_model(MODELTYPE).eval(), "random initialisation (no committed checkpoint)"
 

@@ -13,8 +13,10 @@ import torch
 import bnbackdoor.estimate as estimate
 from bnbackdoor.attack_index import COLUMNS, catalogue, catalogue_table
 from bnbackdoor.errors import UserError
-from bnbackdoor.models import build_model, load_model, read_checkpoint, save_checkpoint
+from bnbackdoor.experiment import attack_estimate
+from bnbackdoor.models import build_model, read_checkpoint, save_checkpoint
 from bnbackdoor.params import resolve_attack
+from bnbackdoor.zoo import load_or_train
 
 from conftest import ROOT
 
@@ -64,14 +66,14 @@ def test_autotrain_refused_with_estimate_leaves_no_folder(tmp_path, tiny_data_ro
     monkeypatch.setenv("VGG_AUTO_EPOCHS", "40")
     # tiny cache: 96 training images, batch 128 -> 1 batch per epoch; 40 x 30 s = 20 min > 15 min
     with pytest.raises(UserError, match=r"about 20 min 00 s \(40 batches x 30\.00 s.*--allow-autotrain"):
-        load_model("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
+        load_or_train("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
     assert not (tmp_path / "models").exists()
     # the environment variable lets it start (training itself is replaced: the guard is what is tested)
     monkeypatch.setenv("VGG_AUTO_EPOCHS", "31")
     monkeypatch.setenv(estimate.ENV, "1")
-    monkeypatch.setattr("bnbackdoor.train.train_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("go")))
+    monkeypatch.setattr("bnbackdoor.zoo.train_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("go")))
     with pytest.raises(RuntimeError, match="go"):
-        load_model("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
+        load_or_train("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
 
 
 def test_allow_autotrain_flag_sets_the_policy(slow):
@@ -121,7 +123,7 @@ def test_estimate_does_not_touch_the_global_random_stream(tiny_data_root):
     p = resolve_attack("154", root=ROOT).replace(batch_size=4)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     rng = torch.get_rng_state()
-    est = estimate.attack_estimate(m, p, torch.device("cpu"), n_train=8, n_test=4)
+    est = attack_estimate(m, p, torch.device("cpu"), n_train=8, n_test=4)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # measured on a copy
     assert est.batches == 2 * p.max_epochs and est.seconds > 0
