@@ -22,14 +22,36 @@ from conftest import ROOT
 
 
 # --- requirements ----------------------------------------------------------------------------------------------
-def test_every_requirement_is_pinned_to_an_exact_version():
+def _requirements() -> list[str]:
+    """The pinned requirements, without the last line "-e ." (this package itself, see pyproject.toml)."""
     lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
     reqs = [ln for ln in lines if ln]
+    assert reqs[-1] == "-e .", "requirements.txt must end by installing the package: -e ."
+    return reqs[:-1]
+
+
+def test_every_requirement_is_pinned_to_an_exact_version():
+    reqs = _requirements()
     assert reqs and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+]*", r) for r in reqs), reqs
     names = {r.split("==")[0].lower() for r in reqs}
     assert {"torch", "torchvision", "numpy", "tqdm", "pillow", "matplotlib", "tabulate", "pytorch-msssim",
             "pytest", "captum"} <= names
     assert "torch==2.14.1" in reqs and "torchvision==0.29.1" in reqs
+
+
+def test_pyproject_pins_what_requirements_pins():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "bnbackdoor"
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert sorted(declared) == sorted(_requirements())
+
+
+def test_no_script_edits_sys_path():
+    """Scripts import the installed package (requirements.txt installs it), never a patched sys.path."""
+    scripts = [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    assert len(scripts) > 12
+    assert [p.name for p in scripts if "sys.path" in p.read_text()] == []
 
 
 def test_ci_uses_a_fresh_venv_and_fails_on_no_tests():
