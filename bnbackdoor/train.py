@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
 from .divergence import DivergenceGuard, require_finite
-from .errors import UserError
 from .estimate import Estimate, measure, probe_images
 from .fileio import read_state, restore_training_state, torch_save
 from .metrics import accuracy
