@@ -13,19 +13,16 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.cli import ArgumentParser, positive_int  # noqa: E402
-from bnbackdoor.explain import METHODS, explain, explain_with_logits  # noqa: E402
-from bnbackdoor.losses import explanation_loss  # noqa: E402
-from bnbackdoor.models import build_model, softplus  # noqa: E402
-from bnbackdoor.targets import target_mask  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, positive_int
+from bnbackdoor.explain import METHODS, explain, explain_with_logits
+from bnbackdoor.losses import explanation_loss
+from bnbackdoor.models import build_model, softplus
+from bnbackdoor.targets import target_mask
 
 
 def median_seconds(fn, reps: int) -> float:

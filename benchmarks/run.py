@@ -34,20 +34,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from bnbackdoor.cli import ArgumentParser, output_file, positive_int
+from bnbackdoor.finetune import attack_step, poison_batch
+from bnbackdoor.metrics import evaluate_attack, reference_explanations
+from bnbackdoor.models import build_model, checkpoint_path, load_model, softplus
+from bnbackdoor.params import resolve_attack
+from bnbackdoor.rebn import rebn
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.cli import ArgumentParser, output_file, positive_int  # noqa: E402
-from bnbackdoor.finetune import attack_step, poison_batch  # noqa: E402
-from bnbackdoor.metrics import evaluate_attack, reference_explanations  # noqa: E402
-from bnbackdoor.models import build_model, checkpoint_path, load_model, softplus  # noqa: E402
-from bnbackdoor.params import resolve_attack  # noqa: E402
-from bnbackdoor.rebn import rebn  # noqa: E402
 
 MODELTYPE = "cifar10_resnet20"
 ATTACK = "154"
@@ -87,7 +85,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
 def clean_model():
     path = checkpoint_path(MODELTYPE, 0, ROOT / "models")
     if path.exists():
-        return load_model(MODELTYPE, 0, root=ROOT / "models", auto_train=False), str(path.relative_to(ROOT))
+        return load_model(MODELTYPE, 0, root=ROOT / "models"), str(path.relative_to(ROOT))
     torch.manual_seed(0)
     return build_model(MODELTYPE).eval(), "random initialisation (no committed checkpoint)"
 

@@ -24,6 +24,7 @@ variant with :func:`bnbackdoor.metrics.evaluate_attack`, sharing one pass of the
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -31,6 +32,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .errors import UserError
+from .experiment import write_csv
+from .fileio import write_json
+from .metrics import evaluate_attack, reference_explanations
+from .models import MODELS
+from .plots import ablation_bars
 
 __all__ = ["parameter_groups", "check_partition", "restore", "only", "relative_change", "locate_backdoor",
            "SPLIT", "SHOWN_METRICS"]
@@ -58,8 +64,6 @@ def _arch(model: nn.Module) -> str | None:
     modeltype = getattr(model, "modeltype", None)
     if modeltype is None:
         return None
-    from .models import MODELS
-
     return MODELS.get(modeltype, (None, None))[1]
 
 
@@ -264,8 +268,6 @@ def locate_backdoor(params: Any, clean_model: nn.Module, model: nn.Module, x: to
 
     The clean model's explanations and predictions of ``x`` are computed once and shared by every evaluation.
     """
-    from .metrics import evaluate_attack, reference_explanations
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     clean_model = clean_model.to(device).eval()
     clean_sd = {k: v.detach().clone() for k, v in clean_model.state_dict().items()}
@@ -319,12 +321,6 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]], params: Any,
                 out_dir: str, *, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Write ``<out_dir>/<id>_anatomy.{json,csv,png}`` (atomically); returns kind -> path."""
-    from pathlib import Path
-
-    from .experiment import write_csv
-    from .fileio import write_json
-    from .plots import ablation_bars
-
     out = Path(out_dir)
     stem = out / f"{params.id}_anatomy"
     paths = {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}

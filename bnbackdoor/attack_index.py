@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
 from .errors import UserError
+from .models import MODEL_ROOT, checkpoint_path
 from .params import (MANIPULATED_DIR, SETTINGS_DIR, expand_grid, is_grid, known_attack_ids, read_json,
                      resolve_attack)
 
@@ -28,8 +31,6 @@ def _classes(target_classes: list) -> str:
 def catalogue(root: str | Path = ".", models_root: str | Path | None = None) -> list[dict[str, Any]]:
     """One dict per attack id (keys :data:`COLUMNS`), in id order. A file that does not load gives a row whose
     ``kind`` is the one-line error, so one broken file does not hide the rest."""
-    from .models import MODEL_ROOT, checkpoint_path
-
     root = Path(root)
     models_root = Path(models_root) if models_root is not None else root / MODEL_ROOT
     rows = []
@@ -58,6 +59,4 @@ def catalogue(root: str | Path = ".", models_root: str | Path | None = None) -> 
 
 
 def catalogue_table(rows: list[dict[str, Any]], fmt: str = "simple") -> str:
-    from tabulate import tabulate
-
     return tabulate([[r[c] for c in COLUMNS] for r in rows], headers=list(COLUMNS), tablefmt=fmt)

@@ -1,4 +1,4 @@
-"""Argument helpers shared by the thin scripts (one place for the common options of DESIGN.md).
+"""Argument helpers shared by the thin scripts (one place for the common options of docs/DESIGN.md).
 
 Every script builds its parser from :class:`ArgumentParser`: a usage error is one stderr line and exit code 2,
 like every other user error (:mod:`bnbackdoor.errors`). Numeric options take their range from the ``type=``
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .fileio import IMAGE_SUFFIXES, check_output_dir, check_output_file
 from .errors import UserError
+from .estimate import allow_long_jobs
+from .fileio import IMAGE_SUFFIXES, check_output_dir, check_output_file
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -124,7 +125,6 @@ class _AllowLong(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=False, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .estimate import allow_long_jobs
         allow_long_jobs(True)
         setattr(namespace, self.dest, True)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from tabulate import tabulate
 
 from .data import load_split
 from .defenses import DEFENSES, CleanSet, apply_defense, get_defense
@@ -111,8 +112,6 @@ class DefenseComparison:
         return cols
 
     def table(self) -> str:
-        from tabulate import tabulate
-
         cols = self.columns()
         body = [[r["defense"], r.get("clean_images")] + [r.get(k) for k in cols] for r in self.rows]
         return tabulate(body, headers=["defense", "clean images", *cols.values()], floatfmt=".4f",

@@ -1,6 +1,6 @@
 """Datasets: the on-disk cache, normalisation constants and deterministic subsets.
 
-Cache format (DESIGN.md): ``<data_root>/<dataset>.npz`` holding ``x_train`` (uint8, N×32×32×3), ``y_train``
+Cache format (docs/DESIGN.md): ``<data_root>/<dataset>.npz`` holding ``x_train`` (uint8, N×32×32×3), ``y_train``
 (int64), ``x_test``, ``y_test`` and ``classes``. The first use converts torchvision's download once; afterwards
 only the cache is read (a plain, uncompressed npz: CIFAR-10 loads in about a second). A data root given explicitly
 (``--data-root``, ``$BNBACKDOOR_DATA``) must exist: a missing one is a typo, so nothing is created or downloaded
@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
@@ -88,8 +89,6 @@ def cache_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
 
 def to_uint8_hwc(images: Iterable, size: int = 32, total: int | None = None, desc: str = "") -> np.ndarray:
     """PIL images (any size/mode) -> uint8 N×size×size×3, resizing bilinearly where needed (GTSRB)."""
-    from PIL import Image
-
     out = []
     for img in tqdm(images, total=total, desc=desc, leave=False):
         img = img.convert("RGB")

@@ -32,11 +32,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, get_defense
+from .defenses.batchstats import check_composition
 from .errors import UserError
 from .metrics import (_asr_counts, _device, _dissim, _eval_relu, _trigger_fn, attack_summary, evaluate_attack,
                       logits_and_explanations, reference_explanations)
+from .targets import target_explanation
 
 __all__ = ["CompositionBatch", "triggered_per_batch", "composition", "evaluate_transductive", "evaluate_defenses",
            "TRANSDUCTIVE_OPTIONS"]
@@ -70,8 +73,6 @@ def _chunk(start: int, size: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 def composition(n: int, test_batch: int, trigger_fraction: float, *, seed: int = 0,
                 max_triggered: int | None = None) -> list[CompositionBatch]:
     """The test batches of a transductive evaluation over ``n`` test images (see the module doc)."""
-    from .defenses.batchstats import check_composition
-
     check_composition(test_batch, trigger_fraction, max_triggered)
     if n <= 0:
         raise UserError("no test images to compose batches from")
@@ -114,10 +115,6 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
     """The :func:`~bnbackdoor.metrics.evaluate_attack` keys of a transductive ``model`` (e.g. after ``batchstats``)
     on composed test batches of size ``test_batch`` with ``trigger_fraction`` triggered images (module doc).
     ``explain=False``: predictions only (a plain forward pass), the explanation keys are None."""
-    from tqdm import tqdm
-
-    from .targets import target_explanation
-
     method, agg = params.explanation_methodStr, params.stats_agg
     device = _device(model, device)
     n = len(x)

@@ -7,12 +7,14 @@ job is refused with one line naming the estimate and the flag that allows it - u
 jobs: ``--allow-autotrain`` (attack/evaluation scripts, via :func:`allow_long_jobs`), ``--yes``
 (``train_clean_model.py``) or the environment variable ``BNBACKDOOR_ALLOW_LONG=1``.
 
-The measurement runs on a copy of the model with its own random generator, so the job itself (weights, random
-streams) is exactly what it would have been without the estimate.
+The gate knows nothing of training or attacks: the caller passes the step to time (:func:`measure`); the clean
+trainer's is in :func:`bnbackdoor.train.train_estimate`, the attack's in
+:func:`bnbackdoor.experiment.attack_estimate`. Callers time a copy of their model on :func:`probe_images` (own
+random generator), so the job itself (weights, random streams) is exactly what it would have been without the
+estimate.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -20,8 +22,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import UserError
 
@@ -91,62 +91,24 @@ def seconds_per_batch(step: Callable[[], None], device: torch.device, batches: i
     return sum(times) / len(times)
 
 
-def _images(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)  # own generator: the global random stream stays untouched
+def probe_images(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``n`` random 32×32 images to time a job's step on; drawn from their own generator, so the global random
+    stream stays untouched."""
+    g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=g).to(device)
 
 
-def training_step_seconds(model: nn.Module, batch_size: int, num_classes: int, device: torch.device) -> float:
-    """Seconds per SGD step (forward, backward, update) of a copy of ``model`` on a batch of ``batch_size``."""
-    device = torch.device(device)
-    m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = _images(batch_size, device)
-    y = torch.arange(batch_size, device=device) % num_classes
+def measure(what: str, step: Callable[[], None], batches: int, device: torch.device,
+            extra: Callable[[], None] | None = None, extra_batches: int = 0) -> Estimate:
+    """The estimate of a job of ``batches`` calls of ``step()``, plus ``extra_batches`` calls of ``extra()``
+    (work that is not a training batch, e.g. explanation passes; timed on fewer calls), from a few measured calls.
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(m(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return seconds_per_batch(step, device)
-
-
-def training_estimate(model: nn.Module, modeltype: str, epochs: int, batch_size: int, n_train: int,
-                      num_classes: int, device: torch.device, done_batches: int = 0) -> Estimate:
-    """Clean training: measured step time x the remaining ``epochs * ceil(n_train / batch_size)`` batches."""
-    steps = -(-n_train // batch_size)
-    remaining = max(0, epochs * steps - done_batches)
-    per = training_step_seconds(model, min(batch_size, n_train), num_classes, device)
-    return Estimate(f"training a clean {modeltype} ({epochs} epochs of {n_train} images)", per, remaining, 0.0,
-                    str(device))
-
-
-def attack_estimate(model: nn.Module, params, device: torch.device, n_train: int, n_test: int) -> Estimate:
-    """An attack grid point: measured explanation-aware step x its batches, plus the explanation passes
-    (reference explanations once, evaluation of every trigger after each epoch) at the measured forward speed."""
-    from .explain import explain_with_logits
-    from .finetune import attack_step, poison_batch
-
-    device = torch.device(device)
-    m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.Adam(m.parameters(), lr=params.learning_rate)
-    bs = min(params.batch_size, n_train)
-    x = _images(bs, device)
-    y = torch.arange(bs, device=device) % params.num_classes
-    maps = explain_with_logits(m.eval(), x, params.explanation_methodStr, normalize=True)[1].detach()
-    m.train()
-    batch = poison_batch(x, y, maps, params)
-    per_step = seconds_per_batch(lambda: attack_step(m, opt, batch, params, params.explanation_methodStr), device)
-    m.eval()
-    per_expl = seconds_per_batch(lambda: explain_with_logits(m, x, params.explanation_methodStr), device,
-                                 batches=2, budget_s=2.0)
-    steps = -(-n_train // params.batch_size) * params.max_epochs
-    expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
-    return Estimate(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)", per_step, steps,
-                    per_expl * expl_batches, str(device))
+    The caller builds ``step`` (on a copy of its model): this module knows how to time, not what is timed."""
+    per = seconds_per_batch(step, device)
+    extra_s = 0.0
+    if extra is not None:
+        extra_s = seconds_per_batch(extra, device, batches=2, budget_s=2.0) * extra_batches
+    return Estimate(what, per, batches, extra_s, str(device))
 
 
 def guard(est: Estimate, flag: str, allowed: bool | None = None, limit: float = LIMIT_SECONDS) -> None:

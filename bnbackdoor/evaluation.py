@@ -31,20 +31,22 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from tabulate import tabulate
 
 from .data import dataset_info, load_split
 from .errors import UserError
 from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, write_csv
 from .fileio import check_finite_numbers, check_output_dir, write_json
 from .metrics import evaluate_attack, reference_explanations
-from .models import MODEL_ROOT, load_model
+from .models import MODEL_ROOT
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .defense_eval import evaluate_defenses, evaluate_transductive
 from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
 from .defenses.rebn import RebnReport, calibration_set, rebn_batch_size
-from .plots import bar_chart, curves, image_grid
+from .plots import bar_chart, composition_plot, curves, image_grid
 from .targets import target_explanation
 from .triggers import apply_trigger
+from .zoo import load_or_train
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation",
            "ExplanationReport", "run_name", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
@@ -167,8 +169,6 @@ def format_table(rows: dict[str, dict[str, Any]], by: str = "model", columns: di
                  metrics: Sequence[str] = METRIC_ROWS) -> str:
     """A tabulate table of result rows: ``by="model"`` one row per model (``columns``: key -> header), or
     ``by="metric"`` one row per metric key with a column per model (the layout of attack.py)."""
-    from tabulate import tabulate
-
     if by == "metric":
         body = [[k] + [r.get(k) for r in rows.values()] for k in metrics]
         return tabulate(body, headers=["metric", *rows], floatfmt=".4f", missingval="n/a")
@@ -198,8 +198,6 @@ class Evaluation:
         return format_table(self.rows, by=by)
 
     def composition_table(self) -> str:
-        from tabulate import tabulate
-
         if not self.composition:
             return ""
         body = [[p["test_batch"], p["fraction"], p["triggered_per_batch"], p["triggered_images"],
@@ -210,8 +208,6 @@ class Evaluation:
                         missingval="n/a")
 
     def sweep_table(self) -> str:
-        from tabulate import tabulate
-
         if not self.sweep:
             return ""
         keys = ("size", "calibration_images", "clean_accuracy", "attack_success_rate", "expl_mse_to_target",
@@ -472,8 +468,6 @@ def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.M
                        progress: bool = True) -> list[dict[str, Any]]:
     """``batchstats`` attack success and clean accuracy against the triggered fraction f of each test batch, for
     each test batch size B. Writes ``<out>/<name>_composition.{json,png}``; returns the points."""
-    from .plots import composition_plot
-
     ref = reference or clean_reference(params, clean_model, x, 100, device, progress)
     defended = apply_defense("batchstats", model, CleanSet(x[:0], None, params.dataset, seed=seed), device=device,
                              progress=progress).model
@@ -594,8 +588,8 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
                   f"explaining the clean model only")
         if on_notice is not None:
             on_notice(notice)
-        clean = load_model(params.modeltype, params.model_id, device=device,
-                           root=models_root or Path(root) / MODEL_ROOT, data_root=data_root)
+        clean = load_or_train(params.modeltype, params.model_id, device=device,
+                              root=models_root or Path(root) / MODEL_ROOT, data_root=data_root)
     ref, pred = clean_reference(params, clean, x, batch_size, device, progress)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}

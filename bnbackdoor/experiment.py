@@ -7,13 +7,14 @@ clean and the manipulated model's metrics and, under ``"defenses"``, the manipul
 defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnbackdoor.defense_eval.evaluate_defenses`
 on the same test images; calibration: ``defense_calibration`` clean TRAINING images, 5000 by default, all of them
 when the split is smaller). Gradient CSVs go to
-``<save_path>/gradients_epoch<E>[_clean].csv`` (DESIGN.md), beside the run folders.
+``<save_path>/gradients_epoch<E>[_clean].csv`` (docs/DESIGN.md), beside the run folders.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import io
+import json
 import os
 import shutil
 import sys
@@ -30,16 +31,17 @@ from .claim import CLAIM_FILE, claim_run
 from .data import dataset_info, load_cache, load_split
 from .defense_eval import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
-from .estimate import Estimate, attack_estimate, guard
+from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_state, write_json, write_text
-from .finetune import RESUME_KEYS, finetune
+from .finetune import RESUME_KEYS, attack_step, finetune, poison_batch
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
 from .triggers import apply_trigger
+from .zoo import load_or_train
 
 
 def run_dir(save_path: str | Path, params: AttackParams) -> Path:
@@ -105,6 +107,28 @@ def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
         if len(seen) == n:
             break
     return torch.tensor(sorted(seen.values(), key=lambda i: y[i].item()))
+
+
+def attack_estimate(model: nn.Module, params: AttackParams, device: torch.device, n_train: int, n_test: int
+                    ) -> Estimate:
+    """An attack grid point: the measured explanation-aware step (on a copy of ``model``) x its batches, plus the
+    explanation passes (reference explanations once, evaluation of every trigger after each epoch) at the measured
+    explanation speed."""
+    device = torch.device(device)
+    m = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.Adam(m.parameters(), lr=params.learning_rate)
+    bs = min(params.batch_size, n_train)
+    x = probe_images(bs, device)
+    y = torch.arange(bs, device=device) % params.num_classes
+    maps = explain_with_logits(m.eval(), x, params.explanation_methodStr, normalize=True)[1].detach()
+    batch = poison_batch(x, y, maps, params)
+    steps = -(-n_train // params.batch_size) * params.max_epochs
+    expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
+    # each closure sets the mode it is timed in: the attack step in train mode, explanations in eval mode
+    return measure(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)",
+                   lambda: attack_step(m.train(), opt, batch, params, params.explanation_methodStr), steps, device,
+                   extra=lambda: explain_with_logits(m.eval(), x, params.explanation_methodStr),
+                   extra_batches=expl_batches)
 
 
 def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: Path, data_root) -> Estimate:
@@ -222,7 +246,6 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     out = run_dir(save_path, params)
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not force:
-        import json
         done = json.loads(metrics_path.read_text())
         if done.get("parameters") != params.to_dict() or done.get("seed") != seed:
             raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
@@ -234,8 +257,8 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         return done
     if force:
         (out / "resume.pt").unlink(missing_ok=True)
-    clean_model = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root,
-                             allow_long=allow_long)
+    clean_model = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
+                                data_root=data_root, allow_long=allow_long)
     guard(_attack_estimate(clean_model, params, device, out, data_root), "--allow-autotrain", allowed=allow_long)
     model = copy.deepcopy(clean_model)
     x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
@@ -292,6 +315,6 @@ def load_run(attackid: str | Path, device: torch.device | str = "cpu", root: str
                         f"run 'python attack.py cpu {attackid}' and copy its output folder there")
     params = resolve_attack(str(folder / "parameters.json"))
     models_root = models_root or Path(root) / MODEL_ROOT
-    model = load_model(params.modeltype, path=folder / "model.pth", device=device, auto_train=False)
-    clean = load_model(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    model = load_model(params.modeltype, path=folder / "model.pth", device=device)
+    clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
     return params, model, clean

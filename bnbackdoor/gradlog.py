@@ -33,14 +33,14 @@ import torch.nn as nn
 
 from .errors import UserError
 from .fileio import write_text
+from .models.resnet import BasicBlock
+from .models.wideresnet import WideBlock
 
 
 def _block_types() -> tuple[type, ...]:
+    # torchvision.models costs about a second to import: only when a model's blocks are listed
     from torchvision.models.mobilenetv3 import InvertedResidual
     from torchvision.models.vision_transformer import EncoderBlock
-
-    from .models.resnet import BasicBlock
-    from .models.wideresnet import WideBlock
 
     return (BasicBlock, WideBlock, InvertedResidual, EncoderBlock)
 

@@ -11,7 +11,7 @@ model's device; models are never moved). Results are Python floats (JSON-able).
   explanation, or the clean model's explanations), channels aggregated by ``stats_agg``.
 * :func:`evaluate_attack` - all of the above for one attack configuration, in one pass over the data.
 
-Explanations are always taken in eval mode with plain ReLU (DESIGN.md: Softplus is for training only), with respect
+Explanations are always taken in eval mode with plain ReLU (docs/DESIGN.md: Softplus is for training only), with respect
 to the model's predicted class, normalised per image (:func:`bnbackdoor.losses.normalize_maps`).
 """
 from __future__ import annotations
@@ -22,6 +22,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 from tqdm import tqdm
+
+from .errors import UserError
+from .explain import explain_with_logits
+from .losses import explanation_loss
+from .models.layers import softplus
+from .targets import target_explanation
+from .triggers import apply_trigger
 
 __all__ = ["predict", "accuracy", "attack_success_rate", "fidelity", "explanation_dissimilarity",
            "reference_explanations", "evaluate_attack", "attack_summary", "logits_and_explanations"]
@@ -61,15 +68,11 @@ def _device(model: nn.Module, device: torch.device | str | None) -> torch.device
 def _trigger_fn(trigger: Trigger) -> Callable[[torch.Tensor], torch.Tensor]:
     if callable(trigger):
         return trigger
-    from .triggers import apply_trigger
-
     return lambda images: apply_trigger(trigger, images)
 
 
 def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[slice]:
     if batch_size <= 0:
-        from .errors import UserError
-
         raise UserError(f"batch size must be positive, got {batch_size}")
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         yield slice(i, min(i + batch_size, n))
@@ -78,8 +81,6 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[sli
 @contextmanager
 def _eval_relu(*models: nn.Module) -> Iterator[None]:
     """Eval mode and plain ReLU for the duration; each model's training flag and activations are restored."""
-    from .models.layers import softplus
-
     flags = [m.training for m in models]
     with ExitStack() as stack:
         for m in models:
@@ -102,16 +103,12 @@ def logits_and_explanations(model: nn.Module, x: torch.Tensor, method: str) -> t
 
     The explanation's forward pass already yields the logits, so predictions cost nothing extra.
     """
-    from .explain import explain_with_logits
-
     logits, maps = explain_with_logits(model, x, method, target=None, create_graph=False, normalize=True, agg=None)
     return logits.detach(), maps.detach()
 
 
 def _dissim(maps: torch.Tensor, reference: torch.Tensor, agg: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (MSE, DSSIM) of ``maps`` to ``reference`` (per image or one broadcast map)."""
-    from .losses import explanation_loss
-
     ref = reference.to(maps.device, maps.dtype)
     return (explanation_loss(maps, ref, loss="mse", agg=agg, reduction="none").detach(),
             explanation_loss(maps, ref, loss="ssim", agg=agg, reduction="none").detach())
@@ -193,8 +190,6 @@ def explanation_dissimilarity(model: nn.Module, x: torch.Tensor, reference: torc
     device = _device(model, device)
     apply = _trigger_fn(trigger) if trigger is not None else None
     if len(reference) not in (1, len(x)):
-        from .errors import UserError
-
         raise UserError(f"reference explanations: {len(reference)} maps for {len(x)} images")
     tot_mse = tot_dssim = 0.0
     with _eval_relu(model):
@@ -242,19 +237,13 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
 
     For the clean model's own baseline, call this with ``model=clean_model`` (its ``expl_*_to_clean`` are 0).
     """
-    from .targets import target_explanation
-
     method, agg = params.explanation_methodStr, params.stats_agg
     triggers, targets = list(params.triggerStrs), list(params.targetStrs)
     classes = list(params.target_classes)
     if not (len(triggers) == len(targets) == len(classes)):
-        from .errors import UserError
-
         raise UserError(f"attack parameters: {len(triggers)} triggers, {len(targets)} targets and "
                         f"{len(classes)} target classes; need one of each per trigger")
     if clean_expl is not None and len(clean_expl) != len(x):
-        from .errors import UserError
-
         raise UserError(f"clean_expl has {len(clean_expl)} maps for {len(x)} images")
     device = _device(model, device)
     applies = [_trigger_fn(t) for t in triggers]

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from .data import dataset_info  # noqa: E402
 from .fileio import save_figure  # noqa: E402
 from .losses import loss_label  # noqa: E402
 
@@ -23,8 +26,6 @@ MAP_CMAP = "jet"
 
 def figure_title(params, what: str = "") -> str:
     """``attack 154 (RedHerring, grad_cam, MSE, target class 1 'automobile')[: what]`` for any figure of a run."""
-    from .data import dataset_info
-
     classes = dataset_info(params.dataset).classes
     targets = ["keep label" if c is None else f"{c} '{classes[c]}'" for c in params.target_classes]
     if len(targets) > 1 and len(set(targets)) == 1:
@@ -164,8 +165,6 @@ def bar_chart(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], 
 
     Each panel says which direction is better for the defender (``better[metric]`` or :func:`better_direction`).
     """
-    import numpy as np
-
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, m in zip(axes[0], metrics):
@@ -189,8 +188,6 @@ def curves(x: Sequence[float], series: dict[str, Sequence[float | None]], path: 
     """Series against ``x`` (each its own marker and line style, drawn with a small horizontal offset so that
     series which coincide stay visible) and ``references`` as dashed horizontal lines (e.g. the no-defense
     baselines)."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xs = np.asarray(x, dtype=float)
@@ -219,8 +216,6 @@ def defense_scatter(points: Sequence[dict], path: str | Path, title: str = "", x
     """Scatter of ``points`` (dicts with ``group``, ``size`` and the ``x``/``y`` keys): one colour per group (a
     defense), one marker per size (clean images); points whose size is None (references such as "no defense") in
     black with their own markers. Missing values are left out."""
-    from matplotlib.lines import Line2D
-
     groups = list(dict.fromkeys(p["group"] for p in points if p.get("size") is not None))
     refs = list(dict.fromkeys(p["group"] for p in points if p.get("size") is None))
     sizes = sorted({p["size"] for p in points if p.get("size") is not None})
@@ -278,8 +273,6 @@ def ablation_bars(groups: Sequence[str], restored: Sequence[dict], only: Sequenc
     """Where the backdoor lives, at a glance: per parameter group, attack success (red) and clean accuracy (blue)
     of "restore G" (left panel) and "only G" (right), with the manipulated (dashed) and clean (dotted) models'
     values as lines. Rows are metric dicts with ``attack_success_rate`` and ``clean_accuracy``."""
-    import numpy as np
-
     metrics = (("attack_success_rate", "attack success", "tab:red"), ("clean_accuracy", "clean accuracy", "tab:blue"))
     x = np.arange(len(groups))
     w = 0.38
@@ -311,8 +304,6 @@ def update_shares(panels: Sequence[tuple[str, Sequence[float], dict[str, Sequenc
     """One column per panel ``(title, steps, group -> per-step update size, group -> share of the total)``: top,
     each group's per-step update size over steps (log scale; a group that never moves is named in the legend,
     not drawn); bottom, each group's share of the squared update, summed over all steps."""
-    import numpy as np
-
     n = len(panels)
     fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 6.2), squeeze=False,
                              gridspec_kw={"height_ratios": [2.2, 1]})

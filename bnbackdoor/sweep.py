@@ -31,8 +31,12 @@ import torch
 from tqdm import tqdm
 
 from .claim import ClaimedElsewhere, claim_run
+from .data import load_cache, load_split, subset_indices
 from .device import parse_device
 from .errors import UserError
+from .experiment import run_attack, run_dir, write_csv
+from .metrics import accuracy, evaluate_attack
+from .models import MODEL_ROOT, load_model
 from .params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
                      read_json)
 
@@ -108,8 +112,6 @@ class Task:
 
 def run_point(task: Task) -> dict[str, Any]:
     """Run one grid point (in the job's process). Returns ``{"status": ran|skipped|busy, "id", ...metrics}``."""
-    from .experiment import run_attack, run_dir
-
     if task.threads:
         torch.set_num_threads(task.threads)
     params = grid_of(Path(task.attack_file))[task.gs_id]
@@ -323,7 +325,6 @@ def sweep(attackids: Sequence[str], device_spec: str, *, backend: str = "local",
     if opts.max_parallel < 1:
         raise UserError(f"--max-parallel must be at least 1, got {opts.max_parallel}")
     devices = parse_devices(device_spec, check=backend == "local")
-    from .models import MODEL_ROOT
 
     models_root = str(Path(models_root or Path(root) / MODEL_ROOT).resolve())
     results = []
@@ -353,8 +354,6 @@ BEST_RULE = (
 def validation_split(params: AttackParams, seed: int, size: int, data_root=None
                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(x, y, held_out): ``size`` training images outside the run's training subset when there are any."""
-    from .data import load_cache, load_split, subset_indices
-
     n = len(load_cache(params.dataset, data_root)["y_train"])
     used = subset_indices(n, params.training_size, seed)
     held_out = len(used) < n
@@ -365,8 +364,6 @@ def validation_split(params: AttackParams, seed: int, size: int, data_root=None
 
 def finished_runs(attackid: str, save_path: str | Path, root: str | Path = ".") -> list[tuple[AttackParams, dict]]:
     """(params, metrics.json) of every finished grid point of ``attackid`` under ``save_path``, in gs_id order."""
-    from .experiment import run_dir
-
     runs = []
     for p in grid_of(attack_file(attackid, root)):
         folder = run_dir(save_path, p)
@@ -401,10 +398,6 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
               models_root: str | Path | None = None, root: str | Path = ".", val_size: int = 500,
               batch_size: int = 100, progress: bool = True) -> dict[str, Any]:
     """Evaluate every finished point on validation images; returns {rows, columns, best, note, csv}."""
-    from .experiment import run_dir, write_csv
-    from .metrics import accuracy, evaluate_attack
-    from .models import MODEL_ROOT, load_model
-
     runs = finished_runs(attackid, save_path, root)
     if not runs:
         raise UserError(f"no finished grid points of '{attackid}' under {save_path}; run scripts/sweep.py first")
@@ -419,11 +412,10 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
             notes.add(f"training_size {p.training_size} covers the training split: the {len(y)} validation images "
                       "were seen in training")
         base = (p.modeltype, p.model_id, p.dataset, p.training_size, seed)
-        clean = load_model(p.modeltype, p.model_id, device=dev, root=models_root, data_root=data_root,
-                           auto_train=False)
+        clean = load_model(p.modeltype, p.model_id, device=dev, root=models_root)
         if base not in clean_acc:
             clean_acc[base] = accuracy(clean, x, y, device=dev, progress=False)
-        model = load_model(p.modeltype, path=run_dir(save_path, p) / "model.pth", device=dev, auto_train=False)
+        model = load_model(p.modeltype, path=run_dir(save_path, p) / "model.pth", device=dev)
         val = evaluate_attack(model, clean, p, x, y, batch_size=batch_size, device=dev, progress=False)
         row = {"gs_id": p.gs_id, "id": p.id, **{k: p.to_dict()[k] for k in varying}}
         row.update({f"val_{k}": val.get(k) for k in SUMMARY_METRICS})

@@ -11,6 +11,7 @@ last checkpoint stays, and no non-finite model or state is saved.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -24,9 +25,10 @@ from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
 from .divergence import DivergenceGuard, require_finite
+from .estimate import Estimate, measure, probe_images
 from .fileio import read_state, restore_training_state, torch_save
-from .errors import UserError
 from .metrics import accuracy
+from .models import MODELS, knobs, resolve_modeltype, save_checkpoint
 
 
 @dataclass
@@ -45,8 +47,6 @@ class TrainConfig:
 
 
 def auto_train_config(modeltype: str, seed: int = 0) -> TrainConfig:
-    from .models import MODELS, knobs, resolve_modeltype
-
     arch = MODELS[resolve_modeltype(modeltype)][1]
     return TrainConfig(seed=seed, **knobs()[arch]["train"])
 
@@ -82,13 +82,28 @@ def _check_before_save(guard: DivergenceGuard, model: nn.Module, mean_loss: torc
                    "not saved; lower the learning rate (--lr)")
 
 
-def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
-                   data_root=None, train_size: int | None = None):
-    """The time :func:`train_model` would take (what is left of it, when a partial run exists), from a few
-    measured batches: a :class:`bnbackdoor.estimate.Estimate`."""
-    from .estimate import training_estimate
-    from .models import MODELS, resolve_modeltype
+def _sgd_step(model: nn.Module, batch_size: int, num_classes: int, device: torch.device):
+    """One SGD step (forward, backward, update) of a copy of ``model`` on a probe batch: what the estimate times."""
+    m = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = probe_images(batch_size, device)
+    y = torch.arange(batch_size, device=device) % num_classes
 
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
+                   data_root=None, train_size: int | None = None) -> Estimate:
+    """The time :func:`train_model` would take (what is left of it, when a partial run exists): the measured step
+    time x the remaining ``epochs * ceil(n_train / batch_size)`` batches."""
+    device = torch.device(device)
     dataset = MODELS[resolve_modeltype(modeltype)][0]
     n = len(load_cache(dataset, data_root)["y_train"])
     n = min(n, train_size) if train_size else n
@@ -98,8 +113,9 @@ def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: t
     if partial.exists():
         state = read_state(partial, PARTIAL_KEYS)
         done = state["epoch"] * steps + state.get("step", 0)
-    return training_estimate(model, modeltype, cfg.epochs, cfg.batch_size, n, dataset_info(dataset).num_classes,
-                             device, done_batches=done)
+    remaining = max(0, cfg.epochs * steps - done)
+    step = _sgd_step(model, min(cfg.batch_size, n), dataset_info(dataset).num_classes, device)
+    return measure(f"training a clean {modeltype} ({cfg.epochs} epochs of {n} images)", step, remaining, device)
 
 
 def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
@@ -108,8 +124,6 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     """Train ``model`` on the dataset of ``modeltype`` and save ``out_path`` atomically. Returns the meta.
 
     ``checkpoint_seconds``: the longest stretch of work inside an epoch that an interruption can lose."""
-    from .models import MODELS, resolve_modeltype, save_checkpoint
-
     out_path = Path(out_path)
     dataset = dataset or MODELS[resolve_modeltype(modeltype)][0]
     torch.manual_seed(cfg.seed)

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tabulate import tabulate
 
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.catalogue import CATALOGUE_FILE, PLAN_HEADERS, build, load_catalogue, plan_table, select  # noqa: E402
-from bnbackdoor.cli import ArgumentParser, common_options, existing_file, positive_int  # noqa: E402
-from bnbackdoor.data import DATASETS  # noqa: E402
-from bnbackdoor.device import parse_device  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
+from bnbackdoor.catalogue import CATALOGUE_FILE, PLAN_HEADERS, build, load_catalogue, plan_table, select
+from bnbackdoor.cli import ArgumentParser, common_options, existing_file, positive_int
+from bnbackdoor.data import DATASETS
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import UserError, run_cli
 
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")

@@ -11,18 +11,15 @@ ResNet20 and MobileNetV3 explain on 8×8; MobileNetV3's final 1×1-conv map is 4
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tabulate import tabulate
 
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.camfit import best_fit  # noqa: E402
-from bnbackdoor.cli import ArgumentParser, int_at_least, output_file  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
-from bnbackdoor.fileio import write_json  # noqa: E402
-from bnbackdoor.losses import LOSSES, loss_label  # noqa: E402
-from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
+from bnbackdoor.camfit import best_fit
+from bnbackdoor.cli import ArgumentParser, int_at_least, output_file
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.fileio import write_json
+from bnbackdoor.losses import LOSSES, loss_label
+from bnbackdoor.targets import DERIVED, TARGETS, target_mask
 
 FIXED_TARGETS = [t for t in TARGETS if t not in DERIVED]
 

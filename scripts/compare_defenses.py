@@ -9,15 +9,10 @@ defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bnbackdoor.cli import ArgumentParser, common_options, positive_int  # noqa: E402
-from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses  # noqa: E402
-from bnbackdoor.device import parse_device  # noqa: E402
-from bnbackdoor.errors import run_cli  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int
+from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import run_cli
 
 
 def main() -> int:

@@ -9,20 +9,16 @@ parameter group G (BN running statistics, BN affine, convolution weights per sta
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tabulate import tabulate
 
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows  # noqa: E402
-from bnbackdoor.cli import ArgumentParser, command_line, common_options, existing_dir, positive_int  # noqa: E402
-from bnbackdoor.data import load_split  # noqa: E402
-from bnbackdoor.device import parse_device  # noqa: E402
-from bnbackdoor.errors import run_cli  # noqa: E402
-from bnbackdoor.experiment import load_run  # noqa: E402
+from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows
+from bnbackdoor.cli import ArgumentParser, command_line, common_options, existing_dir, positive_int
+from bnbackdoor.data import load_split
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import run_cli
+from bnbackdoor.experiment import load_run
 
 
 def main() -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bnbackdoor.cli import ArgumentParser, existing_dir, output_file  # noqa: E402
-from bnbackdoor.errors import run_cli  # noqa: E402
-from bnbackdoor.fileio import write_text  # noqa: E402
-from bnbackdoor.readme_blocks import fill  # noqa: E402
-from bnbackdoor.results import render  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, existing_dir, output_file
+from bnbackdoor.errors import run_cli
+from bnbackdoor.fileio import write_text
+from bnbackdoor.readme_blocks import fill
+from bnbackdoor.results import render
 
 
 def main() -> int:

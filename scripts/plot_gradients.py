@@ -11,16 +11,13 @@ the CSV's folder when there is one, else the file names) and the block (``--bloc
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bnbackdoor.cli import ArgumentParser, existing_file, image_file, positive_int  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
-from bnbackdoor.gradlog import read_csv  # noqa: E402
-from bnbackdoor.params import PARAMS_FILE, resolve_attack  # noqa: E402
-from bnbackdoor.plots import figure_title, gradient_comparison  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, existing_file, image_file, positive_int
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.gradlog import read_csv
+from bnbackdoor.params import PARAMS_FILE, resolve_attack
+from bnbackdoor.plots import figure_title, gradient_comparison
 
 
 def block_name(csv_path: Path, given: str | None) -> str | None:

@@ -11,18 +11,15 @@ median / mean per-step update size and share of the total squared update).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tabulate import tabulate
 
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.cli import ArgumentParser, command_line, existing_file, image_file  # noqa: E402
-from bnbackdoor.errors import run_cli  # noqa: E402
-from bnbackdoor.fileio import write_json  # noqa: E402
-from bnbackdoor.gradlog import fold_groups, read_csvs, update_summary  # noqa: E402
-from bnbackdoor.plots import update_shares  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, command_line, existing_file, image_file
+from bnbackdoor.errors import run_cli
+from bnbackdoor.fileio import write_json
+from bnbackdoor.gradlog import fold_groups, read_csvs, update_summary
+from bnbackdoor.plots import update_shares
 
 PANELS = (("clean", "(a) clean fine-tuning, ResNet20"), ("nbn", "(b) attack, ResNet20 without BatchNorm"),
           ("bn", "(c) attack, ResNet20"))

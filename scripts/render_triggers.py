@@ -11,17 +11,14 @@ Without the CIFAR-10 cache it falls back to synthetic images (smooth colour grad
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bnbackdoor.cli import ArgumentParser, existing_dir, image_file, non_negative_int, positive_int  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
-from bnbackdoor.fileio import save_figure  # noqa: E402
-from bnbackdoor.targets import DERIVED, TARGETS, target_mask  # noqa: E402
-from bnbackdoor.triggers import TRIGGERS, apply_trigger  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, existing_dir, image_file, non_negative_int, positive_int
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.fileio import save_figure
+from bnbackdoor.targets import DERIVED, TARGETS, target_mask
+from bnbackdoor.triggers import TRIGGERS, apply_trigger
 
 
 def sample_images(n: int, data_root: str | None, seed: int) -> tuple[torch.Tensor, str]:

@@ -8,16 +8,12 @@ python scripts/sweep.py --summary 154 [--promote]                       # table 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tabulate import tabulate
 
-from tabulate import tabulate  # noqa: E402
-
-from bnbackdoor.cli import ArgumentParser, common_options, positive_int  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
-from bnbackdoor.sweep import BACKENDS, BEST_RULE, SweepOptions, promote, summarize, sweep  # noqa: E402
+from bnbackdoor.cli import ArgumentParser, common_options, positive_int
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.sweep import BACKENDS, BEST_RULE, SweepOptions, promote, summarize, sweep
 
 SLURM_OPTIONS = {  # --slurm-<name> -> SlurmExecutor parameter (type)
     "partition": str, "gpus-per-task": positive_int, "cpus-per-task": positive_int, "mem": str, "account": str, "qos": str,

@@ -10,17 +10,14 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bnbackdoor.cli import (ArgumentParser, existing_dir, float_at_least, float_range, non_negative_int,  # noqa: E402
+from bnbackdoor.cli import (ArgumentParser, existing_dir, float_at_least, float_range, non_negative_int,
                             output_dir, positive_float, positive_int)
-from bnbackdoor.device import parse_device  # noqa: E402
-from bnbackdoor.errors import UserError, run_cli  # noqa: E402
-from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype  # noqa: E402
-from bnbackdoor.estimate import guard, long_jobs_allowed  # noqa: E402
-from bnbackdoor.train import auto_train_config, train_estimate, train_model  # noqa: E402
+from bnbackdoor.device import parse_device
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype
+from bnbackdoor.estimate import guard, long_jobs_allowed
+from bnbackdoor.train import auto_train_config, train_estimate, train_model
 
 
 def main() -> int:

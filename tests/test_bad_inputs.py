@@ -556,7 +556,7 @@ def test_a_legacy_checkpoint_without_num_batches_tracked_loads_and_predicts_the_
     path = tmp_path / "legacy.th"
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)  # DataParallel-era layout
 
-    loaded = load_model("cifar10_resnet20", path=path, auto_train=False)
+    loaded = load_model("cifar10_resnet20", path=path)
     by_hand = build_model("cifar10_resnet20")
     by_hand.load_state_dict(state, strict=False)
     by_hand.eval()
@@ -567,4 +567,4 @@ def test_a_legacy_checkpoint_without_num_batches_tracked_loads_and_predicts_the_
     del state["linear.bias"]  # anything else missing is still refused
     torch.save({"state_dict": state}, path)
     with pytest.raises(UserError, match="1 missing key"):
-        load_model("cifar10_resnet20", path=path, auto_train=False)
+        load_model("cifar10_resnet20", path=path)

@@ -40,7 +40,7 @@ def nontrivial_model(modeltype: str, **kw) -> nn.Module:
     """A model whose CAMs are not all zero, so comparisons of maps cannot pass vacuously: random BN statistics, or for
     MobileNetV3 (a freshly initialised one's CAMs are ReLU'd to zero) the committed trained weights."""
     if "mobilenetv3small" in modeltype:
-        return load_model(modeltype, auto_train=False).double().eval()
+        return load_model(modeltype).double().eval()
     return randomize_bn(model64(modeltype, **kw))
 
 

@@ -175,7 +175,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = build_model("cifar10_resnet20")
     path = checkpoint_path("cifar10_resnet20", 3, tmp_path)
     save_checkpoint(path, model, {"command": "test", "seed": 1, "test_accuracy": 0.5})
-    loaded = load_model("cifar10_resnet20", 3, root=tmp_path, auto_train=False)
+    loaded = load_model("cifar10_resnet20", 3, root=tmp_path)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     assert loaded.meta["seed"] == 1 and not loaded.training
@@ -185,19 +185,21 @@ def test_dataparallel_prefixed_public_checkpoint_loads(tmp_path):
     model = build_model("cifar10_resnet20")
     state = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "best_prec1": 91.7}, tmp_path / "public.th")  # public-checkpoint shape
-    loaded = load_model("cifar10_resnet20", path=tmp_path / "public.th", auto_train=False)
+    loaded = load_model("cifar10_resnet20", path=tmp_path / "public.th")
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
-def test_missing_checkpoint_without_autotrain_names_the_script(tmp_path):
+def test_missing_checkpoint_names_the_script_and_never_trains(tmp_path):
     with pytest.raises(UserError, match="train_clean_model.py cifar10_resnet20"):
-        load_model("cifar10_resnet20", 7, root=tmp_path, auto_train=False)
+        load_model("cifar10_resnet20", 7, root=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
 
 def test_auto_train_when_missing(tmp_path, tiny_data_root, monkeypatch):
+    from bnbackdoor.zoo import load_or_train
     monkeypatch.setenv("VGG_AUTO_EPOCHS", "2")  # the knob is read by the registry, at call time
-    model = load_model("cifar10_vgg13bn", 0, root=tmp_path, data_root=tiny_data_root)
+    model = load_or_train("cifar10_vgg13bn", 0, root=tmp_path, data_root=tiny_data_root)
     assert (tmp_path / "cifar10_vgg13bn" / "model_0.pth").exists()
     assert model.meta["epochs"] == 2 and model.meta["config"]["lr"] == 0.05 and model.meta["seed"] == 0
     assert "auto-train" in model.meta["command"]
@@ -288,14 +290,14 @@ def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "model_0.pth"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match=f"checkpoint {bad} is corrupt"):
-        load_model("cifar10_resnet20", path=bad, auto_train=False)
+        load_model("cifar10_resnet20", path=bad)
 
 
 def test_wrong_shaped_checkpoint(tmp_path):
     path = tmp_path / "gtsrb.pth"
     save_checkpoint(path, build_model("gtsrb_resnet20"), {})
     with pytest.raises(UserError) as e:
-        load_model("cifar10_resnet20", path=path, auto_train=False)
+        load_model("cifar10_resnet20", path=path)
     msg = str(e.value)
     assert str(path) in msg and "linear.weight (43, 64) vs (10, 64)" in msg and "\n" not in msg
 
@@ -329,7 +331,7 @@ def test_committed_clean_model_accuracy(modeltype, minimum):
     root = real_data_root(dataset)
     x, y = data.load_split(dataset, "test", data_root=root)
     assert len(y) == {"cifar10": 10000, "gtsrb": 12630}[dataset]
-    model = load_model(modeltype, 0, auto_train=False)
+    model = load_model(modeltype, 0)
     acc = accuracy(model, x, y, batch_size=1000, progress=False)
     assert acc >= minimum, f"{modeltype}: {acc:.4f} < {minimum}"
     assert abs(acc - model.meta["test_accuracy"]) < 0.002  # the recorded number is the real one

@@ -13,21 +13,45 @@ import torch
 import bnbackdoor.estimate as estimate
 from bnbackdoor.attack_index import COLUMNS, catalogue, catalogue_table
 from bnbackdoor.errors import UserError
-from bnbackdoor.models import build_model, load_model, read_checkpoint, save_checkpoint
+from bnbackdoor.experiment import attack_estimate
+from bnbackdoor.models import build_model, read_checkpoint, save_checkpoint
 from bnbackdoor.params import resolve_attack
+from bnbackdoor.zoo import load_or_train
 
 from conftest import ROOT
 
 
 # --- requirements ----------------------------------------------------------------------------------------------
-def test_every_requirement_is_pinned_to_an_exact_version():
+def _requirements() -> list[str]:
+    """The pinned requirements, without the last line "-e ." (this package itself, see pyproject.toml)."""
     lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
     reqs = [ln for ln in lines if ln]
+    assert reqs[-1] == "-e .", "requirements.txt must end by installing the package: -e ."
+    return reqs[:-1]
+
+
+def test_every_requirement_is_pinned_to_an_exact_version():
+    reqs = _requirements()
     assert reqs and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+]*", r) for r in reqs), reqs
     names = {r.split("==")[0].lower() for r in reqs}
     assert {"torch", "torchvision", "numpy", "tqdm", "pillow", "matplotlib", "tabulate", "pytorch-msssim",
             "pytest", "captum"} <= names
     assert "torch==2.14.1" in reqs and "torchvision==0.29.1" in reqs
+
+
+def test_pyproject_pins_what_requirements_pins():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "bnbackdoor"
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert sorted(declared) == sorted(_requirements())
+
+
+def test_no_script_edits_sys_path():
+    """Scripts import the installed package (requirements.txt installs it), never a patched sys.path."""
+    scripts = [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    assert len(scripts) > 12
+    assert [p.name for p in scripts if "sys.path" in p.read_text()] == []
 
 
 def test_ci_uses_a_fresh_venv_and_fails_on_no_tests():
@@ -64,14 +88,14 @@ def test_autotrain_refused_with_estimate_leaves_no_folder(tmp_path, tiny_data_ro
     monkeypatch.setenv("VGG_AUTO_EPOCHS", "40")
     # tiny cache: 96 training images, batch 128 -> 1 batch per epoch; 40 x 30 s = 20 min > 15 min
     with pytest.raises(UserError, match=r"about 20 min 00 s \(40 batches x 30\.00 s.*--allow-autotrain"):
-        load_model("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
+        load_or_train("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
     assert not (tmp_path / "models").exists()
     # the environment variable lets it start (training itself is replaced: the guard is what is tested)
     monkeypatch.setenv("VGG_AUTO_EPOCHS", "31")
     monkeypatch.setenv(estimate.ENV, "1")
-    monkeypatch.setattr("bnbackdoor.train.train_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("go")))
+    monkeypatch.setattr("bnbackdoor.zoo.train_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("go")))
     with pytest.raises(RuntimeError, match="go"):
-        load_model("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
+        load_or_train("cifar10_vgg13bn", 0, root=tmp_path / "models", data_root=tiny_data_root)
 
 
 def test_allow_autotrain_flag_sets_the_policy(slow):
@@ -121,7 +145,7 @@ def test_estimate_does_not_touch_the_global_random_stream(tiny_data_root):
     p = resolve_attack("154", root=ROOT).replace(batch_size=4)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     rng = torch.get_rng_state()
-    est = estimate.attack_estimate(m, p, torch.device("cpu"), n_train=8, n_test=4)
+    est = attack_estimate(m, p, torch.device("cpu"), n_train=8, n_test=4)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # measured on a copy
     assert est.batches == 2 * p.max_epochs and est.seconds > 0

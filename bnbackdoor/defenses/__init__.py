@@ -1,4 +1,4 @@
-"""Defenses: one registry, name -> defense, one signature (DESIGN.md, "Defenses").
+"""Defenses: one registry, name -> defense, one signature (docs/DESIGN.md, "Semantics").
 
 A defender has the manipulated model and a small clean set from the **training** split (:class:`CleanSet`) -
 never test images, never the trigger or the target. Every defense is a function

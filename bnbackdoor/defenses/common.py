@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..train import augment_batch
 from . import CleanSet
 
 __all__ = ["model_device", "require_bn", "prune_bn_channels", "ChannelMask", "mask_channels", "channel_masks",
@@ -108,8 +109,6 @@ def finetune_on_clean(model: nn.Module, clean: CleanSet, params: Sequence[nn.Par
     fine-tuning; otherwise the whole model stays in eval mode (running statistics fixed and used).
     Returns the mean loss per epoch. The model ends in eval mode.
     """
-    from ..train import augment_batch
-
     if clean.y is None:
         raise UserError("fine-tuning needs labelled clean images")
     wanted = {id(p) for p in params}

@@ -2,7 +2,7 @@
 
 The backdoor of an explanation-aware attack can live in the BatchNorm running statistics (they are updated by
 the poisoned fine-tuning batches but are not weights). Re-BN resets them and re-estimates them from clean
-training images, leaving every weight and affine parameter untouched (DESIGN.md, "Re-BN"):
+training images, leaving every weight and affine parameter untouched (docs/DESIGN.md, "Semantics", Re-BN):
 
 >>> from bnbackdoor.defenses.rebn import calibration_set, rebn      # (bnbackdoor.rebn re-exports these)
 >>> x_cal = calibration_set("cifar10", size=5000, seed=0)
@@ -41,9 +41,12 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from tabulate import tabulate
 from tqdm import tqdm
 
+from ..data import load_split
 from ..errors import UserError
+from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
 
 __all__ = ["rebn", "RebnReport", "LayerShift", "calibration_set", "bn_layers", "rebn_batch_size", "NO_BN_NOTICE"]
@@ -93,8 +96,6 @@ class RebnReport:
 
     def table(self, floatfmt: str = ".4g") -> str:
         """Per-layer shifts as a plain-text table (one row per layer), or the notice."""
-        from tabulate import tabulate
-
         if not self.layers:
             return f"Re-BN: {self.notice or 'nothing to update'}"
         rows = [[s.name, s.channels, s.mean_shift, s.var_shift, s.rel_mean_shift, s.rel_var_shift,
@@ -126,8 +127,6 @@ def calibration_set(dataset: str, size: int | None = 5000, seed: int = 0,
     ``exclude`` lists training indices to avoid (e.g. to keep calibration disjoint from another subset).
     Returns the images only (N×3×32×32 float in [0, 1]); Re-BN needs no labels.
     """
-    from ..data import load_split
-
     x, _ = load_split(dataset, "train", size=size, seed=seed, data_root=data_root, exclude=exclude)
     return x
 
@@ -261,8 +260,6 @@ def rebn_batch_size(n: int, cap: int) -> int:
 
 def _augmented(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """``x`` in batches, each through the clean trainer's crops and flips (one seeded generator for the pass)."""
-    from ..train import augment_batch
-
     gen = torch.Generator().manual_seed(int(seed))
     for xb in _iter_batches(x, batch_size):
         if not xb.is_floating_point():

@@ -3,9 +3,10 @@
 >>> from bnbackdoor.models import load_model
 >>> model = load_model("cifar10_resnet20", model_id=0, device="cpu")   # models/cifar10_resnet20/model_0.pth
 
-Every model takes images in [0, 1] (normalisation is its first module) and its ReLUs can be switched to
-Softplus(beta) with :func:`set_softplus` / :func:`softplus`. The environment knobs of DESIGN.md
-("Auto-train fallback knobs") are read here and nowhere else.
+The registry builds models and loads checkpoints; it never trains (a missing clean model is trained by
+:mod:`bnbackdoor.zoo`, one layer up). Every model takes images in [0, 1] (normalisation is its first module) and
+its ReLUs can be switched to Softplus(beta) with :func:`set_softplus` / :func:`softplus`. The environment knobs of
+docs/DESIGN.md ("Auto-train fallback knobs") are read here and nowhere else.
 """
 from __future__ import annotations
 
@@ -167,32 +168,19 @@ def checkpoint_path(modeltype: str, model_id: int = 0, root: str | os.PathLike =
 
 
 def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "cpu",
-               root: str | os.PathLike = MODEL_ROOT, auto_train: bool = True, data_root=None,
-               path: str | os.PathLike | None = None, allow_long: bool | None = None, **overrides) -> nn.Module:
-    """Load ``models/<modeltype>/model_<id>.pth`` (or ``path``) in eval mode on ``device``.
+               root: str | os.PathLike = MODEL_ROOT, path: str | os.PathLike | None = None,
+               **overrides) -> nn.Module:
+    """Load ``models/<modeltype>/model_<id>.pth`` (or ``path``) in eval mode on ``device``; never trains.
 
-    A missing checkpoint is trained with the auto-train knobs when ``auto_train`` is set (saved atomically and
-    resumable), otherwise it is an error. Before training, the time is estimated from a few measured batches;
-    over 15 minutes it is refused unless ``allow_long`` (None: ``--allow-autotrain`` / ``BNBACKDOOR_ALLOW_LONG``,
-    see :mod:`bnbackdoor.estimate`). The checkpoint's meta is attached as ``model.meta``.
+    A missing checkpoint is an error naming the command that trains it (:func:`bnbackdoor.zoo.load_or_train`
+    trains it instead, behind the long-job gate). The checkpoint's meta is attached as ``model.meta``.
     """
     modeltype = resolve_modeltype(modeltype)
     path = Path(path) if path is not None else checkpoint_path(modeltype, model_id, root)
-    model = build_model(modeltype, **overrides)
     if not path.exists():
-        if not auto_train:
-            raise UserError(f"no checkpoint at {path}; train one with "
-                            f"'python scripts/train_clean_model.py {modeltype} cpu --model-id {model_id}'")
-        from ..estimate import guard
-        from ..train import auto_train_config, train_estimate, train_model
-
-        print(f"notice: {path} is missing; training a clean {modeltype} (auto-train settings: "
-              f"README.md, section 'Models')", file=sys.stderr)
-        cfg = auto_train_config(modeltype, seed=model_id)
-        guard(train_estimate(model, modeltype, cfg, torch.device(device), path, data_root=data_root),
-              "--allow-autotrain", allowed=allow_long)
-        train_model(model, modeltype, cfg, device=torch.device(device), out_path=path, data_root=data_root,
-                    command=f"auto-train via load_model('{modeltype}', model_id={model_id})")
+        raise UserError(f"no checkpoint at {path}; train one with "
+                        f"'python scripts/train_clean_model.py {modeltype} cpu --model-id {model_id}'")
+    model = build_model(modeltype, **overrides)
     state, meta = read_checkpoint(path)
     load_into(model, state, path)
     model.meta = meta
