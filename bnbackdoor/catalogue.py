@@ -33,10 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
+from tqdm import tqdm
+
 from .acceptance import RULES as ACCEPTANCE_RULES
 from .acceptance import acceptance
+from .device import parse_device
 from .errors import UserError
+from .experiment import run_attack
 from .fileio import atomic_path, write_json, write_text
+from .models import MODEL_ROOT
 from .params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, compact_ids, grid_point, read_json
 
 CATALOGUE_FILE = Path(SETTINGS_DIR) / "catalogue" / "catalogue.json"
@@ -256,11 +262,7 @@ def execute(run: PlannedRun, device: str, save_path: str | Path, data_root=None,
             attack: Callable[..., dict] | None = None) -> Outcome:
     """Run (or resume) one catalogue run under its claim; never raises for a failing run (the failure is
     returned and written to ``failed.json``). ``attack`` defaults to :func:`bnbackdoor.experiment.run_attack`."""
-    import torch
-
-    from .device import parse_device
-    from .models import MODEL_ROOT
-
+    attack = attack or run_attack
     if threads:
         torch.set_num_threads(threads)
     save_path, root = Path(save_path), Path(root)
@@ -277,8 +279,6 @@ def execute(run: PlannedRun, device: str, save_path: str | Path, data_root=None,
             os.replace(folder / "metrics.json", folder / "metrics.stale.json")
             (folder / "resume.pt").unlink(missing_ok=True)
         (folder / "failed.json").unlink(missing_ok=True)
-        if attack is None:
-            from .experiment import run_attack as attack
         models_root = MODEL_ROOT if MODEL_ROOT.is_absolute() else root / MODEL_ROOT
         metrics = attack(run.params, parse_device(device), save_path=save_path, data_root=data_root, seed=seed,
                          models_root=models_root, progress=progress, command=reproduce_command(run, device))
@@ -395,8 +395,6 @@ def build(runs: list[PlannedRun], device: str, save_path: str | Path = "output/c
     """Run every selected run that is not done (``workers`` in parallel processes on one device), log one line per
     run, promote finished runs when ``do_promote``. Returns the outcome per id. ``attack`` replaces
     ``run_attack`` (tests; with ``workers`` > 1 it must be a module-level function)."""
-    from tqdm import tqdm
-
     save_path = Path(save_path)
     save_path.mkdir(parents=True, exist_ok=True)
     log = save_path / "catalogue.log"

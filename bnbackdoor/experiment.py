@@ -35,7 +35,7 @@ from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_state, write_json, write_text
-from .finetune import RESUME_KEYS, attack_step, finetune, poison_batch
+from .finetune import RESUME_KEYS, attack_step, examples_per_epoch, finetune, make_optimizer, poison_batch
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
@@ -116,13 +116,13 @@ def attack_estimate(model: nn.Module, params: AttackParams, device: torch.device
     explanation speed."""
     device = torch.device(device)
     m = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.Adam(m.parameters(), lr=params.learning_rate)
+    opt, _ = make_optimizer(m, params)
     bs = min(params.batch_size, n_train)
     x = probe_images(bs, device)
     y = torch.arange(bs, device=device) % params.num_classes
     maps = explain_with_logits(m.eval(), x, params.explanation_methodStr, normalize=True)[1].detach()
     batch = poison_batch(x, y, maps, params)
-    steps = -(-n_train // params.batch_size) * params.max_epochs
+    steps = -(-examples_per_epoch(n_train, params) // params.batch_size) * params.max_epochs
     expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
     # each closure sets the mode it is timed in: the attack step in train mode, explanations in eval mode
     return measure(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)",
@@ -247,7 +247,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not force:
         done = json.loads(metrics_path.read_text())
-        if done.get("parameters") != params.to_dict() or done.get("seed") != seed:
+        if not params.same_as(done.get("parameters")) or done.get("seed") != seed:
             raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
                             "it or use another --save_path")
         if grad_layer is not None:  # the gradient CSVs are written while training: a skip would silently miss them
@@ -276,7 +276,8 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     result = finetune(model, clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
                       grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
                       on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
-    after = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
+    after = {k: v for k, v in result.history[-1].items()
+             if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
     x_cal, y_cal = load_split(params.dataset, "train", size=defense_calibration, seed=seed, data_root=data_root)
     defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
                                  clean=CleanSet(x_cal, y_cal, params.dataset, seed=seed), defenses=defenses,

@@ -90,11 +90,6 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": mse, "ssim": dss
 LOSSES["dssim"] = dssim  # alias: the paper's tables call the DSSIM loss 'ssim'
 
 
-def loss_label(name: str) -> str:
-    """How tables and figures name a loss: ``ssim``/``dssim`` -> DSSIM (what is computed), others upper-cased."""
-    return "DSSIM" if name in ("ssim", "dssim") else name.upper()
-
-
 def loss_fn(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     try:
         return LOSSES[name]

@@ -1,6 +1,6 @@
 """Attack parameters: load, validate and resolve an attack id to one concrete :class:`AttackParams`.
 
-Two file forms (DESIGN.md, "Parameter files"):
+Two file forms (docs/DESIGN.md, "Parameter files"):
 
 * **concrete** (``manipulated_models/<id>/parameters.json``): exactly the fields of :class:`AttackParams`;
 * **grid** (``experimentsettings/<id>.json``, the ancestor's form): the attack part plus ``*_options`` lists. The
@@ -36,12 +36,15 @@ from .data import DATASETS
 from .errors import UserError
 from .fileio import write_json
 from .losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
+from .models import ALIASES, MODELS, resolve_modeltype
+from .targets import TARGETS
+from .triggers import TRIGGERS
 
 EXPLANATION_METHODS = ("grad", "grad_cam", "relevance_cam")
 AGGREGATIONS = ("max", "mean")
 ACC_FID = ("acc", "fid")
 LOSSES = ("mse", "ssim")  # "ssim" means the DSSIM loss (1 - SSIM) / 2, as in the ancestor
-# BatchNorm during the attack's fine-tuning (DESIGN.md, "Semantics"): "eval" = the paper's protocol (the whole
+# BatchNorm during the attack's fine-tuning (docs/DESIGN.md, "Semantics"): "eval" = the paper's protocol (the whole
 # model in eval mode: BN normalises with, and never updates, the clean running statistics; dropout off);
 # "train" = batch statistics, the running statistics absorb the poisoned batches.
 BN_MODES = ("eval", "train")
@@ -137,24 +140,20 @@ def _list(item: Check, what: str) -> Check:
     return check
 
 
-# Registries owned by other modules are imported when a file is validated, not when this module is imported.
+# Registries are read when a file is validated (a callable), so names registered later are allowed too.
 def _trigger_names() -> Iterable[str]:
-    from .triggers import TRIGGERS
     return TRIGGERS
 
 
 def _target_names() -> Iterable[str]:
-    from .targets import TARGETS
     return TARGETS
 
 
 def _modeltype_names() -> list[str]:
-    from .models import ALIASES, MODELS
     return list(MODELS) + list(ALIASES)
 
 
 def _model_dataset(modeltype: str) -> str:
-    from .models import MODELS, resolve_modeltype
     return MODELS[resolve_modeltype(modeltype)][0]
 
 
@@ -260,7 +259,7 @@ def _normalise(values: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the record
 @dataclass(frozen=True)
 class AttackParams:
-    """One concrete attack run; field names and order are those of ``parameters.json`` (DESIGN.md).
+    """One concrete attack run; field names and order are those of ``parameters.json`` (docs/DESIGN.md).
 
     Build it with :meth:`from_dict`, :func:`expand_grid` or :func:`resolve_attack` (they validate); derive a
     variant with :meth:`replace` (it validates again).
@@ -335,7 +334,6 @@ class AttackParams:
     @property
     def canonical_modeltype(self) -> str:
         """The registry key of ``modeltype`` (aliases such as ``resnet20_normal`` resolved)."""
-        from .models import resolve_modeltype
         return resolve_modeltype(self.modeltype)
 
     @property

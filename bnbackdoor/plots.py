@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import dataset_info  # noqa: E402
 from .fileio import save_figure  # noqa: E402
-from .losses import loss_label  # noqa: E402
+from .labels import loss_label  # noqa: E402
 
 
 MAP_CMAP = "jet"

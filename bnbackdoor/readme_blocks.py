@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .losses import loss_label
+from .labels import loss_label
 from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)

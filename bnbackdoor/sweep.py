@@ -138,7 +138,7 @@ def finished_metrics(folder: Path, params: AttackParams, seed: int) -> dict | No
     if not path.is_file():
         return None
     done = read_json(path)
-    return done if done.get("parameters") == params.to_dict() and done.get("seed") == seed else None
+    return done if params.same_as(done.get("parameters")) and done.get("seed") == seed else None
 
 
 # ------------------------------------------------------------------------------------------------ backends

@@ -18,7 +18,8 @@ from bnbackdoor.camfit import best_fit
 from bnbackdoor.cli import ArgumentParser, int_at_least, output_file
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.losses import LOSSES, loss_label
+from bnbackdoor.labels import loss_label
+from bnbackdoor.losses import LOSSES
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask
 
 FIXED_TARGETS = [t for t in TARGETS if t not in DERIVED]

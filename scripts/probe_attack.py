@@ -61,7 +61,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     settings = {**ANCESTOR, **overrides}
     p = resolve_attack(a.attack).replace(**settings)
-    kw = {"root": a.models_root, "auto_train": False} if a.models_root else {}
+    kw = {"root": a.models_root} if a.models_root else {}
     clean = load_model(p.canonical_modeltype, model_id=0, device="cpu", **kw)
     model = copy.deepcopy(clean)
     if a.scale is not None:

@@ -38,14 +38,18 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
         grid = read_json(ROOT / "experimentsettings" / f"{r.settings}.json")
         base = grid_point(grid, r.gs_id)
         overrides = raw["profiles"][r.profile]["overrides"]
-        assert r.profile == ("grad" if base.explanation_methodStr == "grad" else "cam")
+        multi_cam = len(base.triggerStrs) > 1 and base.explanation_methodStr != "grad"
+        assert r.profile == ("grad" if base.explanation_methodStr == "grad" else "multi" if multi_cam else "cam")
         expected = {**base.to_dict(), **{k: v for k, v in overrides.items() if k in FIELDS}, "id": r.id,
                     **variants.get(r.id, {})}
         assert r.params.to_dict() == expected
         assert r.params.training_size <= (50000 if r.dataset == "cifar10" else 19605)
         # the GPU settings it departs from are recorded
         diff = {k: (a, b) for k, a, b in r.ancestor_diff}
-        assert diff["batch_size"] == (32, 64) and diff["max_epochs"][0] == 100
+        if r.profile == "multi":  # the ancestor's batch and batch makeup: no difference to record
+            assert "batch_size" not in diff and "batch_makeup" not in diff and diff["max_epochs"][0] == 100
+        else:
+            assert diff["batch_size"] == (32, 64) and diff["max_epochs"][0] == 100
         assert diff["training_size"] == (grid["training_size"], r.params.training_size)
         if "bn_mode" not in FIELDS:
             assert r.pending == {"bn_mode": "eval"} and "bn_mode" not in diff
@@ -80,7 +84,8 @@ def fake_attack(params, device, save_path, seed=0, **kw):
     m = {"seed": seed, "device": str(device), "testing_size": params.testing_size, "finetune_seconds": 1.0,
          "total_seconds_this_run": 2.0, "parameters": params.to_dict(),
          "clean_model": {"clean_accuracy": 0.9, "attack_success_rate": 0.0, "expl_dssim_to_target": 0.4},
-         "manipulated_model": {"clean_accuracy": 0.89, "attack_success_rate": 0.95, "expl_dssim_to_target": 0.1}}
+         "manipulated_model": {"clean_accuracy": 0.89, "attack_success_rate": 0.95, "untriggered_target_rate": 0.01,
+                               "expl_dssim_to_target": 0.1}}
     (out / "metrics.json").write_text(json.dumps(m))
     return m
 

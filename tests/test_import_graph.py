@@ -34,20 +34,7 @@ LAZY_OK = {
 
 # Problems in files another change owns right now, with the edit that removes each. An entry that no longer
 # matches a problem fails the test (delete it); any problem not listed fails it too.
-PENDING = {
-    ("function-local", "bnbackdoor.params", "bnbackdoor.models"):
-        "params.py: import ALIASES, MODELS, resolve_modeltype from .models at the top (the circle is gone)",
-    ("function-local", "bnbackdoor.params", "bnbackdoor.targets"): "params.py: import TARGETS at the top",
-    ("function-local", "bnbackdoor.params", "bnbackdoor.triggers"): "params.py: import TRIGGERS at the top",
-    ("function-local", "bnbackdoor.catalogue", "torch"): "catalogue.py: import torch at the top",
-    ("function-local", "bnbackdoor.catalogue", "tqdm"): "catalogue.py: import tqdm at the top",
-    ("function-local", "bnbackdoor.catalogue", "bnbackdoor.device"): "catalogue.py: import parse_device at the top",
-    ("function-local", "bnbackdoor.catalogue", "bnbackdoor.models"): "catalogue.py: import MODEL_ROOT at the top",
-    ("function-local", "bnbackdoor.catalogue", "bnbackdoor.experiment"):
-        "catalogue.py: import run_attack at the top; execute() uses `attack or run_attack`",
-    ("no-torch layer", "bnbackdoor.readme_blocks", "bnbackdoor.losses"):
-        "losses.loss_label is a naming table: move it to a torch-free module of the report layer",
-}
+PENDING: dict = {}
 
 
 @dataclass(frozen=True)
