@@ -9,7 +9,8 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``update-shares``  the update figure's per-group medians and shares, from ``results/update_shares/*.json``;
 - ``composition``    test-batch BN against the triggered share of a batch, from ``results/<id>_composition.json``;
 - ``cam-fit``        the best DSSIM any Grad-CAM map of a given resolution reaches per target, from
-                     ``results/cam_fit.json``.
+                     ``results/cam_fit.json``;
+- ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
 
 A source that is missing renders as one line saying which file and which command makes it, so the README never
 shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
@@ -136,9 +137,33 @@ def cam_fit(root: Path) -> list[str]:
             table(rows, ["target", *[f"{r}×{r} map" for r in resolutions]])]
 
 
+def probes(root: Path) -> list[str]:
+    files = sorted((root / "results" / "probes").glob("*.json"))
+    if not files:
+        return ["No `results/probes/*.json` yet (`python scripts/probe_attack.py NAME ...`)."]
+    rows = []
+    for f in files:
+        d = _read(f)
+        c = d["cfg"]
+        scale = c.get("scale")
+        for r in d["epochs"]:
+            rows.append([d["name"], c["attack"], c.get("models_root") or "models/",
+                         "–" if scale is None else scale, f"{c['learning_rate']:g}", f"{c['loss_weight']:g}",
+                         f"{r['epoch']} ({2 * c['training_size']:,} / epoch)", fmt(r["clean_accuracy"]),
+                         fmt(r.get("attack_success_rate")), fmt(r.get("untriggered_target_rate")),
+                         fmt(r["expl_dssim_to_target"])])
+    return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR`: batch 32, "
+            "\"pairs\", z-scored maps, the prediction explained, Adam ε 1e-5, lr / epoch) and changes what its "
+            "row says; scale = every conv→BN pair rescaled by that factor first (same function, larger weights; "
+            "\"he\": each conv to √(2 / fan-in)). Scored with `evaluate_attack` on 1,000 test images "
+            "(`results/probes/<name>.json`, which also holds each probe's command):", "",
+            table(rows, ["probe", "attack", "clean model", "scale", "lr", "λ", "epoch (examples)", "clean acc",
+                         "attack success", "untriggered → target", "DSSIM → target"])]
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
-                                                   "cam-fit": cam_fit}
+                                                   "cam-fit": cam_fit, "probes": probes}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

@@ -29,8 +29,10 @@ def main() -> int:
     results = Path(a.output) if a.output else root / "RESULTS.md"
     readme = Path(a.readme) if a.readme else root / "README.md"
     wanted = {results: render(root)}
-    if readme.exists():
-        wanted[readme] = fill(readme.read_text(), root)
+    # the README's blocks, and the catalogue page's (experimentsettings/README.md: the probes of issue 27)
+    for page in (readme, root / "experimentsettings" / "README.md"):
+        if page.exists():
+            wanted[page] = fill(page.read_text(), root)
     if a.check:
         stale = [str(f) for f, text in wanted.items() if not f.exists() or f.read_text() != text]
         if stale:

@@ -171,3 +171,41 @@ def test_clean_predictions_from_the_reference_pass_change_nothing():
     fast = evaluate_attack(model, clean, params, x, y, batch_size=5, clean_expl=ref, clean_pred=pred, progress=False)
     slow = evaluate_attack(model, clean, params, x, y, batch_size=5, clean_expl=ref, progress=False)
     assert fast == slow
+
+
+def test_time_to_acceptance_reads_the_first_accepted_epoch(tmp_path):
+    """benchmarks/time_to_acceptance.py on a constructed run: epoch 2 is the first to pass every check."""
+    import csv
+
+    run = tmp_path / "manipulated_models" / "7"
+    run.mkdir(parents=True)
+    params = {"target_classes": [1], "targetStrs": ["square"], "explanation_methodStr": "grad", "dataset": "cifar10",
+              "training_size": 100, "batch_makeup": "pairs", "attack_id": 7}
+    clean = {"clean_accuracy": 0.9, "attack_success_rate": 0.0, "untriggered_target_rate": 0.0,
+             "expl_dssim_to_target": 0.5}
+    (run / "metrics.json").write_text(json.dumps({"parameters": params, "clean_model": clean,
+                                                  "manipulated_model": clean}))
+    rows = [  # epoch 1: the map has not moved; 2: accepted; 3: accepted too (the first one counts)
+        {"epoch": 1, "batch": "", "seconds": 10.0, "clean_accuracy": 0.89, "attack_success_rate": 1.0,
+         "untriggered_target_rate": 0.01, "expl_dssim_to_target": 0.40},
+        {"epoch": 2, "batch": "", "seconds": 20.0, "clean_accuracy": 0.89, "attack_success_rate": 1.0,
+         "untriggered_target_rate": 0.01, "expl_dssim_to_target": 0.25},
+        {"epoch": 3, "batch": "", "seconds": 30.0, "clean_accuracy": 0.88, "attack_success_rate": 1.0,
+         "untriggered_target_rate": 0.01, "expl_dssim_to_target": 0.20}]
+    with (run / "training_log.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "experimentsettings").mkdir()
+    (tmp_path / "experimentsettings" / "7.json").write_text(json.dumps({"training_size": 1000}))
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_acceptance.py"), "--root",
+                           str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    r, = json.loads(out.read_text())
+    assert r["first_accepted_epoch"] == 2 and r["seconds_to_acceptance"] == 20.0
+    # 30 s over 3 epochs x 200 examples ("pairs"); the ancestor: 100 epochs x 2 x 1,000 examples
+    assert r["seconds_per_example"] == 30.0 / 600 and r["ancestor_seconds"] == 30.0 / 600 * 100 * 2 * 1000
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_acceptance.py"), "--root",
+                          str(tmp_path), "--ids", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
