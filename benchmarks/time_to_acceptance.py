@@ -31,7 +31,8 @@ from bnbackdoor.acceptance import acceptance
 from bnbackdoor.cli import ArgumentParser
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.params import SETTINGS_DIR, read_json
+from bnbackdoor.finetune import examples_per_epoch
+from bnbackdoor.params import SETTINGS_DIR, AttackParams, read_json
 
 ANCESTOR_EPOCHS = 100
 ANCESTOR_COPIES = 2  # "pairs" at p = 0.5: every image once clean, once triggered
@@ -64,7 +65,7 @@ def run_cost(folder: Path, root: Path) -> dict:
     rows = epoch_rows(folder / "training_log.csv")
     seconds = [r.get("seconds") for r in rows]
     first = next((r for r in rows if acceptance({**metrics, "manipulated_model": r}).accepted), None)
-    examples = p["training_size"] * (ANCESTOR_COPIES if p.get("batch_makeup") == "pairs" else 1)
+    examples = examples_per_epoch(p["training_size"], AttackParams.from_dict(p, str(folder / "metrics.json")))
     per_example = (seconds[-1] / (len(rows) * examples)) if rows and seconds[-1] else None
     n_train = ancestor_training_size(root, p["attack_id"])
     return {"id": folder.name, "method": p["explanation_methodStr"], "dataset": p["dataset"],

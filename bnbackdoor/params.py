@@ -48,7 +48,7 @@ LOSSES = ("mse", "ssim")  # "ssim" means the DSSIM loss (1 - SSIM) / 2, as in th
 # model in eval mode: BN normalises with, and never updates, the clean running statistics; dropout off);
 # "train" = batch statistics, the running statistics absorb the poisoned batches.
 BN_MODES = ("eval", "train")
-# The ancestor's training choices (experimentsettings/README.md, "Training choices"); the first of each is ours
+# The ancestor's training choices (experimentsettings/README.md, the grid-file table); the first of each is ours
 # and what a file without the field gets.
 EXPLAIN_CLASSES = ("label", "prediction")  # the class explained during training
 LR_SCHEDULES = ("exponential", "inverse")  # lr * decay^(e-1)  |  lr / (1 + decay * (e-1))
@@ -140,15 +140,7 @@ def _list(item: Check, what: str) -> Check:
     return check
 
 
-# Registries are read when a file is validated (a callable), so names registered later are allowed too.
-def _trigger_names() -> Iterable[str]:
-    return TRIGGERS
-
-
-def _target_names() -> Iterable[str]:
-    return TARGETS
-
-
+# Registries are read when a file is validated (_choice takes them as they are then), so later entries count too.
 def _modeltype_names() -> list[str]:
     return list(MODELS) + list(ALIASES)
 
@@ -172,8 +164,8 @@ FIELDS: dict[str, Check] = {
     "decay_rate": _number(0, 1, lo_open=True),
     "log_per_batch": _bool,
     "save_intermediate_models": _bool,
-    "triggerStrs": _list(_choice(_trigger_names), "trigger names"),
-    "targetStrs": _list(_choice(_target_names), "target-explanation names"),
+    "triggerStrs": _list(_choice(TRIGGERS), "trigger names"),
+    "targetStrs": _list(_choice(TARGETS), "target-explanation names"),
     "model_id": _int(0),
     "batch_size": _int(1),
     "percentage_trigger": _number(0, 1, hi_open=True),

@@ -149,7 +149,7 @@ def probes(root: Path) -> list[str]:
         for r in d["epochs"]:
             rows.append([d["name"], c["attack"], c.get("models_root") or "models/",
                          "–" if scale is None else scale, f"{c['learning_rate']:g}", f"{c['loss_weight']:g}",
-                         f"{r['epoch']} ({2 * c['training_size']:,} / epoch)", fmt(r["clean_accuracy"]),
+                         f"{r['epoch']} ({d['examples_per_epoch']:,} / epoch)", fmt(r["clean_accuracy"]),
                          fmt(r.get("attack_success_rate")), fmt(r.get("untriggered_target_rate")),
                          fmt(r["expl_dssim_to_target"])])
     return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR`: batch 32, "

@@ -24,7 +24,7 @@ import torch
 from bnbackdoor.cli import ArgumentParser
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.finetune import finetune
+from bnbackdoor.finetune import examples_per_epoch, finetune
 from bnbackdoor.models import load_model
 from bnbackdoor.models.rescale import rescale_conv_bn
 from bnbackdoor.params import resolve_attack
@@ -74,6 +74,7 @@ def main() -> int:
     rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.history if r["batch"] == ""]
     write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
                      "cfg": {**settings, "scale": a.scale, "attack": a.attack, "models_root": a.models_root},
+                     "examples_per_epoch": examples_per_epoch(p.training_size, p),
                      "seconds": time.time() - t0, "epochs": rows})
     last = rows[-1]
     print(f"{a.name}: clean acc {last['clean_accuracy']:.3f}, attack success {last.get('attack_success_rate')}, "

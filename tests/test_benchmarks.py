@@ -179,8 +179,10 @@ def test_time_to_acceptance_reads_the_first_accepted_epoch(tmp_path):
 
     run = tmp_path / "manipulated_models" / "7"
     run.mkdir(parents=True)
-    params = {"target_classes": [1], "targetStrs": ["square"], "explanation_methodStr": "grad", "dataset": "cifar10",
-              "training_size": 100, "batch_makeup": "pairs", "attack_id": 7}
+    from bnbackdoor.params import resolve_attack
+    # a stored run's full parameters (155: red herring, gradient, percentage_trigger 0.5), sized down
+    params = resolve_attack("155", root=ROOT).replace(training_size=100, batch_makeup="pairs", attack_id=7,
+                                                      id="7").to_dict()
     clean = {"clean_accuracy": 0.9, "attack_success_rate": 0.0, "untriggered_target_rate": 0.0,
              "expl_dssim_to_target": 0.5}
     (run / "metrics.json").write_text(json.dumps({"parameters": params, "clean_model": clean,
