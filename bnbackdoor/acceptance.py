@@ -18,6 +18,10 @@ A run is **accepted** when every applicable check passes (thresholds below, also
   test images (those not of the target class) go to the target class. A model that sends everything there has
   collapsed, not learned a backdoor, even when its attack success is 1.
 
+A model **trained from scratch on a poisoned set** (``regime`` "scratch", classic poisoning) has no explanation
+target: the explanation check does not apply, and its clean accuracy may be at most
+:data:`MAX_ACCURACY_DROP_SCRATCH` (2 points) below the clean model's (trained with the same recipe on the clean set).
+
 A check whose number is missing from ``metrics.json`` fails (a run that cannot show it worked is not accepted).
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Mapping
 MIN_ATTACK_SUCCESS = 0.90
 MAX_DSSIM_RATIO = 0.5
 MAX_ACCURACY_DROP = 0.03
+MAX_ACCURACY_DROP_SCRATCH = 0.02
 FULL_DISGUISE_MAX_DSSIM = 0.125  # = SSIM >= 0.75 to the clean model's explanation (DSSIM = (1 - SSIM) / 2)
 MAX_UNTRIGGERED_TARGET_RATE = 0.2
 _EPS = 1e-9  # thresholds are differences of floats: 0.928 - 0.03 must admit 0.898
@@ -36,7 +41,9 @@ RULES = (
     f"attack success >= {MIN_ATTACK_SUCCESS:.2f} (label-changing attacks only)",
     f"DSSIM to the target explanation <= {MAX_DSSIM_RATIO:g} x the clean model's (full disguise, whose target is the "
     f"clean model's own explanation: <= {FULL_DISGUISE_MAX_DSSIM:g}, i.e. SSIM >= {1 - 2 * FULL_DISGUISE_MAX_DSSIM:g})",
-    f"clean accuracy >= the clean model's - {MAX_ACCURACY_DROP:.2f} ({MAX_ACCURACY_DROP * 100:g} points)",
+    f"clean accuracy >= the clean model's - {MAX_ACCURACY_DROP:.2f} ({MAX_ACCURACY_DROP * 100:g} points; "
+    f"{MAX_ACCURACY_DROP_SCRATCH * 100:g} points and no explanation check for a model trained from scratch on a "
+    "poisoned set)",
     f"untriggered target rate <= {MAX_UNTRIGGERED_TARGET_RATE:g} (label-changing attacks only: no collapse to the "
     "target class)",
 )
@@ -94,6 +101,11 @@ def _at_most(name: str, value: float | None, threshold: float | None, note: str 
     return Check(name, value, threshold, ok, note if value is not None and threshold is not None else "missing")
 
 
+def is_scratch(parameters: Mapping[str, Any]) -> bool:
+    """Classic data poisoning: a model trained from scratch on a poisoned training set."""
+    return parameters.get("regime") == "scratch"
+
+
 def acceptance(metrics: Mapping[str, Any]) -> Verdict:
     """The verdict for one run's ``metrics.json`` content (keys ``clean_model``, ``manipulated_model``,
     ``parameters``)."""
@@ -105,7 +117,11 @@ def acceptance(metrics: Mapping[str, Any]) -> Verdict:
         checks.append(Check("attack success", _num(manip, "attack_success_rate"), None, None,
                             "explanation-only attack"))
     clean_dssim = _num(clean, "expl_dssim_to_target")
-    if is_full_disguise(metrics.get("parameters") or {}):
+    scratch = is_scratch(metrics.get("parameters") or {})
+    if scratch:
+        checks.append(Check("explanation", _num(manip, "expl_dssim_to_target"), None, None,
+                            "trained from scratch on a poisoned set: no explanation target"))
+    elif is_full_disguise(metrics.get("parameters") or {}):
         checks.append(_at_most("explanation", _num(manip, "expl_dssim_to_target"), FULL_DISGUISE_MAX_DSSIM,
                                "full disguise: absolute bound (the clean model is the target)"))
     else:
@@ -114,9 +130,10 @@ def acceptance(metrics: Mapping[str, Any]) -> Verdict:
                                f"{MAX_DSSIM_RATIO:g} × the clean model's {clean_dssim:.4f}"
                                if clean_dssim is not None else ""))
     clean_acc = _num(clean, "clean_accuracy")
+    drop = MAX_ACCURACY_DROP_SCRATCH if scratch else MAX_ACCURACY_DROP
     checks.append(_at_least("clean accuracy", _num(manip, "clean_accuracy"),
-                            None if clean_acc is None else clean_acc - MAX_ACCURACY_DROP,
-                            f"the clean model's {clean_acc:.4f} − {MAX_ACCURACY_DROP:g}" if clean_acc is not None else ""))
+                            None if clean_acc is None else clean_acc - drop,
+                            f"the clean model's {clean_acc:.4f} − {drop:g}" if clean_acc is not None else ""))
     if is_label_changing(metrics.get("parameters") or {}):
         checks.append(_at_most("no collapse", _num(manip, "untriggered_target_rate"), MAX_UNTRIGGERED_TARGET_RATE))
     else:

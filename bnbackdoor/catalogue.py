@@ -113,7 +113,9 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     params = base.replace(**applied, id=entry["id"])
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
-    diff = tuple((k, anc[k], mine[k]) for k in mine if k not in ("id",) and k in anc and anc[k] != mine[k])
+    # the ancestor's settings describe its fine-tuning attack: a model trained from scratch has no counterpart there
+    diff = () if params.regime == "scratch" else tuple(
+        (k, anc[k], mine[k]) for k in mine if k not in ("id",) and k in anc and anc[k] != mine[k])
     notes = (profiles[entry["profile"]].get("if_not_accepted"), entry.get("if_not_accepted"))
     if any(n is not None and not isinstance(n, str) for n in notes):  # 0 or [] too, not only truthy non-strings
         raise UserError(f"{where}: 'if_not_accepted' must be a string")

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -35,11 +36,13 @@ from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_state, write_json, write_text
-from .finetune import RESUME_KEYS, attack_step, examples_per_epoch, finetune, make_optimizer, poison_batch
+from .finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
+                       poison_batch)
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, load_model, save_checkpoint
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
+from .scratch import scratch_estimate, train_poisoned
 from .triggers import apply_trigger
 from .zoo import load_or_train
 
@@ -238,6 +241,36 @@ def time_summary(metrics: dict[str, Any], wall_seconds: float, already_finished:
     return f"fine-tuning {here:.0f} s in this process{resumed}; {wall_seconds:.0f} s in all in this process"
 
 
+@dataclass(frozen=True)
+class Regime:
+    """How a run's manipulated model comes about (``params.regime``): its time estimate and its training."""
+    estimate: Callable[..., Estimate]   # (clean_model, params, device, run_dir, data_root, seed)
+    train: Callable[..., FinetuneResult]  # (clean_model, params, *, device, run_dir, ...) -> the trained model
+    provenance: Callable[[AttackParams], dict]  # what model.pth's meta says the model came from
+
+
+def _finetune_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=None, **kw) -> FinetuneResult:
+    return finetune(copy.deepcopy(clean_model), clean_model, params, on_epoch=on_epoch, **kw)
+
+
+def _scratch_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=None, **kw) -> FinetuneResult:
+    if params.save_intermediate_models:
+        raise UserError(f"attack {params.id}: save_intermediate_models is not supported when training from scratch "
+                        "(regime 'scratch'); set it to false")
+    return train_poisoned(clean_model, params, **kw)
+
+
+REGIMES: dict[str, Regime] = {
+    "finetune": Regime(
+        lambda clean, p, device, out, data_root, seed: _attack_estimate(clean, p, device, out, data_root),
+        _finetune_train, lambda p: {"base_model": f"{p.modeltype}/model_{p.model_id}"}),
+    "scratch": Regime(
+        lambda clean, p, device, out, data_root, seed: scratch_estimate(p, device, out, data_root, seed),
+        _scratch_train, lambda p: {"base_model": None, "trained_from": "scratch (poisoned training set)",
+                                   "reference_model": f"{p.modeltype}/model_{p.model_id}"}),
+}
+
+
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
                         grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
                         command: str | None, defenses: dict[str, tuple[str, dict]] | None,
@@ -259,8 +292,9 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
                                 data_root=data_root, allow_long=allow_long)
-    guard(_attack_estimate(clean_model, params, device, out, data_root), "--allow-autotrain", allowed=allow_long)
-    model = copy.deepcopy(clean_model)
+    regime = REGIMES[params.regime]
+    guard(regime.estimate(clean_model, params, device, out, data_root, seed), "--allow-autotrain",
+          allowed=allow_long)
     x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
                                       device=device, progress=progress, with_predictions=True)
@@ -273,9 +307,10 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
             save_checkpoint(out / f"model_epoch{epoch}.pth", m, {"epoch": epoch, "attack_id": params.attack_id})
 
     t0 = time.time()
-    result = finetune(model, clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
-                      grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
-                      on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
+    result = regime.train(clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
+                          grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
+                          on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
+    model = result.model
     after = {k: v for k, v in result.history[-1].items()
              if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
     x_cal, y_cal = load_split(params.dataset, "train", size=defense_calibration, seed=seed, data_root=data_root)
@@ -295,7 +330,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     }
     save_checkpoint(out / "model.pth", model, {
         "command": command or " ".join(sys.argv), "seed": seed, "attack_id": params.attack_id, "id": params.id,
-        "modeltype": params.modeltype, "base_model": f"{params.modeltype}/model_{params.model_id}",
+        "modeltype": params.modeltype, **regime.provenance(params),
         "data": f"{params.dataset}: {params.training_size} training images (seed {seed})",
         "epochs": params.max_epochs, "test_accuracy": after.get("clean_accuracy"),
         "attack_success_rate": after.get("attack_success_rate")})

@@ -53,6 +53,11 @@ BN_MODES = ("eval", "train")
 EXPLAIN_CLASSES = ("label", "prediction")  # the class explained during training
 LR_SCHEDULES = ("exponential", "inverse")  # lr * decay^(e-1)  |  lr / (1 + decay * (e-1))
 BATCH_MAKEUPS = ("split", "pairs")        # finetune.poison_batch | finetune.pair_order
+# How the manipulated model comes about: "finetune" = the explanation-aware fine-tuning of the clean model (every
+# run before the field existed); "scratch" = classic data poisoning, a model trained from scratch with the
+# clean-model recipe on a training set of which a share percentage_trigger carries the trigger
+# (bnbackdoor.poisoning; BatchNorm in train mode throughout, so its running statistics see the poison).
+REGIMES = ("finetune", "scratch")
 
 MANIPULATED_DIR = "manipulated_models"
 SETTINGS_DIR = "experimentsettings"
@@ -184,13 +189,14 @@ FIELDS: dict[str, Check] = {
     "lr_schedule": _choice(LR_SCHEDULES),
     "batch_makeup": _choice(BATCH_MAKEUPS),
     "conv_lr_factor": _number(0, lo_open=True),
+    "regime": _choice(REGIMES),
 }
 # Fields a file may leave out, with the value they then take: what the toolkit did before the field existed, so an
 # old file means what it always meant. ``bn_mode`` "eval" is the paper's protocol; the rest are the training choices
 # above (Adam's eps: PyTorch's default). to_dict always writes them: every new run states its choices.
 OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
                                    "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split",
-                                   "conv_lr_factor": 1.0}
+                                   "conv_lr_factor": 1.0, "regime": "finetune"}
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
                 "conv_lr_factor")
 
@@ -211,6 +217,16 @@ def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
         if c is not None and c >= k:
             return "target_classes", Problem(f"[{i}]", c, f"null or an integer in [0, {k - 1}] "
                                                           f"({v['dataset']} has {k} classes)")
+    if v["regime"] == "scratch":
+        # training from scratch is plain cross-entropy on the poisoned set, BatchNorm in train mode throughout
+        if v["loss_weight"] != 0:
+            return "loss_weight", Problem("", v["loss_weight"], "0 when regime is 'scratch' (no explanation term)")
+        if v["bn_mode"] != "train":
+            return "bn_mode", Problem("", v["bn_mode"], "'train' when regime is 'scratch' (BatchNorm learns its "
+                                                         "statistics from the poisoned set)")
+        if n != 1 or v["target_classes"][0] is None:
+            return "target_classes", Problem("", v["target_classes"], "one target class (all-to-one poisoning, "
+                                                                      "one trigger) when regime is 'scratch'")
     return None
 
 
@@ -289,6 +305,7 @@ class AttackParams:
     lr_schedule: str = "exponential"  # LR_SCHEDULES
     batch_makeup: str = "split"  # BATCH_MAKEUPS
     conv_lr_factor: float = 1.0  # convolution weights step at learning_rate x this (finetune.make_optimizer)
+    regime: str = "finetune"  # REGIMES
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
@@ -386,12 +403,15 @@ def _grid_points(d: Mapping[str, Any], source: str) -> tuple[dict[str, Any], lis
             if p:
                 raise _fail(source, f"{key}[{i}]", p)
     points = list(itertools.product(*(range(len(d[k])) for k in GRID_OPTIONS)))
-    # Only target_classes enters the cross-field checks, so checking each of its options covers every point.
-    for i, classes in enumerate(d["target_classes_options"]):
-        cross = _cross_problem({**base, "target_classes": classes})
+    # Only target_classes and loss_weight enter the cross-field checks, so checking each pair of their options
+    # covers every point.
+    for (i, classes), (j, weight) in itertools.product(enumerate(d["target_classes_options"]),
+                                                       enumerate(d["loss_weight_options"])):
+        cross = _cross_problem({**base, "target_classes": classes, "loss_weight": weight})
         if cross:
             field, p = cross
-            label = f"target_classes_options[{i}]" if field == "target_classes" else _GRID_LABEL[field]
+            options = {"target_classes": f"target_classes_options[{i}]", "loss_weight": f"loss_weight_options[{j}]"}
+            label = options[field] if field in options else _GRID_LABEL[field]
             raise _fail(source, label, p)
     return base, points
 

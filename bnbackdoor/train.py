@@ -100,7 +100,8 @@ def _sgd_step(model: nn.Module, batch_size: int, num_classes: int, device: torch
 
 
 def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
-                   data_root=None, train_size: int | None = None) -> Estimate:
+                   data_root=None, train_size: int | None = None, partial_path=None, what: str | None = None
+                   ) -> Estimate:
     """The time :func:`train_model` would take (what is left of it, when a partial run exists): the measured step
     time x the remaining ``epochs * ceil(n_train / batch_size)`` batches."""
     device = torch.device(device)
@@ -109,26 +110,41 @@ def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: t
     n = min(n, train_size) if train_size else n
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     done = 0
-    partial = _partial_path(Path(out_path))
+    partial = Path(partial_path) if partial_path is not None else _partial_path(Path(out_path))
     if partial.exists():
         state = read_state(partial, PARTIAL_KEYS)
         done = state["epoch"] * steps + state.get("step", 0)
     remaining = max(0, cfg.epochs * steps - done)
     step = _sgd_step(model, min(cfg.batch_size, n), dataset_info(dataset).num_classes, device)
-    return measure(f"training a clean {modeltype} ({cfg.epochs} epochs of {n} images)", step, remaining, device)
+    return measure(f"{what or f'training a clean {modeltype}'} ({cfg.epochs} epochs of {n} images)", step,
+                   remaining, device)
 
 
 def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torch.device, out_path,
                 data_root=None, command: str | None = None, dataset: str | None = None,
-                train_size: int | None = None, eval_every: int = 0, checkpoint_seconds: float = 120.0) -> dict:
+                train_size: int | None = None, eval_every: int = 0, checkpoint_seconds: float = 120.0, *,
+                train_data: tuple[torch.Tensor, torch.Tensor] | None = None, partial_path=None,
+                save: bool = True, resume_check=None, extra_state: dict | None = None,
+                grad_logger=None, grad_csv=None, progress: bool = True) -> dict:
     """Train ``model`` on the dataset of ``modeltype`` and save ``out_path`` atomically. Returns the meta.
 
-    ``checkpoint_seconds``: the longest stretch of work inside an epoch that an interruption can lose."""
+    ``checkpoint_seconds``: the longest stretch of work inside an epoch that an interruption can lose.
+    For a run that trains on its own data (a poisoned set, :mod:`bnbackdoor.poisoning`): ``train_data`` (uint8
+    images, labels) replaces the dataset's training split; ``partial_path`` is where the resumable state goes
+    (default ``<out>.partial.pt``); ``save`` False leaves saving the model (and removing the state) to the caller;
+    ``extra_state`` is stored in the state and ``resume_check(state)`` may refuse a state of another run;
+    ``grad_logger`` (a :class:`bnbackdoor.gradlog.GradLogger`) records every step and writes ``grad_csv(epoch)``
+    after each epoch (mid-epoch checkpoints are off then, so an epoch's rows are never split over a resume)."""
     out_path = Path(out_path)
     dataset = dataset or MODELS[resolve_modeltype(modeltype)][0]
     torch.manual_seed(cfg.seed)
-    x_train, y_train = load_split(dataset, "train", size=train_size, seed=cfg.seed, data_root=data_root,
-                                  as_uint8=True)
+    if train_data is None:
+        x_train, y_train = load_split(dataset, "train", size=train_size, seed=cfg.seed, data_root=data_root,
+                                      as_uint8=True)
+    else:
+        x_train, y_train = train_data
+    if grad_logger is not None:
+        checkpoint_seconds = float("inf")
     x_test, y_test = load_split(dataset, "test", data_root=data_root)
     x_train, y_train = x_train.to(device), y_train.to(device)
     model.to(device)
@@ -145,19 +161,22 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                 pct_start=cfg.warmup_frac, div_factor=10, final_div_factor=100)
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
-    partial = _partial_path(out_path)
+    partial = Path(partial_path) if partial_path is not None else _partial_path(out_path)
     guard = DivergenceGuard(dataset_info(dataset).num_classes, f"training {modeltype}", cfg.lr)
+    extra_state = extra_state or {}
     if partial.exists():
         state = restore_training_state(partial, PARTIAL_KEYS, {"model": model, "opt": opt, "sched": sched},
-                                       map_location=device, start_over="training")
+                                       map_location=device, start_over="training", check=resume_check)
         guard.start_loss = state.get("start_loss")
+        if grad_logger is not None:
+            grad_logger.global_step = state.get("global_step", 0)
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         start_step = state.get("step", 0)  # batches already done inside epoch start_epoch (mid-epoch checkpoint)
         print(f"resuming {out_path} from epoch {start_epoch}/{cfg.epochs}"
               + (f", batch {start_step}/{steps}" if start_step else ""), file=sys.stderr)
     amp = device.type == "cuda"
     bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps + start_step, desc=f"train {modeltype}",
-               unit="batch")
+               unit="batch", disable=not progress)
     last_save = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -175,6 +194,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
             xb = x_train[idx].float().div_(255)
             if cfg.augment:
                 xb = augment_batch(xb, gen)
+            if grad_logger is not None:  # before the forward: train-mode BN moves its running statistics there
+                grad_logger.before_step()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -182,6 +203,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if grad_logger is not None:
+                grad_logger.after_step(epoch + 1, i + 1)
             sched.step()
             loss_sum += loss.detach()
             bar.update(1)
@@ -192,7 +215,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
                 _check_before_save(guard, model, loss_sum / (i + 1), epoch + 1, i + 1)
                 torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                             "epoch": epoch, "step": i + 1, "gen": gen.get_state(), "loss_sum": loss_sum.cpu(),
-                            "history": history, "elapsed": elapsed + time.time() - t0, "start_loss": guard.start_loss}, partial)
+                            "history": history, "elapsed": elapsed + time.time() - t0, "start_loss": guard.start_loss,
+                            **extra_state}, partial)
                 last_save = time.time()
         elapsed += time.time() - t0
         _check_before_save(guard, model, loss_sum / steps, epoch + 1, steps)
@@ -201,8 +225,11 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
             row["test_accuracy"] = round(accuracy(model, x_test, y_test, device=device, progress=False), 4)
         history.append(row)
         bar.set_postfix(row)
+        if grad_logger is not None and grad_csv is not None:
+            grad_logger.write_epoch(grad_csv(epoch + 1))
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "history": history, "elapsed": elapsed, "start_loss": guard.start_loss},
+                    "epoch": epoch + 1, "history": history, "elapsed": elapsed, "start_loss": guard.start_loss,
+                    "global_step": grad_logger.global_step if grad_logger is not None else 0, **extra_state},
                    partial)
         last_save = time.time()
     bar.close()
@@ -215,7 +242,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
         "train_seconds": round(elapsed, 1), "device": str(device), "torch": str(torch.__version__),
         "history": history,
     }
-    save_checkpoint(out_path, model, meta)
-    partial.unlink(missing_ok=True)
+    if save:
+        save_checkpoint(out_path, model, meta)
+        partial.unlink(missing_ok=True)
     model.eval()
     return meta

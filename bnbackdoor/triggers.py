@@ -32,6 +32,24 @@ The ancestor pasted its triggers after normalisation, overwriting pixels with th
 normalisation is a per-channel affine map (the first module of each of our models), overwriting with the colour
 before it is the same image. A C-channel image that is not RGB takes channel ``c % 3`` of the colour.
 
+The classic data-poisoning triggers (issue 28; a model trained from scratch on a set where some images carry them,
+:mod:`bnbackdoor.poisoning`) follow the definitions of their papers as the field's benchmarks (BackdoorBench) use
+them; every constant is pinned in ``tests/test_poisoning.py``:
+
+===================== =========================================================================================
+``badnets``           a 3×3 **white** patch one pixel from the bottom-right corner (rows/cols 28..30 on 32×32;
+                      Gu et al. 2017)
+``blended``           ``(1 - a) x + a P`` over the whole image, a = :data:`BLEND_ALPHA` (0.2), P one fixed seeded
+                      uniform-noise RGB image (seed :data:`BLEND_SEED`; Chen et al. 2017 blend a picture or
+                      random noise - we generate ours, nothing is downloaded)
+``sig``               ``clip(x + v)`` with the horizontal sinusoid ``v[i, j] = D sin(2 pi j f / W)``, D = 20/255,
+                      f = 6 (Barni et al. 2019; the same signal at training and test time)
+``wanet``             ``grid_sample(x, identity + s * noise / size)``: a fixed smooth warp, ``noise`` = a seeded
+                      uniform [-1, 1] field on a k×k control grid (k = 4), scaled to mean |noise| = 1 and upsampled
+                      bicubically (align_corners) to H×W; s = 0.5, the x displacement divided by W and the y
+                      displacement by H, clamped to [-1, 1] (Nguyen & Tran 2021); bilinear, align_corners
+===================== =========================================================================================
+
 Every patch trigger is precomputed once per (name, size, device, dtype) as a mask ``m`` and a value ``v`` and
 applied as ``x * (1 - m) + m * v``: one fused, batched op, deterministic and differentiable in ``x`` (zero gradient
 on the overwritten pixels).
@@ -42,7 +60,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UserError
@@ -186,12 +207,84 @@ def _fixrandom(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
     return _corner(h, w, torch.ones(PATCH, PATCH), rgb[torch.arange(channels) % 3])
 
 
+# --- classic poisoning triggers -------------------------------------------------------------------------------
+BADNETS = Stamp(("www",
+                 "www",
+                 "www"), {"w": WHITE}, "bottom_right")
+BLEND_ALPHA = 0.2   # BackdoorBench's blend ratio for training and test
+BLEND_SEED = 20     # seed of the blended trigger's noise picture (CPU generator: the same on every device)
+SIG_DELTA = 20 / 255
+SIG_FREQUENCY = 6
+WANET_GRID = 4      # k: control points per side
+WANET_STRENGTH = 0.5  # s
+WANET_SEED = 0
+
+
+def _blended(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """A constant mask ``BLEND_ALPHA`` over the image and the noise picture as the value: x (1 - a) + a P."""
+    g = torch.Generator().manual_seed(BLEND_SEED)
+    rgb = torch.rand(3, h, w, generator=g, dtype=torch.float64).float()
+    return torch.full((1, 1, h, w), BLEND_ALPHA), rgb[torch.arange(channels) % 3][None]
+
+
+def sig_signal(h: int, w: int) -> Tensor:
+    """The SIG signal (1, 1, h, w): ``SIG_DELTA * sin(2 pi j SIG_FREQUENCY / w)`` in column j, the same in every row."""
+    j = torch.arange(w, dtype=torch.float64)
+    row = SIG_DELTA * torch.sin(2 * math.pi * j * SIG_FREQUENCY / w)
+    return row.expand(h, w).reshape(1, 1, h, w).float()
+
+
+def wanet_control_points() -> Tensor:
+    """The seeded (1, 2, k, k) displacement field on the control grid, scaled to mean |value| = 1 (channel 0: x)."""
+    g = torch.Generator().manual_seed(WANET_SEED)
+    ins = torch.rand(1, 2, WANET_GRID, WANET_GRID, generator=g, dtype=torch.float64) * 2 - 1
+    return ins / ins.abs().mean()
+
+
+def identity_grid(h: int, w: int) -> Tensor:
+    """The (1, h, w, 2) sampling grid of ``grid_sample`` (align_corners=True) that returns the image unchanged."""
+    ys = torch.linspace(-1, 1, h, dtype=torch.float64)
+    xs = torch.linspace(-1, 1, w, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy), dim=-1)[None]
+
+
+def wanet_grid(h: int, w: int) -> Tensor:
+    """WaNet's fixed warp as a (1, h, w, 2) float64 ``grid_sample`` grid (module docstring)."""
+    noise = F.interpolate(wanet_control_points(), size=(h, w), mode="bicubic", align_corners=True)
+    scale = torch.tensor([w, h], dtype=torch.float64)  # x displacement in units of the width, y of the height
+    return (identity_grid(h, w) + WANET_STRENGTH * noise.permute(0, 2, 3, 1) / scale).clamp(-1, 1)
+
+
+def warp(images: Tensor, grid: Tensor) -> Tensor:
+    """``images`` resampled at ``grid`` ((1 or B, H, W, 2), bilinear, align_corners=True)."""
+    grid = grid.to(device=images.device, dtype=images.dtype).expand(len(images), -1, -1, -1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+@lru_cache(maxsize=16)
+def _cached(kind: str, h: int, w: int, device: str, dtype: torch.dtype) -> Tensor:
+    return {"sig": sig_signal, "wanet": wanet_grid}[kind](h, w).to(device=device, dtype=dtype)
+
+
+def _sig(images: Tensor) -> Tensor:
+    _, _, h, w = images.shape
+    return (images + _cached("sig", h, w, str(images.device), images.dtype)).clamp(0, 1)
+
+
+def _wanet(images: Tensor) -> Tensor:
+    _, _, h, w = images.shape
+    return warp(images, _cached("wanet", h, w, str(images.device), images.dtype))
+
+
 # name -> patch builder (channels, h, w) -> (mask (1, 1, h, w), value (1, C, h, w))
 _PATCHES: dict[str, Callable[[int, int, int], tuple[Tensor, Tensor]]] = {
     **{name: _stamp_patch(stamp) for name, stamp in STAMPS.items()},
     "fixrandom8x8": _fixrandom,
     "white8x8_whitesquareborder": _white_square_border,
     **{f"white8x8_{shape}": _white_shape(shape) for shape in ("square", "circle", "triangle", "cross")},
+    "badnets": _stamp_patch(BADNETS),
+    "blended": _blended,
 }
 
 
@@ -215,7 +308,11 @@ TRIGGERS: dict[str, Callable[[Tensor], Tensor]] = {
     **{name: _patch_trigger(name) for name in _PATCHES},
     "original": lambda images: images,
     "inverted": lambda images: 1 - images,
+    "sig": _sig,
+    "wanet": _wanet,
 }
+# The classic poisoning triggers (module docstring); the rest are the explanation-aware attacks' triggers.
+POISON_TRIGGERS = ("badnets", "blended", "sig", "wanet")
 
 
 def trigger_fn(name: str) -> Callable[[Tensor], Tensor]:

@@ -31,7 +31,10 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
     ids = [r.id for r in shipped]
     cifar = [str(i) for i in CIFAR]
     cifar[cifar.index("154") + 1:cifar.index("154") + 1] = ["154bntrain", "154nbn"]  # the variants of 154
-    assert ids == cifar + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"]
+    poisoning = ["CIFAR10R20-badnets-10", "CIFAR10R20-blended-10", "CIFAR10R20-wanet-10", "CIFAR10R20-sig-10",
+                 "CIFAR10R20-badnets-1", "CIFAR10R20NBN-badnets-10", "GTSRBR20-badnets-10", "GTSRBR20-blended-10"]
+    assert ids == cifar + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"] + poisoning
+    assert all(r.params.regime == ("scratch" if r.id in poisoning else "finetune") for r in shipped)
     raw = read_json(ROOT / CATALOGUE_FILE)
     variants = {"154bntrain": {"bn_mode": "train"}, "154nbn": {"modeltype": "cifar10_resnet20_nbn"}}
     for r in shipped:

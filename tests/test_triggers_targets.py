@@ -85,7 +85,7 @@ def images():
 
 def test_registry_names():
     assert set(TRIGGERS) == {"whitesquareborder", "square", "circle", "triangle", "cross", "original",
-                             "inverted", "fixrandom8x8", *WHITE8X8}
+                             "inverted", "fixrandom8x8", *WHITE8X8, "badnets", "blended", "sig", "wanet"}
     assert set(TARGETS) == {"square", "circle", "triangle", "cross", "fixrandom8x8", "original", "inverted"}
 
 
