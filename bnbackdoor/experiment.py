@@ -41,7 +41,7 @@ from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
 from .finetune import RESUME_KEYS, attack_step, examples_per_epoch, finetune, make_optimizer, poison_batch
-from .metrics import evaluate_attack, reference_explanations
+from .metrics import accuracy, evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, checkpoint_path, load_model, save_checkpoint, weights_sha256
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
@@ -370,6 +370,40 @@ def check_base(folder: Path, meta: dict[str, Any], clean: nn.Module, clean_path:
         (on_notice or (lambda text: print(f"notice: {text}", file=sys.stderr)))(line)
     return {"path": str(clean_path), "sha256": actual, "recorded_sha256": recorded, "verified": recorded == actual,
             "source": source}
+
+
+def record_base_model(folder: str | Path, models_root: str | Path = MODEL_ROOT, data_root=None,
+                      verify: bool = False, write: bool = True) -> str:
+    """Add ``"base_model"`` to the ``metrics.json`` of a finished run that predates base-model provenance: the
+    clean model its parameters name (``<models_root>/<modeltype>/model_<model_id>.pth``, never trained here) and
+    its weights' checksum. Nothing else changes (the file is rewritten in its own format). A run that records
+    another base is refused. ``verify``: first re-measure that base's clean accuracy on the run's own test images,
+    which must match what the run recorded for its clean model (within 0.005). Returns what happened, one line."""
+    folder = Path(folder)
+    params = resolve_attack(str(folder / "parameters.json"))
+    metrics = read_run_metrics(folder)
+    path = checkpoint_path(params.modeltype, params.model_id, models_root)
+    clean = load_model(params.modeltype, path=path)
+    base = base_record(clean, path)
+    recorded = (metrics.get("base_model") or {}).get("sha256")
+    if recorded is not None and recorded != base["sha256"]:
+        raise UserError(f"{folder} records base {recorded[:12]}..., not {path} ({base['sha256'][:12]}...); left as "
+                        "it is")
+    check = ""
+    if verify:
+        want = (metrics.get("clean_model") or {}).get("clean_accuracy")
+        x, y = load_split(params.dataset, "test", size=metrics.get("testing_size", params.testing_size),
+                          seed=metrics.get("seed", 0), data_root=data_root)
+        got = accuracy(clean, x, y, batch_size=500, progress=False)
+        if want is None or abs(got - want) > 0.005:
+            raise UserError(f"{folder}: {path} scores {got:.4f} clean accuracy on the run's {len(y)} test images, "
+                            f"the run recorded {want} for its clean model: not its base; left as it is")
+        check = f", clean accuracy {got:.4f} as recorded"
+    if recorded is not None and metrics["base_model"] == base:
+        return f"{folder}: up to date (base {path}, sha256 {base['sha256'][:12]}...{check})"
+    if write:
+        write_json(folder / "metrics.json", {**metrics, "base_model": base})
+    return f"{folder}: {'recorded' if write else 'would record'} base {path} (sha256 {base['sha256'][:12]}...{check})"
 
 
 def _missing_model_message(attackid: str, folder: Path, root: str | Path) -> str:
