@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -409,18 +410,16 @@ def record_base_model(folder: str | Path, models_root: str | Path = MODEL_ROOT, 
 def _missing_model_message(attackid: str, folder: Path, root: str | Path) -> str:
     """Why there is no model.pth to evaluate, and a command that fixes it."""
     if (folder / "parameters.json").is_file() and folder != manipulated_dir(attackid, root):
-        seed = ""
+        seed, detail = "", ""
         if (folder / "resume.pt").is_file():
             try:
                 state = read_state(folder / "resume.pt", ("seed", "epoch"))
                 seed = f" --seed {state['seed']}" if state["seed"] else ""
-                what = f"interrupted after epoch {state['epoch']}"
+                detail = f"interrupted after epoch {state['epoch']}, "
             except UserError:
-                what = "unfinished (its resume.pt is unreadable)"
-        else:
-            what = "unfinished"
-        return (f"{folder} is an {what} run (no model.pth); finish it with 'python attack.py cpu "
-                f"{folder / 'parameters.json'} --save_path {folder.parent}{seed}'")
+                detail = "its resume.pt is unreadable, "
+        return (f"{folder} is an unfinished run ({detail}no model.pth); finish it with 'python attack.py cpu "
+                f"{shlex.quote(str(folder / 'parameters.json'))} --save_path {shlex.quote(str(folder.parent))}{seed}'")
     try:
         params = resolve_attack(attackid, root=root)
     except UserError:
