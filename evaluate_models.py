@@ -9,7 +9,7 @@ the transductive batchstats). Writes <save_path>/<id>/evaluation[_robust|_defens
 """
 from __future__ import annotations
 
-from bnbackdoor.cli import ArgumentParser, common_options, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFENSES
@@ -18,7 +18,8 @@ from bnbackdoor.evaluation import DEFAULT_REBN_SIZE, evaluate_stored_model, pars
 
 def main() -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("attackid", help="stored attack id (manipulated_models/<id>), e.g. 154, or a run folder")
+    p.add_argument("attackid", help="stored attack id (manipulated_models/<id>), e.g. 154, a run folder, or its "
+                                    "parameters.json")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--robust", action="store_true", help="also evaluate after Re-BN (the same as --defense rebn)")
     p.add_argument("--defense", default=None, metavar="NAME[,NAME...]",
@@ -35,6 +36,7 @@ def main() -> int:
                    help="test images to evaluate on (default: the attack's testing_size)")
     p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="batch size for evaluation and Re-BN (default 100)")
+    clean_model_option(p)
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
@@ -46,7 +48,7 @@ def main() -> int:
         p.error("--augment, --test-batch and --trigger-fraction need --defense")
     ev = evaluate_stored_model(a.attackid, device, robust=a.robust, defenses=defenses, rebn_size=a.rebn_size,
                                testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
-                               data_root=a.data_root, save_path=a.save_path)
+                               data_root=a.data_root, save_path=a.save_path, clean_model=a.clean_model)
     print(ev.table(by="metric"))
     if ev.rebn is not None:
         print(ev.rebn.table())

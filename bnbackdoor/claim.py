@@ -84,7 +84,12 @@ def _my_info(command: str | None) -> dict[str, Any]:
 
 def _write_tmp(folder: Path, info: dict[str, Any]) -> Path:
     tmp = folder / f".claim.{info['token']}.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
+    try:
+        tmp.write_text(json.dumps(info) + "\n")
+    except OSError as e:  # a full disk or a foreign folder: one line, and no temp file left
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the claim of run folder {folder}: {e.strerror or e}; free some space or use "
+                        "another --save_path") from None
     return tmp
 
 

@@ -74,6 +74,8 @@ def float_range(lo: float, hi: float, hi_open: bool = False) -> Callable[[str], 
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+MAX_SEED = 2**63 - 1  # torch and numpy take seeds of 64 bits; derived seeds (seed x k + epoch) wrap modulo 2^64
+seed_int = _number(int, 0, MAX_SEED, False, False)
 
 
 def output_dir(text: str) -> str:
@@ -110,6 +112,15 @@ def existing_file(text: str) -> str:
     return text
 
 
+def clean_model_option(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--clean-model PATH``: the base (clean) model a stored run is compared with, instead of the
+    ``models/<modeltype>/model_<model_id>.pth`` its parameters name; checked against the base the run records."""
+    p.add_argument("--clean-model", type=existing_file, default=None, metavar="PATH",
+                   help="clean base model to compare with (default: models/<modeltype>/model_<model_id>.pth); "
+                        "checked against the base checksum the run records")
+    return p
+
+
 def _as_type_error(check: Callable[[str], object], text: str) -> str:
     try:
         check(text)
@@ -135,7 +146,8 @@ def common_options(p: argparse.ArgumentParser, save_path: bool = True) -> argpar
     if save_path:
         p.add_argument("--save_path", "--save-path", dest="save_path", type=output_dir, default="output",
                        help="output folder (default: output/)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for data subsets and shuffling (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help=f"seed for data subsets and shuffling, 0 to {MAX_SEED} (default: 0)")
     p.add_argument("--allow-autotrain", "--allow-long", dest="allow_autotrain", action=_AllowLong,
                    help="start a job estimated over 15 minutes (training a missing clean model, a large attack); "
                         "without it such a job prints its estimate and stops (env BNBACKDOOR_ALLOW_LONG=1 too)")

@@ -104,6 +104,7 @@ class DefenseComparison:
     rows: list[dict[str, Any]]       # defense, clean_images, seconds, evaluate_attack's keys, info
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+    base_model: dict[str, Any] | None = None  # the clean model compared with (experiment.check_base)
 
     def columns(self) -> dict[str, str]:
         cols = dict(COLUMNS)
@@ -127,21 +128,23 @@ class DefenseComparison:
                 "defender_data": "labelled subsets of the TRAINING split, nested, same seed",
                 "defenses": {n: {"summary": DEFENSES[n].summary, "options": dict(DEFENSES[n].defaults)}
                              for n in dict.fromkeys(r["defense"] for r in self.rows) if n in DEFENSES},
-                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict()}
+                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
+                "base_model": self.base_model}
 
 
 def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                      sizes: Sequence[int] = DEFAULT_SIZES, defenses: str | Sequence[str] | None = None,
                      testing_size: int | None = None, batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                      models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
-                     progress: bool = True) -> DefenseComparison:
+                     progress: bool = True, clean_model: str | Path | None = None) -> DefenseComparison:
     """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``."""
     t0 = time.time()
     device = torch.device(device)
     names = parse_defenses(defenses)
     sizes = parse_clean_images(sizes)
+    base = clean_model
     params, model, clean_model = load_run(str(attackid), device, root=root, models_root=models_root,
-                                          data_root=data_root)
+                                          data_root=data_root, clean_model=base)
     name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
     sets = clean_sets(params.dataset, sizes, seed=seed, data_root=data_root)
@@ -159,7 +162,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                          "info": out.info})
             del out
     cmp = DefenseComparison(name=name, params=params, device=str(device), seed=seed,
-                            test={"split": "test", "images": len(x), "seed": seed}, rows=rows)
+                            test={"split": "test", "images": len(x), "seed": seed}, rows=rows,
+                            base_model=model.base_model)
     out_dir = Path(save_path)
     write_csv(out_dir / f"defenses_{name}.csv", cmp.flat_rows())
     points = [{"group": r["defense"], "size": r["clean_images"], **r} for r in rows]

@@ -9,6 +9,7 @@ there. A damaged cache (truncated, bit-flipped, not ours) is a one-line error na
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,9 +119,12 @@ def build_cache(name: str, data_root: str | os.PathLike | None = None, source: C
     info = dataset_info(name)
     path = cache_path(name, data_root)
     raw_root = path.parent / f"{info.name}_download"
+    created = not raw_root.exists()
     try:
         train, test = (source or info.source)(raw_root)
     except Exception as e:  # network errors come in many types; the fix is the same
+        if created:  # a failed first download leaves no (empty or half-filled) download folder behind
+            shutil.rmtree(raw_root, ignore_errors=True)
         raise UserError(
             f"{info.name}: no cache at {path} and the download failed ({type(e).__name__}); offline, put "
             f"{info.name}.npz there (e.g. ../shared/data/unpack.sh {path.parent}) or pass --data-root") from None
@@ -166,6 +170,18 @@ def load_cache(name: str, data_root: str | os.PathLike | None = None, download: 
                             f"(offline: ../shared/data/unpack.sh {path.parent}) or pass --data-root")
         build_cache(name, data_root)
     return _read_cache(str(path), path.stat().st_mtime)
+
+
+def check_sizes(name: str, data_root: str | os.PathLike | None = None, train: int | None = None,
+                test: int | None = None, fields: tuple[str, str] = ("training_size", "testing_size")) -> None:
+    """Refuse subset sizes above the split (a UserError naming the field, the split's size and the fix) instead of
+    using fewer images than a run would record. Reads the cache (building it on first use)."""
+    arrays = load_cache(name, data_root)
+    for (size, split), field in zip(((train, "train"), (test, "test")), fields):
+        n = len(arrays[f"y_{split}"])
+        if size is not None and size > n:
+            raise UserError(f"{field} {size} is above the {name} {'training' if split == 'train' else 'test'} "
+                            f"split ({n} images in {cache_path(name, data_root)}); use at most {n}")
 
 
 def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:

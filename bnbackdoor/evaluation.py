@@ -35,10 +35,10 @@ from tabulate import tabulate
 
 from .data import dataset_info, load_split
 from .errors import UserError
-from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, write_csv
-from .fileio import check_finite_numbers, check_output_dir, write_json
+from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, write_csv
+from .fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
 from .metrics import evaluate_attack, reference_explanations
-from .models import MODEL_ROOT
+from .models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .defense_eval import evaluate_defenses, evaluate_transductive
 from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
@@ -92,7 +92,7 @@ def run_name(attackid: str | int, root: str | Path = ".") -> str:
     model, so it gets another name: ``<folder>@<its parent path, '+'-joined>`` (``154@output``), relative to the
     current folder when inside it. No attack id contains ``@``, so ``154`` and ``output/154`` never share a file.
     """
-    folder = Path(str(attackid))
+    folder = run_folder(attackid, root)
     stored = manipulated_dir(str(attackid), root)
     if folder.is_dir() and folder.resolve() != stored.resolve():  # load_run reads a folder argument the same way
         path = folder.resolve()
@@ -193,6 +193,7 @@ class Evaluation:
     composition: list[dict[str, Any]] | None = None
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+    base_model: dict[str, Any] | None = None  # the clean model compared with, checked (experiment.check_base)
 
     def table(self, by: str = "model") -> str:
         return format_table(self.rows, by=by)
@@ -221,7 +222,7 @@ class Evaluation:
             "attack": self.name, "id": self.params.id, "attack_id": self.params.attack_id, "device": self.device,
             "seed": self.seed, "test": self.test, "calibration": self.calibration, "rows": self.rows,
             "rebn": None if self.rebn is None else self.rebn.to_dict(), "seconds": round(self.seconds, 1),
-            "parameters": self.params.to_dict(),
+            "parameters": self.params.to_dict(), "base_model": self.base_model,
         }
         if self.sweep is not None:
             d["sweep"] = self.sweep
@@ -301,7 +302,9 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
                           rebn_size: int = DEFAULT_REBN_SIZE, testing_size: int | None = None,
                           batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                           models_root: str | Path | None = None, data_root=None,
-                          save_path: str | Path = "output", progress: bool = True) -> Evaluation:
+                          save_path: str | Path = "output", progress: bool = True,
+                          clean_model: str | Path | None = None,
+                          on_notice: Callable[[str], None] | None = None) -> Evaluation:
     """Evaluate ``manipulated_models/<id>`` against its clean base model on ``testing_size`` test images (default:
     the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``rebn_size`` clean training
     images, with ``defenses`` (label -> (registered name, options), see :func:`parse_defenses`) after each of them.
@@ -310,12 +313,17 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     ``.png`` of test images of different classes: input, clean model's explanation, triggered input and the
     evaluated model's explanation (after Re-BN with ``robust``; after the first non-transductive defense with
     ``defenses``).
+
+    The clean model is ``clean_model`` (a path, ``--clean-model``) or the run's ``model_id``, checked against the
+    base the run records (:func:`bnbackdoor.experiment.check_base`; the JSON's ``base_model``). A failure while
+    writing removes what this evaluation wrote (folders included).
     """
     t0 = time.time()
     device = torch.device(device)
     name = run_name(attackid, root)
     check_output_dir(Path(save_path) / name, "evaluation folder")  # before any work, not after minutes of it
-    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
+    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
+                                    clean_model=clean_model, on_notice=on_notice)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
     chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
     cleanset = cal_info = None
@@ -327,8 +335,18 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     check_finite_numbers(rows, f"the metrics of {name}")
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
-                    rebn=report)
-    out = Path(save_path) / name
+                    rebn=report, base_model=model.base_model)
+    with undo_writes():
+        _write_evaluation(ev, params, clean, model, fixed, cleanset, x, y, Path(save_path) / name, defenses,
+                          robust, device, t0)
+    return ev
+
+
+def _write_evaluation(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module,
+                      fixed: dict[str, nn.Module], cleanset: CleanSet | None, x: torch.Tensor, y: torch.Tensor,
+                      out: Path, defenses, robust: bool, device, t0: float) -> None:
+    """evaluate_stored_model's files: the figure, then the JSON."""
+    name = ev.name
     stem = "evaluation_defenses" if defenses else "evaluation_robust" if robust else "evaluation"
     shown_label = next(iter(fixed), None)
     shown = fixed[shown_label] if shown_label else model
@@ -342,7 +360,6 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     ev.seconds = time.time() - t0
     write_json(out / f"{stem}.json", ev.to_dict())
     ev.files.insert(0, out / f"{stem}.json")
-    return ev
 
 
 def parse_defenses(names: str, *, augment: bool | None = None, test_batch: int | None = None,
@@ -399,7 +416,8 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
                     sweep: Sequence[int] | None = None, composition: bool = False,
                     composition_images: int | None = 256, seed: int = 0, root: str | Path = ".",
                     models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
-                    progress: bool = True) -> Evaluation:
+                    progress: bool = True, clean_model: str | Path | None = None,
+                    on_notice: Callable[[str], None] | None = None) -> Evaluation:
     """Clean model / manipulated model / ``+`` each defense (default :data:`DEFAULT_DEFENSES`) on ``datasize``
     test images (default: the attack's ``testing_size``); the defender's clean set is ``rebn_size`` clean
     training images. With ``sweep`` (calibration sizes) also the Re-BN sample-efficiency curve; with
@@ -407,13 +425,15 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     ``composition_images`` triggered test images per point).
 
     Writes ``<save_path>/<id>_defense.{json,csv,png}``, with ``sweep`` ``<id>_rebn_sweep.{json,png}``, with
-    ``composition`` ``<id>_composition.{json,png}``.
+    ``composition`` ``<id>_composition.{json,png}``. The clean model: as in :func:`evaluate_stored_model`
+    (``clean_model``, the base check, the JSON's ``base_model``); a failed write removes what this call wrote.
     """
     t0 = time.time()
     device = torch.device(device)
     sizes = parse_sizes(sweep) if sweep is not None else None
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
-    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root)
+    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
+                                    clean_model=clean_model, on_notice=on_notice)
     name = run_name(attackid, root)
     x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
     cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
@@ -426,8 +446,19 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     check_finite_numbers(rows, f"the metrics of {name}")
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
-                    rebn=report)
-    out = Path(save_path)
+                    rebn=report, base_model=model.base_model)
+    with undo_writes():
+        _defense_files(ev, params, clean, model, cleanset, x, y, ref, Path(save_path), sizes, composition,
+                       composition_images, seed, data_root, batch_size, device, progress, t0)
+    return ev
+
+
+def _defense_files(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module, cleanset: CleanSet,
+                   x: torch.Tensor, y: torch.Tensor, ref, out: Path, sizes, composition: bool,
+                   composition_images, seed: int, data_root, batch_size: int, device, progress: bool,
+                   t0: float) -> None:
+    """defense_metrics' files (and the sweep and composition measurements that write as they go)."""
+    name, rows = ev.name, ev.rows
     write_csv(out / f"{name}_defense.csv", [{"model": k, **{c: v for c, v in r.items() if c != "options"}}
                                             for k, r in rows.items()])
     bar_chart({k: {COLUMNS[c]: v.get(c) for c in COLUMNS} for k, v in rows.items()}, list(COLUMNS.values()),
@@ -457,7 +488,6 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
         ev.files += [out / f"{name}_composition.json", out / f"{name}_composition.png"]
     ev.seconds = time.time() - t0
     write_json(out / f"{name}_defense.json", ev.to_dict())
-    return ev
 
 
 def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
@@ -504,6 +534,7 @@ class ExplanationReport:
     notice: str | None = None
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+    base_model: dict[str, Any] | None = None  # the clean model explained / compared with (experiment.check_base)
 
     def columns(self) -> dict[str, str]:
         key, label = EXPLANATION_METRICS[self.metric]
@@ -520,7 +551,8 @@ class ExplanationReport:
                 "metric_meaning": "mean squared error" if self.metric == "mse" else "DSSIM = (1 - SSIM) / 2",
                 "images": self.images, "notice": self.notice,
                 "table": {m: {cols[k]: r.get(k) for k in cols} for m, r in self.rows.items()},
-                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict()}
+                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
+                "base_model": self.base_model}
 
 
 def explanation_grid(params: AttackParams, clean: nn.Module, model: nn.Module | None, x: torch.Tensor,
@@ -559,15 +591,18 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
                           batch_size: int = 100, n_images: int | None = None, seed: int = 0,
                           root: str | Path = ".", models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", grid_rows: int = 6, progress: bool = True,
-                          on_notice: Callable[[str], None] | None = None) -> ExplanationReport:
+                          on_notice: Callable[[str], None] | None = None,
+                          clean_model: str | Path | None = None) -> ExplanationReport:
     """Explanations of clean and triggered test images (``n_images``, default ``testing_size``) by the attack's
-    clean model and, when ``manipulated_models/<id>/model.pth`` exists, its manipulated model.
+    clean model and, when the run has a ``model.pth`` (``manipulated_models/<id>/``, a run folder, or beside a
+    ``parameters.json``), its manipulated model.
 
     Writes ``<save_path>/<id>_explanations.png`` (grid, :func:`explanation_grid`) and ``<id>_explanations.json``
     (``metric`` - ``mse`` or ``ssim`` = DSSIM - of triggered inputs' explanations to the target explanation and of
     clean inputs' explanations to the clean model's, per model; plus accuracy and attack success). Without a
     stored manipulated model the report's ``notice`` says so (also passed to ``on_notice`` at once, before the
-    work starts) and only the clean model is explained.
+    work starts) and only the clean model is explained. The clean model is ``clean_model`` (a path) or the
+    attack's ``model_id``; with a manipulated model it is checked against the recorded base (JSON ``base_model``).
     """
     if metric not in EXPLANATION_METRICS:
         raise UserError(f"unknown metric '{metric}'; use {' or '.join(EXPLANATION_METRICS)}")
@@ -575,11 +610,13 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
     t0 = time.time()
     device = torch.device(device)
     name = run_name(attackid, root)
-    folder = manipulated_dir(str(attackid), root)
+    folder = run_folder(attackid, root)
     notice = None
+    base = None
     if (folder / "model.pth").exists():
         params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root,
-                                        data_root=data_root)
+                                        data_root=data_root, clean_model=clean_model, on_notice=on_notice)
+        base = model.base_model
     else:
         params, model = resolve_attack(str(attackid), root=root), None
     x, y = eval_images(params, n_images, seed=seed, data_root=data_root)  # missing data: fail before the notice
@@ -588,22 +625,33 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
                   f"explaining the clean model only")
         if on_notice is not None:
             on_notice(notice)
-        clean = load_or_train(params.modeltype, params.model_id, device=device,
-                              root=models_root or Path(root) / MODEL_ROOT, data_root=data_root)
+        if clean_model is not None:
+            clean = load_model(params.modeltype, path=clean_model, device=device,
+                               fix="give a clean model's checkpoint with --clean-model")
+            path, source = Path(clean_model), "--clean-model"
+        else:
+            models_root = models_root or Path(root) / MODEL_ROOT
+            clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
+                                  data_root=data_root)
+            path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
+        base = {"path": str(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
+                "source": source}  # nothing to verify: no manipulated model
     ref, pred = clean_reference(params, clean, x, batch_size, device, progress)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}
     if model is not None:
         rows[ROW_MANIPULATED] = evaluate_attack(model, clean, params, x, y, **kw)
     check_finite_numbers(rows, f"the explanation metrics of {name}")
-    rep = ExplanationReport(name=name, params=params, metric=metric, rows=rows, images=len(x), notice=notice)
+    rep = ExplanationReport(name=name, params=params, metric=metric, rows=rows, images=len(x), notice=notice,
+                            base_model=base)
     out = Path(save_path)
     examples = diverse_examples(y, min(grid_rows, params.num_classes))
     title = (f"attack {name}: {params.explanation_methodStr} explanations"
              + ("" if model is not None else " (clean model only)"))
-    rep.files.append(explanation_grid(params, clean, model, x[examples], out / f"{name}_explanations.png",
-                                      device=device, title=title))
-    rep.seconds = time.time() - t0
-    write_json(out / f"{name}_explanations.json", rep.to_dict())
+    with undo_writes():
+        rep.files.append(explanation_grid(params, clean, model, x[examples], out / f"{name}_explanations.png",
+                                          device=device, title=title))
+        rep.seconds = time.time() - t0
+        write_json(out / f"{name}_explanations.json", rep.to_dict())
     rep.files.append(out / f"{name}_explanations.json")
     return rep

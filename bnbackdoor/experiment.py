@@ -8,14 +8,20 @@ defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnback
 on the same test images; calibration: ``defense_calibration`` clean TRAINING images, 5000 by default, all of them
 when the split is smaller). Gradient CSVs go to
 ``<save_path>/gradients_epoch<E>[_clean].csv`` (docs/DESIGN.md), beside the run folders.
+
+Base-model provenance: a run records the clean model it was fine-tuned from as ``metrics.json["base_model"]``
+(``{"path", "sha256"}``) and ``model.pth``'s meta ``base_model_sha256``, the checksum of its weights
+(:func:`bnbackdoor.models.weights_sha256`: the weights, not the file bytes). :func:`load_run` checks the clean model
+it compares with against it (:func:`check_base`): a different base is refused, an unrecorded one is a notice and
+``"verified": false`` in the evaluation's JSON.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import io
-import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -29,17 +35,17 @@ import torch
 import torch.nn as nn
 
 from .claim import CLAIM_FILE, claim_run
-from .data import dataset_info, load_cache, load_split
+from .data import check_sizes, dataset_info, load_cache, load_split
 from .defense_eval import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
 from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
-from .fileio import read_state, write_json, write_text
+from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
 from .finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
                        poison_batch)
-from .metrics import evaluate_attack, reference_explanations
-from .models import MODEL_ROOT, load_model, save_checkpoint
+from .metrics import accuracy, evaluate_attack, reference_explanations
+from .models import MODEL_ROOT, checkpoint_path, load_model, save_checkpoint, weights_sha256
 from .params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
 from .scratch import scratch_estimate, train_poisoned
@@ -166,6 +172,7 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     ``BNBACKDOOR_ALLOW_LONG``). A refused or failed start leaves no folder (the claim removes the empty folder);
     a failed run removes what it wrote (:func:`_undo_on_failure`).
     """
+    check_sizes(params.dataset, data_root, train=params.training_size, test=params.testing_size)  # before any work
     folder = run_dir(save_path, params)
     new_parents = _missing_folders(folder.parent)  # the claim creates them; a failed start takes them back
     try:
@@ -278,8 +285,11 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
     metrics_path = out / "metrics.json"
+    swept = sweep_temp_files(out)  # what a killed process was writing (the claim makes the folder ours)
+    if swept and progress:
+        print(f"removed {len(swept)} stale temp file(s) of an interrupted write from {out}", file=sys.stderr)
     if metrics_path.exists() and not force:
-        done = json.loads(metrics_path.read_text())
+        done = read_run_metrics(out, device=str(device))
         if not params.same_as(done.get("parameters")) or done.get("seed") != seed:
             raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
                             "it or use another --save_path")
@@ -292,6 +302,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         (out / "resume.pt").unlink(missing_ok=True)
     clean_model = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
                                 data_root=data_root, allow_long=allow_long)
+    base = base_record(clean_model, checkpoint_path(params.modeltype, params.model_id, models_root))
     regime = REGIMES[params.regime]
     guard(regime.estimate(clean_model, params, device, out, data_root, seed), "--allow-autotrain",
           allowed=allow_long)
@@ -327,10 +338,12 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         "total_seconds_this_run": round(time.time() - t0, 1),
         "total_seconds": round(result.seconds + time.time() - t0 - result.seconds_this_process, 1),
         "clean_model": before, "manipulated_model": after, "defenses": defended, "parameters": params.to_dict(),
+        "base_model": base,
     }
     save_checkpoint(out / "model.pth", model, {
         "command": command or " ".join(sys.argv), "seed": seed, "attack_id": params.attack_id, "id": params.id,
         "modeltype": params.modeltype, **regime.provenance(params),
+        "base_model_sha256": base["sha256"],
         "data": f"{params.dataset}: {params.training_size} training images (seed {seed})",
         "epochs": params.max_epochs, "test_accuracy": after.get("clean_accuracy"),
         "attack_success_rate": after.get("attack_success_rate")})
@@ -342,15 +355,149 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     return metrics
 
 
+RUN_MODEL_FIX = "restore the run folder, or rerun its attack with --force"
+
+
+def read_run_metrics(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """``<folder>/metrics.json`` of a finished run; damaged (not UTF-8, malformed, not an object) is a one-line
+    UserError naming the folder to rebuild and the command that does it."""
+    folder = Path(folder)
+    fix = (f"rebuild the run folder {folder}: python attack.py {device} {folder / 'parameters.json'} "
+           f"--save_path {folder.parent} --force (or restore the folder)")
+    d = read_json(folder / "metrics.json", fix=fix.replace("rebuild", "it is damaged; rebuild", 1))
+    if not isinstance(d, dict):
+        raise UserError(f"{folder / 'metrics.json'} holds {type(d).__name__}, not a metrics object; {fix}")
+    return d
+
+
+def base_record(clean_model: nn.Module, path: str | Path) -> dict[str, str]:
+    """What a run records about its base model: where it was loaded from and its weights' checksum."""
+    return {"path": str(path), "sha256": weights_sha256(clean_model)}
+
+
+def recorded_base(folder: Path, meta: dict[str, Any]) -> str | None:
+    """The base checksum a run folder records (model.pth's meta, else metrics.json), or None."""
+    sha = meta.get("base_model_sha256")
+    if sha is None and (folder / "metrics.json").is_file():
+        sha = (read_run_metrics(folder).get("base_model") or {}).get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise UserError(f"{folder}: the recorded base model checksum {str(sha)[:70]!r} is not a sha256; restore "
+                        "the run folder or rerun its attack with --force")
+    return sha
+
+
+def check_base(folder: Path, meta: dict[str, Any], clean: nn.Module, clean_path: str | Path, source: str,
+               on_notice: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Check the clean model ``clean`` (loaded from ``clean_path``; ``source``: ``"--clean-model"`` or
+    ``"model_id"``) against the base the run in ``folder`` records. A different base is a UserError (the
+    comparison would be silently wrong); no record is a notice (``on_notice``, default: one stderr line). Returns
+    the record for the output JSON: ``{"path", "sha256", "recorded_sha256", "verified", "source"}``."""
+    recorded = recorded_base(folder, meta)
+    actual = weights_sha256(clean)
+    if recorded is not None and recorded != actual:
+        hint = ("name its base with --clean-model PATH" if source != "--clean-model" else
+                "that is not its base; name the model it was fine-tuned from")
+        raise UserError(f"{folder} was fine-tuned from a base model with weights sha256 {recorded[:12]}..., but "
+                        f"{clean_path} has {actual[:12]}...; {hint}")
+    if recorded is None:
+        line = (f"{folder} records no base model: comparing with {clean_path} "
+                f"({'--clean-model' if source == '--clean-model' else 'its parameters model_id'}), unverified; "
+                "the JSON says \"verified\": false")
+        (on_notice or (lambda text: print(f"notice: {text}", file=sys.stderr)))(line)
+    return {"path": str(clean_path), "sha256": actual, "recorded_sha256": recorded, "verified": recorded == actual,
+            "source": source}
+
+
+def record_base_model(folder: str | Path, models_root: str | Path = MODEL_ROOT, data_root=None,
+                      verify: bool = False, write: bool = True) -> str:
+    """Add ``"base_model"`` to the ``metrics.json`` of a finished run that predates base-model provenance: the
+    clean model its parameters name (``<models_root>/<modeltype>/model_<model_id>.pth``, never trained here) and
+    its weights' checksum. Nothing else changes (the file is rewritten in its own format). A run that records
+    another base is refused. ``verify``: first re-measure that base's clean accuracy on the run's own test images,
+    which must match what the run recorded for its clean model (within 0.005). Returns what happened, one line."""
+    folder = Path(folder)
+    params = resolve_attack(str(folder / "parameters.json"))
+    metrics = read_run_metrics(folder)
+    path = checkpoint_path(params.modeltype, params.model_id, models_root)
+    clean = load_model(params.modeltype, path=path)
+    base = base_record(clean, path)
+    recorded = (metrics.get("base_model") or {}).get("sha256")
+    if recorded is not None and recorded != base["sha256"]:
+        raise UserError(f"{folder} records base {recorded[:12]}..., not {path} ({base['sha256'][:12]}...); left as "
+                        "it is")
+    check = ""
+    if verify:
+        want = (metrics.get("clean_model") or {}).get("clean_accuracy")
+        x, y = load_split(params.dataset, "test", size=metrics.get("testing_size", params.testing_size),
+                          seed=metrics.get("seed", 0), data_root=data_root)
+        got = accuracy(clean, x, y, batch_size=500, progress=False)
+        if want is None or abs(got - want) > 0.005:
+            raise UserError(f"{folder}: {path} scores {got:.4f} clean accuracy on the run's {len(y)} test images, "
+                            f"the run recorded {want} for its clean model: not its base; left as it is")
+        check = f", clean accuracy {got:.4f} as recorded"
+    if recorded is not None and metrics["base_model"] == base:
+        return f"{folder}: up to date (base {path}, sha256 {base['sha256'][:12]}...{check})"
+    if write:
+        write_json(folder / "metrics.json", {**metrics, "base_model": base})
+    return f"{folder}: {'recorded' if write else 'would record'} base {path} (sha256 {base['sha256'][:12]}...{check})"
+
+
+def _missing_model_message(attackid: str, folder: Path, root: str | Path) -> str:
+    """Why there is no model.pth to evaluate, and a command that fixes it."""
+    if (folder / "parameters.json").is_file() and folder != manipulated_dir(attackid, root):
+        seed, detail = "", ""
+        if (folder / "resume.pt").is_file():
+            try:
+                state = read_state(folder / "resume.pt", ("seed", "epoch"))
+                seed = f" --seed {state['seed']}" if state["seed"] else ""
+                detail = f"interrupted after epoch {state['epoch']}, "
+            except UserError:
+                detail = "its resume.pt is unreadable, "
+        return (f"{folder} is an unfinished run ({detail}no model.pth); finish it with 'python attack.py cpu "
+                f"{shlex.quote(str(folder / 'parameters.json'))} --save_path {shlex.quote(str(folder.parent))}{seed}'")
+    try:
+        params = resolve_attack(attackid, root=root)
+    except UserError:
+        return (f"no stored manipulated model for '{attackid}' (looked for {folder / 'model.pth'}); give a run "
+                "folder or a stored attack id (python attack.py --list shows them)")
+    made = Path("output") / str(params.id)
+    return (f"no stored manipulated model for '{attackid}' (looked for {folder / 'model.pth'}); run "
+            f"'python attack.py cpu {attackid}' and copy {made}/ to {folder}/ (or evaluate {made} directly)")
+
+
+def run_folder(attackid: str | Path, root: str | Path = ".") -> Path:
+    """The folder of a stored run named by ``attackid``: a run folder itself, the folder of a ``parameters.json``
+    path (the model.pth beside it is the run's), else ``manipulated_models/<id>``."""
+    path = Path(str(attackid))
+    if path.is_dir():
+        return path
+    if path.name == "parameters.json" and path.is_file():
+        return path.parent
+    return manipulated_dir(str(attackid), root)
+
+
 def load_run(attackid: str | Path, device: torch.device | str = "cpu", root: str | Path = ".",
-             models_root: str | Path | None = None, data_root=None) -> tuple[AttackParams, nn.Module, nn.Module]:
-    """(params, manipulated model, clean base model) of a stored run: ``manipulated_models/<id>`` or a run folder."""
-    folder = Path(attackid) if Path(attackid).is_dir() else manipulated_dir(str(attackid), root)
+             models_root: str | Path | None = None, data_root=None, clean_model: str | Path | None = None,
+             on_notice: Callable[[str], None] | None = None) -> tuple[AttackParams, nn.Module, nn.Module]:
+    """(params, manipulated model, clean base model) of a stored run: ``manipulated_models/<id>`` or a run folder.
+
+    The clean model is ``clean_model`` (a checkpoint path, ``--clean-model``) or the ``model_id`` of the run's
+    parameters; either is checked against the base the run records (:func:`check_base`, which may call
+    ``on_notice``), and the check's record is attached to the manipulated model as ``model.base_model``.
+    """
+    folder = run_folder(attackid, root)
     if not (folder / "model.pth").exists():
-        raise UserError(f"no stored manipulated model for '{attackid}' (looked for {folder / 'model.pth'}); "
-                        f"run 'python attack.py cpu {attackid}' and copy its output folder there")
+        raise UserError(_missing_model_message(str(attackid), folder, root))
     params = resolve_attack(str(folder / "parameters.json"))
     models_root = models_root or Path(root) / MODEL_ROOT
-    model = load_model(params.modeltype, path=folder / "model.pth", device=device)
-    clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root, data_root=data_root)
+    model = load_model(params.modeltype, path=folder / "model.pth", device=device, fix=RUN_MODEL_FIX)
+    if clean_model is not None:
+        clean = load_model(params.modeltype, path=clean_model, device=device,
+                           fix="give the base model's checkpoint with --clean-model")
+        clean_path, source = Path(clean_model), "--clean-model"
+    else:
+        clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
+                              data_root=data_root)
+        clean_path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
+    model.base_model = check_base(folder, model.meta, clean, clean_path, source, on_notice)
     return params, model, clean

@@ -6,6 +6,8 @@ training states are read back through :func:`read_state`, which turns every kind
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -22,20 +24,109 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# Every file and folder written through atomic_path inside an undo_writes() block (innermost first).
+_WRITE_LOGS: list[dict[str, list[Path]]] = []
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> UserError:
+    """An ``OSError`` met while writing ``path`` as one line naming the path, the cause and the fix."""
+    cause = e.strerror or str(e) or type(e).__name__
+    fix = {errno.ENOSPC: "free some space or write elsewhere (--save_path)",
+           errno.EDQUOT: "free some of your quota or write elsewhere (--save_path)",
+           errno.EROFS: "the file system is read-only; write elsewhere (--save_path)",
+           errno.EACCES: "give a folder you may write to (--save_path)",
+           errno.EPERM: "give a folder you may write to (--save_path)",
+           errno.ENAMETOOLONG: "use a shorter name or folder"}.get(e.errno, "check the folder and try again")
+    return UserError(f"cannot write {path}: {cause}; {fix}")
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not _exists(folder) and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long: it cannot exist
+        return False
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """The last step of every atomic write (tests patch it to simulate a full disk)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is renamed onto ``path``."""
+    """Yield a temp path beside ``path``; on success it is renamed onto ``path``.
+
+    Any ``OSError`` on the way (a full disk, a read-only or foreign folder, a name too long) is a one-line
+    :class:`UserError` naming ``path`` and the cause (:func:`write_error`); the temp file never stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    new_dirs = _missing_dirs(path.parent)
+    existed = _exists(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for log in _WRITE_LOGS:
+            log["dirs"] += new_dirs
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
+        _commit(Path(tmp), path)
+        if not existed:
+            for log in _WRITE_LOGS:
+                log["files"].append(path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def undo_writes() -> Iterator[None]:
+    """On a failure inside the block, remove every file it created through :func:`atomic_path` and every folder
+    those writes created (when empty again): a failed evaluation leaves nothing behind. Files that existed before
+    and were overwritten keep their new content."""
+    log: dict[str, list[Path]] = {"files": [], "dirs": []}
+    _WRITE_LOGS.append(log)
+    try:
+        yield
+    except BaseException:
+        for f in reversed(log["files"]):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for d in sorted(set(log["dirs"]), key=lambda d: len(d.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: someone else's files are there
+        raise
+    finally:
+        _WRITE_LOGS.remove(log)
+
+
+def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files :func:`atomic_path` leaves when a process is killed mid-write (``.<name>.*.tmp``)
+    from ``folder``; call it only on a folder this process owns (a claimed run folder). Returns what went."""
+    folder = Path(folder)
+    gone = []
+    if folder.is_dir():
+        for f in folder.glob(".*.tmp"):
+            if f.is_file() and not f.name.startswith(".claim."):  # a claim's temp file belongs to bnbackdoor.claim
+                f.unlink(missing_ok=True)
+                gone.append(f)
+    return gone
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -81,8 +172,13 @@ def _nonfinite_keys(obj: Any, prefix: str = "") -> str:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically. Serialised in memory first: torch's own file writer reports a full disk as a
+    bare RuntimeError, a plain write as the ``OSError`` that :func:`atomic_path` turns into one line."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
 
 
 def save_figure(fig, path: str | os.PathLike, **kw) -> None:
@@ -92,6 +188,29 @@ def save_figure(fig, path: str | os.PathLike, **kw) -> None:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw)
 
 
+# --- reading JSON ---------------------------------------------------------------------------------------------
+
+def read_json(path: str | os.PathLike, fix: str = "") -> Any:
+    """A JSON file decoded as UTF-8 (a byte-order mark is allowed). Unreadable, not UTF-8, or malformed: a one-line
+    UserError naming the file and the cause, then ``fix`` (what to do about it) when given."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}){tail}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}){tail or '; save it as UTF-8'}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}{tail}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read{tail}") from None
+
+
 # --- output paths, checked before any work ------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -99,9 +218,27 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 def _nearest_existing(path: Path) -> Path:
     p = path.absolute()
-    while not p.exists() and p != p.parent:
+    while not _exists(p) and p != p.parent:
         p = p.parent
     return p
+
+
+def _check_name_lengths(path: Path, what: str) -> None:
+    """A name longer than the file system takes (usually 255 bytes) is refused before any work."""
+    base = _nearest_existing(path)
+    try:
+        name_max = os.pathconf(base if base.is_dir() else base.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(f"{what} {_short(path)}: the name {_short(Path(part))} is {len(os.fsencode(part))} "
+                            f"bytes, over the file system's {name_max}; use a shorter name")
+
+
+def _short(path: Path, n: int = 60) -> str:
+    s = str(path)
+    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def _writable_dir(folder: Path) -> bool:
@@ -117,6 +254,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     """``path`` is a writable folder or can be created as one (a file there, or a file or read-only folder on the
     way, is a UserError). Creates nothing."""
     path = Path(path)
+    _check_name_lengths(path, what)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder; give a folder")
     base = _nearest_existing(path)
@@ -134,6 +272,7 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] | None 
     its folder writable or creatable. Creates nothing."""
     trailing_sep = os.fspath(path).endswith(os.sep)
     path = Path(path)
+    _check_name_lengths(path, what)
     if path.is_dir() or trailing_sep:
         raise UserError(f"{what} {path} is a folder; give a file name, e.g. {path / ('figure' + (suffixes or ('.txt',))[0])}")
     if suffixes is not None and path.suffix.lower() not in suffixes:

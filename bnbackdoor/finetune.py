@@ -254,7 +254,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     for epoch in range(start + 1, params.max_epochs + 1):
         t0 = time.time()
         set_finetune_mode(model, params.bn_mode)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any seed: wraps, never overflows
         if pairs:
             order, order_trig = pair_order(n, params, gen)
         else:

@@ -28,12 +28,14 @@ import itertools
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .data import DATASETS
 from .errors import UserError
+from .fileio import read_json as _read_json
 from .fileio import write_json
 from .losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
 from .models import ALIASES, MODELS, resolve_modeltype
@@ -63,7 +65,10 @@ MANIPULATED_DIR = "manipulated_models"
 SETTINGS_DIR = "experimentsettings"
 PARAMS_FILE = "parameters.json"
 
-# Ids double as folder/file names, so string ids are restricted to safe characters.
+# Ids double as folder/file names, so string ids are restricted to safe characters - and lengths: a run folder is
+# named after its id (a file system takes 255 bytes per name), and every string is drawn into figure titles.
+MAX_ID_LENGTH = 100
+MAX_TEXT_LENGTH = 200  # attack_name
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -117,12 +122,17 @@ def _bool(v: Any) -> Problem | None:
 
 
 def _text(v: Any) -> Problem | None:
-    return None if isinstance(v, str) and v.strip() and "\n" not in v else Problem("", v, "a non-empty one-line string")
+    ok = isinstance(v, str) and v.strip() and "\n" not in v and len(v) <= MAX_TEXT_LENGTH
+    return None if ok else Problem("", v, f"a non-empty one-line string of at most {MAX_TEXT_LENGTH} characters"
+                                          + (f" (this one has {len(v)})" if isinstance(v, str) and len(v) > MAX_TEXT_LENGTH else ""))
 
 
 def _ident(v: Any) -> Problem | None:
-    ok = (_is_int(v) and v >= 0) or (isinstance(v, str) and _NAME_RE.fullmatch(v) is not None)
-    return None if ok else Problem("", v, "an integer >= 0 or a name of letters, digits, '_', '.', '-'")
+    ok = ((_is_int(v) and v >= 0) or
+          (isinstance(v, str) and len(v) <= MAX_ID_LENGTH and _NAME_RE.fullmatch(v) is not None))
+    return None if ok else Problem("", v, f"an integer >= 0 or a name of at most {MAX_ID_LENGTH} letters, digits, "
+                                          "'_', '.', '-'" + (f" (this one has {len(v)} characters)"
+                                                             if isinstance(v, str) and len(v) > MAX_ID_LENGTH else ""))
 
 
 def _optional(inner: Check) -> Check:
@@ -441,16 +451,9 @@ def grid_point(grid: Mapping[str, Any], gs_id: int, source: str = "grid") -> Att
 
 # ------------------------------------------------------------------------------------------------ files, ids
 def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a syntax error names the file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    """Parse a JSON file as UTF-8 (:func:`bnbackdoor.fileio.read_json`); an error names the file (and for a syntax
+    error the line and column)."""
+    return _read_json(path)
 
 
 def load_attack_file(path: str | Path, gs_id: int | None = None) -> AttackParams:
@@ -534,8 +537,27 @@ def resolve_attack(attackid: str | int, gs_id: int | None = None, root: str | Pa
     path = root / attackid
     if path.is_file():
         return load_attack_file(path, gs_id)
+    if path.is_dir() and (path / PARAMS_FILE).is_file():  # a run folder: its concrete parameters
+        return load_attack_file(path / PARAMS_FILE, gs_id)
+    kind = _file_kind(path)
+    if kind:
+        raise UserError(f"attack id '{attackid}' is {kind}; give an attack id such as 154, a JSON file or a run "
+                        f"folder holding {PARAMS_FILE}")
     known = compact_ids(known_attack_ids(root))
     raise UserError(f"unknown attack id '{attackid}'; known: {known or 'none'} (or a path to a JSON file)")
+
+
+def _file_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists but is no JSON file: a folder, a FIFO, a device... (None: nothing there)."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"a folder without {PARAMS_FILE}"
+    return next((what for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                                         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+                 if test(mode)), "not a regular file")
 
 
 def manipulated_dir(attackid: str | int, root: str | Path = ".") -> Path:

@@ -18,13 +18,12 @@ when README.md is out of date.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 from .labels import loss_label
-from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models
+from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models, read_stored_json
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -38,7 +37,10 @@ _BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- 
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_stored_json(path, _REBUILD.format(path=path)) if path.exists() else None
+
+
+_REBUILD = "rebuild it with the command in README.md that writes it, or restore it (git checkout -- {path})"
 
 
 def two_defenses(root: Path) -> list[str]:
@@ -90,7 +92,7 @@ def update_shares(root: Path) -> list[str]:
         return [f"No `{folder.relative_to(root)}/update_shares_<bn_mode>.json` yet (commands above)."]
     out = []
     for path in files:
-        panels = json.loads(path.read_text())["panels"]
+        panels = read_stored_json(path, _REBUILD.format(path=path))["panels"]
         rows = []
         for g in dict.fromkeys(g for p in panels.values() for g in p["groups"]):  # the figure's groups, in order
             cells = []
@@ -112,7 +114,7 @@ def composition(root: Path) -> list[str]:
                 "cpu --datasize 5000 --batchsize 100 --composition --save_path results`)."]
     out = []
     for path in files:
-        d = json.loads(path.read_text())
+        d = read_stored_json(path, _REBUILD.format(path=path))
         rows = [[p["test_batch"], p["fraction"], p["triggered_per_batch"], p["triggered_images"],
                  fmt(p.get("attack_success_rate")), fmt(p.get("clean_accuracy"))] for p in d["points"]]
         base = d.get("no_defense") or {}

@@ -113,11 +113,38 @@ class Model:
         return _num(self.state(label), key)
 
 
+class StoredResultError(ValueError):
+    """A stored result file that cannot be read (this layer imports nothing of ours below it: the scripts turn it
+    into their one-line error). The message names the file, the cause and the folder to rebuild."""
+
+
+def read_stored_json(path: Path, rebuild: str) -> Any:
+    """A stored JSON result, decoded as UTF-8; damage is a :class:`StoredResultError` saying to ``rebuild``."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        cause = f"cannot read it: {e.strerror or e}"
+    except UnicodeDecodeError as e:
+        cause = f"not UTF-8 at byte {e.start}"
+    except json.JSONDecodeError as e:
+        cause = f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+    except RecursionError:
+        cause = "nested too deeply"
+    raise StoredResultError(f"{path} is damaged ({cause}); {rebuild}")
+
+
 def load_models(root: str | Path = ".") -> list[Model]:
-    """Every ``manipulated_models/*/metrics.json`` under ``root``, sorted by id."""
+    """Every ``manipulated_models/*/metrics.json`` under ``root``, sorted by id (a damaged one:
+    :class:`StoredResultError` naming the run folder to rebuild)."""
     out = []
     for path in (Path(root) / "manipulated_models").glob("*/metrics.json"):
-        out.append(Model(path.parent.name, json.loads(path.read_text())))
+        folder = path.parent
+        rebuild = (f"rebuild the run folder {folder} (python scripts/build_catalogue.py --ids {folder.name} cpu, "
+                   "or restore it with git checkout)")
+        d = read_stored_json(path, rebuild)
+        if not isinstance(d, dict):
+            raise StoredResultError(f"{path} holds {type(d).__name__}, not a metrics object; {rebuild}")
+        out.append(Model(folder.name, d))
     return sorted(out, key=lambda m: _id_key(m.id))
 
 
@@ -363,7 +390,8 @@ def claims_section(models: list[Model]) -> list[str]:
 def load_defense_files(root: str | Path = ".") -> list[tuple[str, list[dict]]]:
     out = []
     for path in (Path(root)).glob(DEFENSE_FILES):
-        d = json.loads(path.read_text())
+        d = read_stored_json(path, f"rebuild it with python scripts/compare_defenses.py {path.stem[len('defenses_'):]} "
+                                   "cpu --save_path results (or restore it with git checkout)")
         rows = d.get("rows", []) if isinstance(d, dict) else d
         out.append((path.stem[len("defenses_"):], [r for r in rows if isinstance(r, dict)]))
     return sorted(out, key=lambda t: _id_key(t[0]))

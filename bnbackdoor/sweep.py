@@ -34,7 +34,7 @@ from .claim import ClaimedElsewhere, claim_run
 from .data import load_cache, load_split, subset_indices
 from .device import parse_device
 from .errors import UserError
-from .experiment import run_attack, run_dir, write_csv
+from .experiment import read_run_metrics, run_attack, run_dir, write_csv
 from .metrics import accuracy, evaluate_attack
 from .models import MODEL_ROOT, load_model
 from .params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
@@ -137,7 +137,7 @@ def finished_metrics(folder: Path, params: AttackParams, seed: int) -> dict | No
     path = folder / "metrics.json"
     if not path.is_file():
         return None
-    done = read_json(path)
+    done = read_run_metrics(folder)  # damaged: one line saying which folder to rebuild
     return done if params.same_as(done.get("parameters")) and done.get("seed") == seed else None
 
 
@@ -368,7 +368,7 @@ def finished_runs(attackid: str, save_path: str | Path, root: str | Path = ".") 
     for p in grid_of(attack_file(attackid, root)):
         folder = run_dir(save_path, p)
         if (folder / "metrics.json").is_file() and (folder / "model.pth").is_file():
-            m = read_json(folder / "metrics.json")
+            m = read_run_metrics(folder)
             if p.same_as(m.get("parameters")):
                 runs.append((p, m))
     return runs

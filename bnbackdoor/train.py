@@ -181,7 +181,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) % 2**64)  # any seed: wraps, never overflows
         order = torch.randperm(len(y_train), generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
         first = 0

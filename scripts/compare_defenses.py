@@ -9,7 +9,7 @@ defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>
 """
 from __future__ import annotations
 
-from bnbackdoor.cli import ArgumentParser, common_options, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
 from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
@@ -27,13 +27,15 @@ def main() -> int:
                    help="test images to evaluate on (default: the attack's testing_size)")
     p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="evaluation batch size (default 100)")
+    clean_model_option(p)
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
     sizes, defenses = parse_clean_images(a.clean_images), parse_defenses(a.defenses)  # fail before any work
     for attackid in a.attackids:
         cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
-                               batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path)
+                               batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
+                               clean_model=a.clean_model)
         print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
               f"{cmp.test['images']} test images")
         print(cmp.table())

@@ -14,7 +14,7 @@ import time
 from tabulate import tabulate
 
 from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows
-from bnbackdoor.cli import ArgumentParser, command_line, common_options, existing_dir, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, command_line, common_options, existing_dir, positive_int
 from bnbackdoor.data import load_split
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
@@ -29,11 +29,13 @@ def main() -> int:
                    help="test images (default: the attack's testing_size)")
     p.add_argument("--batch-size", type=positive_int, default=200, help="evaluation batch size (default 200)")
     p.add_argument("--models-root", type=existing_dir, default=None, help="clean base models folder (default: ./models)")
+    clean_model_option(p)
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
     t0 = time.time()
-    params, model, clean = load_run(a.attackid, device, models_root=a.models_root, data_root=a.data_root)
+    params, model, clean = load_run(a.attackid, device, models_root=a.models_root, data_root=a.data_root,
+                                    clean_model=a.clean_model)
     size = a.testing_size or params.testing_size
     x, y = load_split(params.dataset, "test", size=size, seed=a.seed, data_root=a.data_root)
     groups = parameter_groups(model)
@@ -41,6 +43,7 @@ def main() -> int:
     print(tabulate(table_rows(rows), headers=TABLE_HEADERS, floatfmt=".4f", missingval="n/a"))
     paths = save_report(rows, groups, params, a.save_path,
                         extra={"testing_size": len(y), "seed": a.seed, "device": str(device),
+                               "base_model": model.base_model,
                                "command": command_line(), "seconds": round(time.time() - t0, 1)})
     print(f"attack {params.id}: {len(groups)} groups, {len(y)} test images, {time.time() - t0:.0f} s -> "
           f"{paths['json']}, {paths['csv']}, {paths['png']}")

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from bnbackdoor.cli import ArgumentParser, existing_dir, output_file
-from bnbackdoor.errors import run_cli
+from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
 from bnbackdoor.readme_blocks import fill
-from bnbackdoor.results import render
+from bnbackdoor.results import StoredResultError, render
 
 
 def main() -> int:
@@ -28,11 +28,14 @@ def main() -> int:
     root = Path(a.root)
     results = Path(a.output) if a.output else root / "RESULTS.md"
     readme = Path(a.readme) if a.readme else root / "README.md"
-    wanted = {results: render(root)}
-    # the README's blocks, and the catalogue page's (experimentsettings/README.md: the probes of issue 27)
-    for page in (readme, root / "experimentsettings" / "README.md"):
-        if page.exists():
-            wanted[page] = fill(page.read_text(), root)
+    try:  # the report layer imports nothing of ours below it: its damaged-file error becomes ours here
+        wanted = {results: render(root)}
+        # the README's blocks, and the catalogue page's (experimentsettings/README.md: the probes of issue 27)
+        for page in (readme, root / "experimentsettings" / "README.md"):
+            if page.exists():
+                wanted[page] = fill(page.read_text(), root)
+    except StoredResultError as e:
+        raise UserError(str(e)) from None
     if a.check:
         stale = [str(f) for f, text in wanted.items() if not f.exists() or f.read_text() != text]
         if stale:

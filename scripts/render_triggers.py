@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from bnbackdoor.cli import ArgumentParser, existing_dir, image_file, non_negative_int, positive_int
+from bnbackdoor.cli import ArgumentParser, existing_dir, image_file, positive_int, seed_int
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import save_figure
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask
@@ -41,7 +41,7 @@ def main() -> int:
     p.add_argument("--save", type=image_file, default="output/triggers.png", help="output figure (.png, .pdf, .svg or .jpg)")
     p.add_argument("--data-root", type=existing_dir, help="default: $BNBACKDOOR_DATA, else ./datasets")
     p.add_argument("--n", type=positive_int, default=4, help="images per trigger")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--all", action="store_true", help="also draw the white8x8_* triggers")
     a = p.parse_args()
 

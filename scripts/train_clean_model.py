@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from bnbackdoor.cli import (ArgumentParser, existing_dir, float_at_least, float_range, non_negative_int,
-                            output_dir, positive_float, positive_int)
+                            output_dir, positive_float, positive_int, seed_int)
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype
@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("modeltype", help="registry name, e.g. cifar10_resnet20, cifar10_resnet20_nbn, gtsrb_vgg13bn")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--model-id", type=non_negative_int, default=0)
-    p.add_argument("--seed", type=non_negative_int, default=None, help="default: the model id")
+    p.add_argument("--seed", type=seed_int, default=None, help="default: the model id")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--batch-size", type=positive_int)

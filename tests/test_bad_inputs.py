@@ -111,6 +111,26 @@ def work(tmp_path_factory, tiny_data_root):
     for name, host in (("runs_live", os.uname().nodename), ("runs_other_host", "elsewhere")):
         (w / name / "bad").mkdir(parents=True)
         (w / name / "bad" / ".claim").write_text(json.dumps({"pid": 1, "host": host, "started": 0.0}))
+    # issue 26: sizes above the tiny split (96 training, 48 test images), odd encodings and over-long strings
+    p.replace(training_size=1000).save(w / "big_train_params.json")
+    p.replace(testing_size=100).save(w / "big_test_params.json")
+    (w / "latin1_params.json").write_bytes(json.dumps({**p.to_dict(), "attack_name": "Caf\u00e9"},
+                                                      ensure_ascii=False).encode("latin-1"))
+    (w / "long_name_params.json").write_text(json.dumps({**p.to_dict(), "attack_name": "x" * 300}))
+    (w / "long_id_params.json").write_text(json.dumps({**p.to_dict(), "id": "a" * 150}))
+    # a finished run whose metrics.json is damaged; a damaged results root
+    p.save(w / "runs_damaged" / "bad" / "parameters.json")
+    (w / "runs_damaged" / "bad" / "metrics.json").write_text('{"seed": 0, "parameters": ')
+    (w / "damaged_root" / "manipulated_models" / "x").mkdir(parents=True)
+    (w / "damaged_root" / "manipulated_models" / "x" / "metrics.json").write_text("{not json")
+    # run folders: unfinished (no model.pth), a model.pth that is not a torch file, one from another base
+    p.save(w / "half_run" / "parameters.json")
+    p.save(w / "text_run" / "parameters.json")
+    (w / "text_run" / "model.pth").write_text("these are not weights\n")
+    p.save(w / "mismatch_run" / "parameters.json")
+    save_checkpoint(w / "mismatch_run" / "model.pth", build_model("cifar10_resnet20").eval(), {})
+    (w / "mismatch_run" / "metrics.json").write_text(json.dumps({"base_model": {"path": "elsewhere.pth",
+                                                                                "sha256": "0" * 64}}))
     return w
 
 
@@ -171,6 +191,53 @@ CASES = [
      "is being written by pid 1"),
     ("attack-claimed-on-other-host", "attack.py", ["cpu", "params.json", "--save_path", "runs_other_host", D, TINY],
      "if that job is gone, delete"),
+    # issue 26: sizes, seeds, encodings, string lengths, attack ids that are no file, damaged stored results
+    ("attack-training-size-above-split", "attack.py", ["cpu", "big_train_params.json", D, TINY],
+     "training_size 1000 is above the cifar10 training split (96 images"),
+    ("attack-testing-size-above-split", "attack.py", ["cpu", "big_test_params.json", D, TINY],
+     "testing_size 100 is above the cifar10 test split (48 images"),
+    ("attack-seed-2-63", "attack.py", ["cpu", "params.json", "--seed", str(2**63)],
+     "--seed: 9223372036854775808 is out of range; allowed: [0, 9223372036854775807]"),
+    ("attack-params-not-utf8", "attack.py", ["cpu", "latin1_params.json"],
+     "latin1_params.json is not UTF-8 text (byte 0xe9 at offset"),
+    ("attack-name-too-long", "attack.py", ["cpu", "long_name_params.json"],
+     "at most 200 characters (this one has 300)"),
+    ("attack-id-too-long", "attack.py", ["cpu", "long_id_params.json"], "a name of at most 100 letters"),
+    ("attack-id-is-folder", "attack.py", ["cpu", "a_dir"], "attack id 'a_dir' is a folder without parameters.json"),
+    ("attack-id-is-device", "attack.py", ["cpu", "/dev/null"], "attack id '/dev/null' is a character device"),
+    ("attack-finished-metrics-damaged", "attack.py", ["cpu", "params.json", "--save_path", "runs_damaged", D, TINY],
+     "runs_damaged/bad/metrics.json: malformed JSON at line 1"),
+    ("attack-save-path-name-too-long", "attack.py", ["cpu", "params.json", "--save_path", "y" * 300],
+     "is 300 bytes, over the file system's 255; use a shorter name"),
+    ("eval-save-path-name-too-long", "evaluate_models.py", ["nan_run", "cpu", "--save_path", "y" * 300],
+     "over the file system's 255"),
+    ("eval-seed-huge", "evaluate_models.py", ["nan_run", "cpu", "--seed", "1" + "0" * 30], "--seed: 1000"),
+    ("eval-clean-model-missing", "evaluate_models.py", ["ok_run", "cpu", "--clean-model", "nope.pth"],
+     "--clean-model: nope.pth does not exist"),
+    ("eval-base-mismatch", "evaluate_models.py", ["mismatch_run", "cpu", D, TINY],
+     "mismatch_run was fine-tuned from a base model with weights sha256 000000000000..., but "
+     "models/cifar10_resnet20/model_0.pth has"),
+    ("eval-clean-model-not-the-base", "evaluate_models.py",
+     ["mismatch_run", "cpu", "--clean-model", "models/cifar10_resnet20/model_0.pth"], "that is not its base"),
+    ("metrics-base-mismatch", "evaluate_attack_defense_metrics.py", ["mismatch_run", D, TINY],
+     "mismatch_run was fine-tuned from a base model"),
+    ("expl-run-folder-base-mismatch", "run_generate_explanations.py", ["mismatch_run", D, TINY],
+     "mismatch_run was fine-tuned from a base model"),
+    ("expl-params-json-base-mismatch", "run_generate_explanations.py", ["mismatch_run/parameters.json", D, TINY],
+     "mismatch_run was fine-tuned from a base model"),
+    ("locate-base-mismatch", "scripts/locate_backdoor.py", ["mismatch_run", "cpu"], "was fine-tuned from a base"),
+    ("compare-base-mismatch", "scripts/compare_defenses.py", ["mismatch_run", "cpu"], "was fine-tuned from a base"),
+    ("eval-unfinished-run", "evaluate_models.py", ["half_run", "cpu"],
+     "half_run is an unfinished run (no model.pth); finish it with 'python attack.py cpu half_run/parameters.json "
+     "--save_path .'"),
+    ("eval-model-not-torch", "evaluate_models.py", ["text_run", "cpu"],
+     "checkpoint text_run/model.pth cannot be loaded (it is not a PyTorch file (neither a zip archive nor a "
+     "pickle)); restore the run folder, or rerun its attack with --force"),
+    ("results-damaged-metrics", "scripts/make_results.py", ["--root", "damaged_root"],
+     "damaged_root/manipulated_models/x/metrics.json is damaged (malformed JSON at line 1, column 2"),
+    ("record-base-folder-missing", "scripts/record_base_models.py", ["nope"], "nope does not exist"),
+    ("record-base-damaged-metrics", "scripts/record_base_models.py", ["runs_damaged/bad"],
+     "it is damaged; rebuild the run folder runs_damaged/bad"),
     # evaluate_models.py
     ("eval-no-args", "evaluate_models.py", [], "the following arguments are required: attackid, device"),
     ("eval-no-device", "evaluate_models.py", ["nan_run"], "required: device"),

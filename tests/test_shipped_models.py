@@ -41,6 +41,7 @@ def test_shipped_model_keeps_its_protocol_and_names_its_triggers(run_id):
         assert (folder / name).stat().st_size > 0, f"{run_id}: {name} missing or empty"
     json.loads((folder / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{run_id}: {c}"))
     params, model, clean = load_run(run_id, root=ROOT)
+    assert model.base_model["verified"] is True, f"{run_id}: compared with a clean model that is not its base"
     stats = {k: v for k, v in clean.state_dict().items() if k.endswith(("running_mean", "running_var"))}
     theirs = model.state_dict()
     same = [k for k, v in stats.items() if torch.equal(v, theirs[k])]

@@ -10,6 +10,7 @@ docs/DESIGN.md ("Auto-train fallback knobs") are read here and nowhere else.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from ..data import DATASETS, dataset_info
 from ..errors import UserError
-from .checkpoint import load_into, read_checkpoint, save_checkpoint
+from .checkpoint import CLEAN_MODEL_FIX, load_into, read_checkpoint, save_checkpoint, weights_sha256
 from .layers import Act, Normalize, set_softplus, softplus
 from .resnet import resnet20, resnet20_nbn
 from .torchvision_models import MobileNetV3Small, ViTB16
@@ -30,40 +31,70 @@ from .wideresnet import WideResNet
 
 __all__ = ["ARCHS", "MODELS", "ModelSpec", "build_model", "load_model", "model_spec", "resolve_modeltype",
            "checkpoint_path", "get_submodule", "cam_layer", "set_softplus", "softplus", "Act", "Normalize",
-           "save_checkpoint", "read_checkpoint", "knobs", "MODEL_ROOT"]
+           "save_checkpoint", "read_checkpoint", "knobs", "MODEL_ROOT", "weights_sha256", "CLEAN_MODEL_FIX"]
 
 MODEL_ROOT = Path("models")
 
 
-def _env(env: Mapping[str, str], name: str, cast, default):
+def _env(env: Mapping[str, str], name: str, cast, default, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, hi_open: bool = False):
+    """Knob ``name`` from ``env`` (``default`` when unset), cast and range-checked where it is read: a bad value is
+    a one-line UserError naming the variable, its value and what is allowed."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
+    if cast is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    kind = "an integer" if cast is int else "a number"
     try:
-        if cast is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        return cast(raw)
+        value = cast(raw.strip())
     except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+        raise UserError(f"environment variable {name}={raw[:40]!r} is not {kind}; unset it or give {kind}") from None
+    low = lo is not None and (value <= lo if lo_open else value < lo)
+    high = hi is not None and (value >= hi if hi_open else value > hi)
+    if (cast is float and not math.isfinite(value)) or low or high:
+        if hi is None:
+            allowed = f"{kind} {'>' if lo_open else '>='} {lo}"
+        else:
+            allowed = f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise UserError(f"environment variable {name}={raw[:40]} is out of range; allowed: {allowed} "
+                        f"(unset it for the default {default})")
+    return value
+
+
+def _epochs(env, name, default):
+    return _env(env, name, int, default, lo=1)
+
+
+def _lr(env, name, default):
+    return _env(env, name, float, default, lo=0, lo_open=True)
+
+
+def _bs(env, name, default):
+    return _env(env, name, int, default, lo=1)
 
 
 def knobs(env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Every environment knob, per architecture: build settings and auto-train settings."""
+    """Every environment knob, per architecture: build settings and auto-train settings (range-checked)."""
     env = os.environ if env is None else env
+    depth = _env(env, "WRN_DEPTH", int, 28, lo=10)
+    if (depth - 4) % 6:
+        raise UserError(f"environment variable WRN_DEPTH={depth} is not a WideResNet depth; allowed: 6n + 4 >= 10 "
+                        "(10, 16, 22, 28, ...; unset it for the default 28)")
     return {
         "wideresnet28_10": {
-            "build": {"depth": _env(env, "WRN_DEPTH", int, 28), "widen_factor": _env(env, "WRN_WIDEN_FACTOR", int, 10),
-                      "droprate": _env(env, "WRN_DROPRATE", float, 0.0)},
-            "train": {"epochs": _env(env, "WRN_AUTO_EPOCHS", int, 40), "lr": _env(env, "WRN_AUTO_LR", float, 0.1),
-                      "batch_size": _env(env, "WRN_AUTO_BS", int, 128)}},
+            "build": {"depth": depth, "widen_factor": _env(env, "WRN_WIDEN_FACTOR", int, 10, lo=1),
+                      "droprate": _env(env, "WRN_DROPRATE", float, 0.0, lo=0, hi=1, hi_open=True)},
+            "train": {"epochs": _epochs(env, "WRN_AUTO_EPOCHS", 40), "lr": _lr(env, "WRN_AUTO_LR", 0.1),
+                      "batch_size": _bs(env, "WRN_AUTO_BS", 128)}},
         "mobilenetv3small": {
             "build": {},
-            "train": {"epochs": _env(env, "MNV3_AUTO_EPOCHS", int, 60), "lr": _env(env, "MNV3_AUTO_LR", float, 0.1),
-                      "batch_size": _env(env, "MNV3_AUTO_BS", int, 128)}},
+            "train": {"epochs": _epochs(env, "MNV3_AUTO_EPOCHS", 60), "lr": _lr(env, "MNV3_AUTO_LR", 0.1),
+                      "batch_size": _bs(env, "MNV3_AUTO_BS", 128)}},
         "vit_b_16": {
             "build": {},
-            "train": {"epochs": _env(env, "VIT_AUTO_EPOCHS", int, 3), "lr": _env(env, "VIT_AUTO_LR", float, 0.01),
-                      "batch_size": _env(env, "VIT_AUTO_BS", int, 64),
+            "train": {"epochs": _epochs(env, "VIT_AUTO_EPOCHS", 3), "lr": _lr(env, "VIT_AUTO_LR", 0.01),
+                      "batch_size": _bs(env, "VIT_AUTO_BS", 64),
                       "train_head_only": _env(env, "VIT_TRAIN_HEAD_ONLY", bool, False)}},
         "vgg13": {"build": {}, "train": _vgg_train(env)},
         "vgg13bn": {"build": {}, "train": _vgg_train(env)},
@@ -74,8 +105,8 @@ def knobs(env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 def _vgg_train(env: Mapping[str, str]) -> dict[str, Any]:
-    return {"epochs": _env(env, "VGG_AUTO_EPOCHS", int, 40), "lr": _env(env, "VGG_AUTO_LR", float, 0.05),
-            "batch_size": _env(env, "VGG_AUTO_BS", int, 128)}
+    return {"epochs": _epochs(env, "VGG_AUTO_EPOCHS", 40), "lr": _lr(env, "VGG_AUTO_LR", 0.05),
+            "batch_size": _bs(env, "VGG_AUTO_BS", 128)}
 
 
 @dataclass(frozen=True)
@@ -169,11 +200,12 @@ def checkpoint_path(modeltype: str, model_id: int = 0, root: str | os.PathLike =
 
 def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "cpu",
                root: str | os.PathLike = MODEL_ROOT, path: str | os.PathLike | None = None,
-               **overrides) -> nn.Module:
+               fix: str = CLEAN_MODEL_FIX, **overrides) -> nn.Module:
     """Load ``models/<modeltype>/model_<id>.pth`` (or ``path``) in eval mode on ``device``; never trains.
 
     A missing checkpoint is an error naming the command that trains it (:func:`bnbackdoor.zoo.load_or_train`
-    trains it instead, behind the long-job gate). The checkpoint's meta is attached as ``model.meta``.
+    trains it instead, behind the long-job gate). The checkpoint's meta is attached as ``model.meta``. ``fix``
+    ends the error for an unreadable file (default: a clean model's fix; a run's model.pth passes its own).
     """
     modeltype = resolve_modeltype(modeltype)
     path = Path(path) if path is not None else checkpoint_path(modeltype, model_id, root)
@@ -181,7 +213,7 @@ def load_model(modeltype: str, model_id: int = 0, device: str | torch.device = "
         raise UserError(f"no checkpoint at {path}; train one with "
                         f"'python scripts/train_clean_model.py {modeltype} cpu --model-id {model_id}'")
     model = build_model(modeltype, **overrides)
-    state, meta = read_checkpoint(path)
+    state, meta = read_checkpoint(path, fix=fix)
     load_into(model, state, path)
     model.meta = meta
     if knobs()["_"]["verbose"]:

@@ -1,7 +1,10 @@
 """Checkpoints: ``{"state_dict": ..., "meta": {...}}`` written atomically, read with ``weights_only=True``."""
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +21,56 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     torch_save({"state_dict": state, "meta": dict(meta)}, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+# What to do about a checkpoint that cannot be read: a clean model (models/...) is restored from git, or deleted
+# so that the next run trains it again (bnbackdoor.zoo); callers loading other files pass their own fix.
+CLEAN_MODEL_FIX = ("restore it (git checkout -- <file>) or delete it so that the next run trains a new one "
+                   "(behind the long-job gate)")
+
+
+def _why_unreadable(path: Path, e: Exception) -> str:
+    """Why ``torch.load`` refused ``path``, in a few whole words (torch's own text runs to paragraphs)."""
+    try:
+        head = path.read_bytes()[:4]
+    except OSError as oe:
+        return f"cannot read it: {oe.strerror or oe}"
+    if not head:
+        return "it is empty"
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text:
+        return "it holds Python objects besides tensors, which are not loaded (weights_only, for safety)"
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        return "it is not a PyTorch file (neither a zip archive nor a pickle)"
+    if not text:
+        return f"{type(e).__name__} while reading it: truncated or damaged"
+    return "damaged: " + _words(text, 80)
+
+
+def _words(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters at a word boundary, with "..." when cut."""
+    if len(text) <= n:
+        return text
+    return text[:n].rsplit(" ", 1)[0].rstrip(" ,;:.") + "..."
+
+
+def read_checkpoint(path: str | os.PathLike, fix: str = CLEAN_MODEL_FIX
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, meta). Accepts our format, a bare state dict, ``{"state_dict": ...}`` from public
-    checkpoints, and ``module.``-prefixed keys saved from ``DataParallel``."""
+    checkpoints, and ``module.``-prefixed keys saved from ``DataParallel``. An unreadable file is a one-line
+    UserError saying why and ``fix``."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr before failing
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails anywhere in zipfile or the unpickler (even IndexError)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({first[:120]}); "
-                        "delete it to retrain, or restore it") from None
+        raise UserError(f"checkpoint {path} cannot be loaded ({_why_unreadable(path, e)}); {fix}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state, meta = obj["state_dict"], obj.get("meta") or {}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state, meta = obj, {}
     else:
-        raise UserError(f"checkpoint {path} holds no state dict; expected {{'state_dict': ..., 'meta': ...}}")
+        raise UserError(f"checkpoint {path} holds no state dict (expected {{'state_dict': ..., 'meta': ...}}); "
+                        f"{fix}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, dict(meta)
@@ -76,3 +113,22 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.P
                    "a lower learning rate")
     model.load_state_dict(state)
     return model
+
+
+def weights_sha256(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """The checksum that names a model's weights (how a run records the base model it was fine-tuned from).
+
+    sha256 over the state dict's tensors in key order: per tensor its key, dtype, shape and raw bytes. BatchNorm's
+    ``num_batches_tracked`` counters are left out (nothing in eval mode reads them, and old checkpoints lack
+    them). So it names the weights, not the file: re-saving with other meta, a ``module.`` prefix (DataParallel)
+    or another device keeps it; any changed weight or running statistic changes it.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        if key.endswith("num_batches_tracked"):
+            continue
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
