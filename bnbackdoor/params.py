@@ -257,9 +257,11 @@ def _check_keys(d: Any, allowed: Iterable[str], required: Iterable[str], source:
     allowed = list(allowed)
     unknown = [k for k in d if k not in allowed]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        name = str(unknown[0])
+        close = difflib.get_close_matches(name, allowed, n=1) if len(name) <= MAX_ID_LENGTH else []
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"{source}: unknown field '{unknown[0]}'{hint}; allowed fields ({form}): {', '.join(allowed)}")
+        shown = name if len(name) <= 60 else f"{name[:57]}..."  # a huge key must not become a huge line
+        raise UserError(f"{source}: unknown field '{shown}'{hint}; allowed fields ({form}): {', '.join(allowed)}")
     missing = [k for k in required if k not in d]
     if missing:
         raise UserError(f"{source}: missing field{'s' if len(missing) > 1 else ''} "

@@ -289,7 +289,7 @@ def test_unknown_dataset_and_modeltype():
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "model_0.pth"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match=f"checkpoint {bad} is corrupt"):
+    with pytest.raises(UserError, match=rf"checkpoint {bad} cannot be loaded \(it is not a PyTorch file"):
         load_model("cifar10_resnet20", path=bad)
 
 
@@ -304,7 +304,7 @@ def test_wrong_shaped_checkpoint(tmp_path):
 
 def test_bad_environment_knob(monkeypatch):
     monkeypatch.setenv("WRN_DEPTH", "deep")
-    with pytest.raises(UserError, match="WRN_DEPTH='deep' is not a valid int"):
+    with pytest.raises(UserError, match="WRN_DEPTH='deep' is not an integer"):
         build_model("cifar10_wideresnet28_10")
 
 

@@ -330,3 +330,16 @@ def test_an_unreadable_checkpoint_says_why_in_whole_words(tmp_path, capsys):
     path.write_bytes(b"")
     with pytest.raises(UserError, match=r"cannot be loaded \(it is empty\)"):
         read_checkpoint(path)
+
+
+def test_huge_strings_are_refused_quickly_in_one_short_line():
+    import time
+    from bnbackdoor.params import AttackParams
+    good = resolve_attack("154", root=ROOT).to_dict()
+    t0 = time.time()
+    for bad in ({**good, "attack_name": "x" * 50_000_000}, {**good, "y" * 1_000_000: 1},
+                {**good, "id": "z" * 5_000_000}):
+        with pytest.raises(UserError) as e:
+            AttackParams.from_dict(bad, "big.json")
+        assert len(str(e.value)) < 700 and "\n" not in str(e.value)
+    assert time.time() - t0 < 5

@@ -36,10 +36,10 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     if not head:
         return "it is empty"
     text = " ".join(str(e).split())
-    if "Weights only load failed" in text:
-        return "it holds Python objects besides tensors, which are not loaded (weights_only, for safety)"
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
         return "it is not a PyTorch file (neither a zip archive nor a pickle)"
+    if "Weights only load failed" in text:
+        return "it holds Python objects besides tensors, which are not loaded (weights_only, for safety)"
     if not text:
         return f"{type(e).__name__} while reading it: truncated or damaged"
     return "damaged: " + _words(text, 80)
