@@ -202,7 +202,8 @@ def read_json(path: str | os.PathLike, fix: str = "") -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}){tail or '; save it as UTF-8'}") from None
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+                        f"{tail or '; save it as UTF-8'}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
