@@ -311,8 +311,6 @@ TRIGGERS: dict[str, Callable[[Tensor], Tensor]] = {
     "sig": _sig,
     "wanet": _wanet,
 }
-# The classic poisoning triggers (module docstring); the rest are the explanation-aware attacks' triggers.
-POISON_TRIGGERS = ("badnets", "blended", "sig", "wanet")
 
 
 def trigger_fn(name: str) -> Callable[[Tensor], Tensor]:

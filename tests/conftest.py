@@ -48,6 +48,14 @@ def real_data_root(name: str = "cifar10") -> Path:
     return REAL_DATA
 
 
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bit-identical state dicts (same keys in the same order, every tensor equal): resume and save/load checks."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

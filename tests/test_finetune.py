@@ -19,7 +19,7 @@ from bnbackdoor.params import AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
 from bnbackdoor.triggers import apply_trigger
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights
 
 BASE = resolve_attack("154", root=ROOT)
 
@@ -106,8 +106,7 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_data_root):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "part", stop_after=2)  # killed during epoch 2's bookkeeping: epoch 1 is on disk
     resumed = run(tmp_path / "part")
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_weights(full.model, resumed.model)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 

@@ -16,7 +16,7 @@ from bnbackdoor.errors import UserError
 from bnbackdoor.models import (ARCHS, MODELS, Act, build_model, checkpoint_path, load_model, read_checkpoint,
                                resolve_modeltype, save_checkpoint, set_softplus, softplus)
 
-from conftest import ROOT, make_tiny_cache, real_data_root
+from conftest import ROOT, assert_same_weights, make_tiny_cache, real_data_root
 
 TINY = {"wideresnet28_10": {"depth": 10, "widen_factor": 1},
         "vit_b_16": {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16,
@@ -176,8 +176,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = checkpoint_path("cifar10_resnet20", 3, tmp_path)
     save_checkpoint(path, model, {"command": "test", "seed": 1, "test_accuracy": 0.5})
     loaded = load_model("cifar10_resnet20", 3, root=tmp_path)
-    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_weights(model, loaded)
     assert loaded.meta["seed"] == 1 and not loaded.training
 
 

@@ -20,7 +20,7 @@ from bnbackdoor.scratch import fresh_model, train_poisoned
 from bnbackdoor.triggers import (BLEND_ALPHA, BLEND_SEED, SIG_DELTA, SIG_FREQUENCY, WANET_STRENGTH, apply_trigger,
                                  identity_grid, wanet_control_points, wanet_grid, warp)
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights
 
 
 # ------------------------------------------------------------------------------------------------- triggers
@@ -181,8 +181,7 @@ def test_from_scratch_run_resumes_bit_identically_and_learns_bn_statistics(tmp_p
     with pytest.raises(Stop):
         run(tmp_path / "part", stop_at=2)
     resumed = run(tmp_path / "part")
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_weights(full.model, resumed.model)
     init = fresh_model(p, 0).state_dict()
     stats = [k for k in init if k.endswith("running_mean") or k.endswith("running_var")]
     assert stats and all(not torch.equal(init[k], full.model.state_dict()[k]) for k in stats)

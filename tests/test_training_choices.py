@@ -16,7 +16,7 @@ from bnbackdoor.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
 from bnbackdoor.triggers import apply_trigger
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights
 from test_finetune import _tiny_setup
 
 BASE = resolve_attack("154", root=ROOT)
@@ -212,6 +212,5 @@ def test_ancestor_choices_train_and_resume_bit_identically(tmp_path, tiny_data_r
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "part", stop_after=2)
     resumed = run(tmp_path / "part")
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_weights(full.model, resumed.model)
     assert [r["lr"] for r in full.history] == pytest.approx([1e-3 / 2, 1e-3 / 3, 1e-3 / 4])  # after each epoch
