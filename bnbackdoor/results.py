@@ -28,9 +28,12 @@ from typing import Any, Callable, Iterable, Mapping
 from tabulate import tabulate
 
 from .acceptance import RULES as ACCEPTANCE_RULES
-from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_full_disguise, is_label_changing
+from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_full_disguise, is_label_changing, is_scratch
 
 CLEAN, MANIPULATED = "clean model", "manipulated"
+# The two regimes a claim is judged in separately: BatchNorm statistics can only carry a backdoor where they were
+# learned from poisoned data (from scratch); explanation-aware fine-tuning mostly runs with them frozen.
+REGIMES = {"finetune": "explanation-aware fine-tuning", "scratch": "poisoning from scratch"}
 # The default defenses of metrics.json, in report order; other labels found follow, sorted.
 DEFENSE_LABELS = ("rebn", "rebn+augment", "batchstats B=100 f=1", "batchstats B=100 f=1/B")
 REBN = ("rebn", "rebn+augment")
@@ -88,6 +91,10 @@ class Model:
     @property
     def loss(self) -> str:
         return str(self.params.get("lossStr", "?"))
+
+    @property
+    def regime(self) -> str:
+        return "scratch" if is_scratch(self.params) else "finetune"
 
     @property
     def label_changing(self) -> bool:
@@ -171,6 +178,7 @@ class Claim:
     applies: Callable[[Model], bool]
     value: Callable[[Model, str], float | None]
     passes: Callable[[float], bool]
+    regimes: tuple[str, ...] = tuple(REGIMES)  # where the claim can be judged at all
 
     def rows(self, models: Iterable[Model]) -> list[Row]:
         out = []
@@ -221,7 +229,8 @@ CLAIMS: tuple[Claim, ...] = (
           "share of the way back from the manipulated to the clean model's DSSIM to the target explanation "
           "(triggered inputs; full disguise excluded: its target is the clean explanation)",
           f"the share is >= {RESTORED:g}",
-          REBN, lambda m: not m.full_disguise, _restored_share, lambda v: v >= RESTORED),
+          REBN, lambda m: not m.full_disguise, _restored_share, lambda v: v >= RESTORED,
+          regimes=("finetune",)),  # a model poisoned from scratch has no target explanation
     Claim("Re-BN cuts attack success by a large margin",
           "relative cut of attack success, 1 - after / manipulated",
           f"the cut is >= {LARGE_CUT:g}",
@@ -274,12 +283,25 @@ def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
 
 
 def claims_table(models: list[Model]) -> list[list[str]]:
+    """One row per claim and regime (fine-tuning first): a claim may hold in one regime and not in the other."""
     accepted = [m for m in models if m.verdict.accepted]
     out = []
     for c in CLAIMS:
-        rows = c.rows(accepted)
-        out.append([c.name, claim_number(rows, c.defenses), claim_verdict(rows)])
+        for regime in c.regimes:
+            name = REGIMES[regime]
+            rows = c.rows(m for m in accepted if m.regime == regime)
+            out.append([c.name, name, claim_number(rows, c.defenses), claim_verdict(rows)])
     return out
+
+
+def regime_counts(models: list[Model]) -> str:
+    """``46 of 76 explanation-aware fine-tuning, 2 of 8 poisoning from scratch``: accepted of shipped, per regime."""
+    parts = []
+    for regime, name in REGIMES.items():
+        ms = [m for m in models if m.regime == regime]
+        if ms:
+            parts.append(f"{sum(m.verdict.accepted for m in ms)} of {len(ms)} {name}")
+    return ", ".join(parts) or "none"
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -332,7 +354,8 @@ def acceptance_section(models: list[Model]) -> list[str]:
                      v.summary()])
     n_ok = sum(m.verdict.accepted for m in models)
     return ["## Acceptance", "",
-            f"{n_ok} of {len(models)} models accepted. Rules: " + "; ".join(ACCEPTANCE_RULES) + ".", "",
+            f"{n_ok} of {len(models)} models accepted ({regime_counts(models)}). Rules: "
+            + "; ".join(ACCEPTANCE_RULES) + ".", "",
             table(rows, MODEL_HEADERS + ["clean acc (clean → manipulated)", "attack success",
                                          "DSSIM to target (clean → manipulated)", "verdict"]), ""]
 
@@ -374,13 +397,16 @@ def means_section(models: list[Model], labels: list[str]) -> list[str]:
 
 
 def claims_section(models: list[Model]) -> list[str]:
-    n_ok = sum(m.verdict.accepted for m in models)
     out = ["## Claims", "",
-           f"Judged on the {n_ok} accepted models. A claim **holds** when at least {HOLD_SHARE:.0%} of its "
+           f"Judged on the accepted models ({regime_counts(models)}), separately per regime: a model "
+           "trained from scratch on a poisoned set learned its BatchNorm statistics from the poison, an "
+           "explanation-aware fine-tuning attack mostly ran with them frozen (`bn_mode` eval). A claim **holds** when "
+           f"at least {HOLD_SHARE:.0%} of its "
            "(model, defense) rows pass; otherwise it **holds only when** a single condition (defense, dataset, "
            f"model, attack kind or explanation method) has at least {HOLD_SHARE:.0%} passing rows; otherwise it "
            "**does not hold**; n/a when no accepted model has the numbers.", "",
-           table(claims_table(models), ["claim (paper)", "our number", "verdict"]), "", "Rules per claim:", ""]
+           table(claims_table(models), ["claim (paper)", "regime", "our number", "verdict"]), "",
+           "Rules per claim:", ""]
     for c in CLAIMS:
         out.append(f"- **{c.name}** — number: {c.quantity}; judged on: {', '.join(c.defenses)}; "
                    f"a row passes when {c.rule}.")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from bnbackdoor.acceptance import acceptance
-from bnbackdoor.results import CLAIMS, Model, claim_number, claim_verdict, claims_table, render
+from bnbackdoor.results import CLAIMS, Model, claim_number, claim_verdict, claims_table, regime_counts, render
 
 REBN_LABELS = ("rebn", "rebn+augment")
 BS1, BS1B = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
@@ -164,11 +164,36 @@ def test_claims_skip_unaccepted_full_disguise_and_explanation_only_models():
     fooling = Model("54", metrics(classes=(None,), name="SimpleFooling", manip=state(acc=0.92, asr=None, t=0.1),
                                   defenses=defended()))
     assert not failed.verdict.accepted and disguise.verdict.accepted and fooling.verdict.accepted
-    table = {row[0]: row for row in claims_table([failed, disguise, fooling])}
+    table = {row[0]: row[1:] for row in claims_table([failed, disguise, fooling])
+             if row[1] == "explanation-aware fine-tuning"}
     # 54 only: (0.40 - 0.10) / (0.45 - 0.10)
     assert table["Re-BN restores explanations"][1] == "rebn: mean 0.857, 1/1 pass; rebn+augment: mean 0.857, 1/1 pass"
     assert table["Re-BN cuts attack success by a large margin"][1].endswith("1/1 pass")  # 256 only
     assert table["Re-BN restores accuracy"][1].startswith("rebn: mean -0.018, 2/2 pass")  # 256 and 54
+
+
+def scratch_metrics(rebn_asr, acc=0.95):
+    m = metrics(targets=("original",), name="PoisoningBadNets", clean=state(acc=0.96, asr=0.01, t=0.3),
+                manip=state(acc=acc, asr=1.0, t=0.3), defenses=defended(rebn_asr=rebn_asr, aug_asr=rebn_asr,
+                                                                          rebn_acc=0.95, aug_acc=0.95))
+    m["parameters"].update(regime="scratch", targetStrs=["original"])
+    return m
+
+
+def test_claims_are_judged_per_regime_and_scratch_models_have_no_explanation_claim():
+    finetuned = Model("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.95)))
+    scratch = [Model("CIFAR10R20-badnets-10", scratch_metrics(0.05)), Model("GTSRBR20-badnets-10", scratch_metrics(0.1)),
+               Model("GTSRBR20-blended-10", scratch_metrics(0.2, acc=0.90))]  # the last one misses acceptance
+    assert [m.regime for m in [finetuned, *scratch]] == ["finetune", "scratch", "scratch", "scratch"]
+    assert regime_counts([finetuned, *scratch]) == "1 of 1 explanation-aware fine-tuning, 2 of 3 poisoning from scratch"
+    rows = {(r[0], r[1]): r[2:] for r in claims_table([finetuned, *scratch])}
+    cut = "Re-BN cuts attack success by a large margin"
+    assert rows[(cut, "explanation-aware fine-tuning")] == [
+        "rebn: mean 0.050, 0/1 pass; rebn+augment: mean 0.050, 0/1 pass", "does not hold"]
+    assert rows[(cut, "poisoning from scratch")] == [
+        "rebn: mean 0.925, 2/2 pass; rebn+augment: mean 0.925, 2/2 pass", "holds"]
+    assert ("Re-BN restores explanations", "poisoning from scratch") not in rows  # no target explanation
+    assert len(rows) == 2 * len(CLAIMS) - 1
 
 
 # ---------------------------------------------------------------------------------------------------- render
