@@ -11,6 +11,9 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``cam-fit``        the best DSSIM any Grad-CAM map of a given resolution reaches per target, from
                      ``results/cam_fit.json``;
 - ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
+- ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
+                     baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
+                     rows of ``results/anatomy/<id>_anatomy.json``.
 
 A source that is missing renders as one line saying which file and which command makes it, so the README never
 shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import loss_label
-from .results import CLEAN, MANIPULATED, Model, table, fmt, load_models, read_stored_json
+from .results import (CLEAN, MANIPULATED, Model, _comparison_rows, comparison_winner, fmt, load_models,
+                      read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -163,9 +167,57 @@ def probes(root: Path) -> list[str]:
                          "attack success", "untriggered → target", "DSSIM → target"])]
 
 
+def _scratch_ids(root: Path) -> list[str]:
+    """The catalogue's poisoning-from-scratch ids (``regime`` "scratch" in experimentsettings/<id>.json)."""
+    ids = []
+    for path in sorted((root / "experimentsettings").glob("*.json")):
+        d = _read(path)
+        if isinstance(d, dict) and d.get("regime") == "scratch":
+            ids.append(str(d.get("attack_id", path.stem)))
+    return ids
+
+
+def _acc_asr(state: dict | None) -> str:
+    if not state:
+        return "n/a"
+    return f"{fmt(state.get('attack_success_rate'))} ({fmt(state.get('clean_accuracy'))})"
+
+
+def poisoning(root: Path) -> list[str]:
+    models = {m.id: m for m in load_models(root)}
+    rows, missing = [], []
+    for mid in _scratch_ids(root):
+        m = models.get(mid)
+        if m is None:
+            missing.append(mid)
+            continue
+        cmp = _read(root / "results" / f"defenses_{mid}.json")
+        win = comparison_winner(_comparison_rows(cmp["rows"], m)) if cmp else None
+        ana = _read(root / "results" / "anatomy" / f"{mid}_anatomy.json")
+        restored = {r["group"]: r for r in (ana or {}).get("rows", []) if r.get("variant") == "restore"}
+        best = ("not run" if cmp is None else "none keeps accuracy" if win is None else
+                f"{win['defense']} ({win.get('clean_images')}): {_acc_asr(win)}")
+        rows.append([mid, m.arch, fmt(m.value(CLEAN, "clean_accuracy")), _acc_asr(m.state(MANIPULATED)),
+                     "yes" if m.verdict.accepted else "no", _acc_asr(m.state("rebn")),
+                     _acc_asr(m.state("rebn+augment")), _acc_asr(m.state("batchstats B=100 f=1")),
+                     _acc_asr(m.state("batchstats B=100 f=1/B")), best,
+                     *[("not run" if ana is None else _acc_asr(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
+    out = ["Attack success (clean accuracy) per model trained from scratch on a poisoned set; `accepted`: clean "
+           "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner of "
+           "`results/defenses_<id>.json` (rule in RESULTS.md). Restore G: the ablation of `results/anatomy/` (the "
+           "poisoned model with group G copied from the clean model - for a model trained from scratch an "
+           "independently trained network, so these rows mix two networks).", "",
+           table(rows, ["id", "model", "clean model acc", "no defense", "accepted", "Re-BN", "Re-BN augmented",
+                        "test-batch BN f=1", "f=1/B", "best baseline", "restore bn_stats", "restore bn_affine"])]
+    if missing:
+        out += ["", "Not shipped yet: " + ", ".join(missing) + " (`BNBACKDOOR_ALLOW_LONG=1 python "
+                "scripts/build_catalogue.py --ids <id> --promote cuda`)."]
+    return out
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
-                                                   "cam-fit": cam_fit, "probes": probes}
+                                                   "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

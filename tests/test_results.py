@@ -14,6 +14,7 @@ from bnbackdoor.results import CLAIMS, Model, claim_number, claim_verdict, claim
 
 REBN_LABELS = ("rebn", "rebn+augment")
 BS1, BS1B = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
+CLEAN_LABEL = "clean model"
 
 
 def test_committed_results_md_is_up_to_date(tmp_path):
@@ -244,6 +245,31 @@ def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
     assert "| 256 " in out and "not shipped yet" in out  # a named model that is missing says so
     assert "no `results/anatomy/154_anatomy.json` yet" in out  # so does a missing ablation file
     assert fill(out, tmp_path) == out  # idempotent: regenerating changes nothing
+
+
+def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_run(tmp_path):
+    from bnbackdoor.readme_blocks import fill
+
+    (tmp_path / "experimentsettings").mkdir()
+    for i, regime in (("GTSRBR20-badnets-10", "scratch"), ("CIFAR10R20-sig-10", "scratch"), ("154", "finetune")):
+        (tmp_path / "experimentsettings" / f"{i}.json").write_text(json.dumps({"attack_id": i, "regime": regime}))
+    run = tmp_path / "manipulated_models" / "GTSRBR20-badnets-10"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(scratch_metrics(0.123)))
+    (tmp_path / "results" / "anatomy").mkdir(parents=True)
+    rows = [{"defense": CLEAN_LABEL, "clean_accuracy": 0.96}, {"defense": "no defense", "attack_success_rate": 1.0},
+            {"defense": "fine_pruning", "clean_images": 500, "clean_accuracy": 0.941, "attack_success_rate": 0.011},
+            {"defense": "anp", "clean_images": 500, "clean_accuracy": 0.5, "attack_success_rate": 0.0}]  # collapsed
+    (tmp_path / "results" / "defenses_GTSRBR20-badnets-10.json").write_text(json.dumps({"rows": rows}))
+    ana = [{"variant": "restore", "group": "bn_stats", "clean_accuracy": 0.05, "attack_success_rate": 0.321},
+           {"variant": "restore", "group": "bn_affine", "clean_accuracy": 0.06, "attack_success_rate": 0.654}]
+    (tmp_path / "results" / "anatomy" / "GTSRBR20-badnets-10_anatomy.json").write_text(json.dumps({"rows": ana}))
+    out = fill("<!-- generated:poisoning -->\n<!-- /generated:poisoning -->\n", tmp_path)
+    row, = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.splitlines() if ln.startswith("| GTSRBR20")]
+    assert row == ["GTSRBR20-badnets-10", "resnet20", "0.960", "1.000 (0.950)", "yes", "0.123 (0.950)",
+                   "0.123 (0.950)", "0.010 (0.900)", "0.990 (0.900)", "fine_pruning (500): 0.011 (0.941)",
+                   "0.321 (0.050)", "0.654 (0.060)"]
+    assert "Not shipped yet: CIFAR10R20-sig-10 " in out and "154" not in out.split("Not shipped yet")[1]
 
 
 def test_defense_comparison_rows_winner_and_metrics_rows(tmp_path):
