@@ -12,8 +12,9 @@ Building is a loop over the selected runs that is safe to interrupt and to resta
 * **partial** (``resume.pt``), **missing** and **failed** runs are run (``run_attack`` resumes a partial one);
 * **stale** (finished with other parameters — the catalogue changed): the old ``metrics.json`` is kept as
   ``metrics.stale.json`` and the run starts again;
-* a run is claimed by ``<save_path>/<id>.lock`` (created exclusively, holding pid and host), so two builders over
-  one save path never run the same id at once; a lock whose process is gone (same host) is stale and taken over;
+* a run is claimed by its run folder's ``.claim`` (:mod:`bnbackdoor.claim`, the one claim every writer of a run
+  folder takes), so two builders over one save path never run the same id at once; a claim whose process is gone
+  (same host) is stale and taken over;
 * a failure is written to ``<save_path>/<id>/failed.json`` and logged; the loop goes on.
 
 Every finished or failed run appends one line to ``<save_path>/catalogue.log`` (and prints it).
@@ -25,7 +26,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .acceptance import RULES as ACCEPTANCE_RULES
 from .acceptance import acceptance
+from .claim import ClaimedElsewhere, claim_run, live_owner
 from .device import parse_device
 from .errors import UserError
 from .experiment import run_attack
@@ -160,10 +161,6 @@ def run_folder(save_path: str | Path, run: PlannedRun) -> Path:
     return Path(save_path) / run.id
 
 
-def lock_path(save_path: str | Path, run: PlannedRun) -> Path:
-    return Path(save_path) / f"{run.id}.lock"
-
-
 def _read_json_or_none(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -182,31 +179,12 @@ def is_complete(folder: Path, params: AttackParams | None = None, seed: int | No
             and (seed is None or m.get("seed") == seed))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lock_alive(lock: Path) -> bool:
-    info = _read_json_or_none(lock)
-    if not isinstance(info, dict):
-        return lock.exists()  # being written right now, or unreadable: treat as held
-    if info.get("host") != socket.gethostname():
-        return True  # another machine's claim: cannot check, respect it
-    return isinstance(info.get("pid"), int) and _pid_alive(info["pid"])
-
-
 def status(run: PlannedRun, save_path: str | Path, seed: int = 0, own_claim: bool = False) -> str:
-    """One of :data:`STATUSES` (see the module docstring); ``own_claim``: the caller holds the lock itself."""
+    """One of :data:`STATUSES` (see the module docstring); ``own_claim``: the caller holds the claim itself."""
     folder = run_folder(save_path, run)
     if is_complete(folder, run.params, seed):
         return "done"
-    if not own_claim and lock_path(save_path, run).exists() and _lock_alive(lock_path(save_path, run)):
+    if not own_claim and live_owner(folder) is not None:
         return "running"
     if (folder / "failed.json").exists():
         return "failed"
@@ -215,34 +193,6 @@ def status(run: PlannedRun, save_path: str | Path, seed: int = 0, own_claim: boo
     if (folder / "metrics.json").exists():
         return "stale"
     return "missing"
-
-
-class Claim:
-    """Exclusive claim on one run: ``<save_path>/<id>.lock`` created with O_EXCL; a dead owner's lock is taken over."""
-
-    def __init__(self, path: Path):
-        self.path, self.held = path, False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if _lock_alive(self.path):
-                    return False
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
-            self.held = True
-            return True
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -269,9 +219,14 @@ def execute(run: PlannedRun, device: str, save_path: str | Path, data_root=None,
         torch.set_num_threads(threads)
     save_path, root = Path(save_path), Path(root)
     folder = run_folder(save_path, run)
-    claim = Claim(lock_path(save_path, run))
-    if not claim.acquire():
+    try:
+        with claim_run(folder, command=reproduce_command(run, device)):
+            return _execute_claimed(run, device, save_path, folder, data_root, seed, root, progress, attack)
+    except ClaimedElsewhere:
         return Outcome(run.id, "skipped", error="claimed by another builder")
+
+
+def _execute_claimed(run, device, save_path, folder, data_root, seed, root, progress, attack) -> Outcome:
     t0 = time.time()
     try:
         st = status(run, save_path, seed, own_claim=True)
@@ -293,8 +248,6 @@ def execute(run: PlannedRun, device: str, save_path: str | Path, data_root=None,
         write_json(folder / "failed.json", {"error": msg, "traceback": traceback.format_exc(limit=20),
                                             "device": device, "seed": seed, "time": time.time()})
         return Outcome(run.id, "failed", time.time() - t0, error=msg)
-    finally:
-        claim.release()
 
 
 # -------------------------------------------------------------------------------------------- provenance

@@ -134,6 +134,18 @@ def _acquire(folder: Path, info: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def live_owner(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of whoever holds ``folder``'s claim now (a live process here, or any process on another host,
+    which cannot be checked from here), or None: no claim, or a stale one that the next writer takes over."""
+    owner = _read(Path(folder) / CLAIM_FILE)
+    if owner is None:
+        return None
+    pid = owner.get("pid")
+    if owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid, owner.get("proc_start")):
+        return None
+    return owner
+
+
 @contextmanager
 def claim_run(folder: str | os.PathLike, command: str | None = None) -> Iterator[dict[str, Any]]:
     """Hold the exclusive claim on run folder ``folder`` (created if missing) for the ``with`` block.

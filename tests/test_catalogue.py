@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, RUN_FILES, Claim, build, execute, is_complete,
-                                  load_catalogue, lock_path, promote, provenance_readme, select, status)
+from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, RUN_FILES, build, execute, is_complete,
+                                  load_catalogue, promote, provenance_readme, select, status)
+from bnbackdoor.claim import CLAIM_FILE, _proc_start
 from bnbackdoor.errors import UserError
 from bnbackdoor.params import FIELDS, grid_point, read_json
 
@@ -147,18 +148,25 @@ def test_claim_blocks_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
     run, = load_catalogue(path, root)
     save = tmp_path / "out"
-    lock = lock_path(save, run)
-    mine = Claim(lock)
-    assert mine.acquire() and not Claim(lock).acquire()
-    assert status(run, save) == "running"
-    assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "skipped"
-    mine.release()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    assert status(run, save) == "missing"
+    (save / "154").mkdir(parents=True)
+    claim_file = save / "154" / CLAIM_FILE  # the one claim of a run folder, the same as attack.py's
+
+    def owned_by(proc):
+        claim_file.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": 0.0,
+                                          "token": "other", "proc_start": _proc_start(proc.pid)}))
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owned_by(live)
+        assert status(run, save) == "running"
+        assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "skipped"
+        assert json.loads(claim_file.read_text())["token"] == "other"  # left to its owner
+    finally:
+        live.kill()
+        live.wait()
+    assert status(run, save) == "missing"  # its owner is gone: stale, taken over by the next builder
     assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "done"
-    assert not lock.exists()
+    assert not claim_file.exists() and status(run, save) == "done"
 
 
 def test_parallel_workers_run_each_once(tmp_path):
