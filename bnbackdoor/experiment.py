@@ -53,6 +53,41 @@ from .triggers import apply_trigger
 from .zoo import load_or_train
 
 
+RUN_FILES = ("parameters.json", "model.pth", "plot.png", "training_log.csv", "metrics.json")  # a finished run
+
+
+def promote_run(src: str | Path, dest: str | Path, readme: str | None = None, readme_mark: str = "") -> Path:
+    """Copy finished run folder ``src`` (its :data:`RUN_FILES`) to ``dest`` (a ``manipulated_models/<id>/``),
+    replacing the folder in one rename: a reader sees the old model or the new one, never a mix. Files of ``dest``
+    that a run does not write are kept. ``readme`` goes to ``README.md`` unless a hand-written README (one not
+    starting with ``readme_mark``) is there; then to ``PROVENANCE.md``."""
+    src, dest = Path(src), Path(dest)
+    tmp, old = dest.with_name(f".{dest.name}.promote.tmp"), dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if dest.is_dir():
+            shutil.copytree(dest, tmp, ignore=shutil.ignore_patterns(*RUN_FILES))
+        else:
+            tmp.mkdir(parents=True)
+        for name in RUN_FILES:
+            shutil.copyfile(src / name, tmp / name)
+        if readme is not None:
+            kept = tmp / "README.md"
+            hand_written = kept.exists() and not kept.read_text(encoding="utf-8").startswith(readme_mark)
+            (tmp / ("PROVENANCE.md" if hand_written else "README.md")).write_text(readme, encoding="utf-8")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot promote {src} to {dest}: {e.strerror or e}; free some space and run again") from None
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
 def run_dir(save_path: str | Path, params: AttackParams) -> Path:
     return Path(save_path) / str(params.id)
 

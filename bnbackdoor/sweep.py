@@ -34,7 +34,7 @@ from .claim import ClaimedElsewhere, claim_run
 from .data import load_cache, load_split, subset_indices
 from .device import parse_device
 from .errors import UserError
-from .experiment import read_run_metrics, run_attack, run_dir, write_csv
+from .experiment import promote_run, read_run_metrics, run_attack, run_dir, write_csv
 from .metrics import accuracy, evaluate_attack
 from .models import MODEL_ROOT, load_model
 from .params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
@@ -438,20 +438,10 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
 
 def promote(attackid: str, best_id: str, save_path: str | Path = "output", root: str | Path = ".",
             force: bool = False) -> Path:
-    """Copy run folder ``<save_path>/<best_id>`` to ``manipulated_models/<attackid>/`` (atomically, by rename)."""
+    """Copy run folder ``<save_path>/<best_id>`` to ``manipulated_models/<attackid>/`` (one rename,
+    :func:`bnbackdoor.experiment.promote_run`); an existing model is replaced only with ``force``."""
     src = Path(save_path) / best_id
     dst = Path(root) / MANIPULATED_DIR / str(attackid)
     if dst.exists() and not force:
         raise UserError(f"{dst} exists; pass --force to replace it with {src}")
-    tmp = dst.with_name(f".{dst.name}.promote.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".claim*", "resume.pt"))
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dst)
-    return dst
+    return promote_run(src, dst)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, RUN_FILES, build, execute, is_complete,
+from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, build, execute, is_complete,
                                   load_catalogue, promote, provenance_readme, select, status)
 from bnbackdoor.claim import CLAIM_FILE, _proc_start
+from bnbackdoor.experiment import RUN_FILES
 from bnbackdoor.errors import UserError
 from bnbackdoor.params import FIELDS, grid_point, read_json
 
