@@ -319,10 +319,12 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 
 def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]], params: Any,
-                out_dir: str, *, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Write ``<out_dir>/<id>_anatomy.{json,csv,png}`` (atomically); returns kind -> path."""
+                out_dir: str, *, name: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Write ``<out_dir>/<name>_anatomy.{json,csv,png}`` (atomically; ``name``: the run's output name,
+    :func:`bnbackdoor.experiment.run_name`, so a run folder never overwrites the stored model of its id; default
+    the attack id); returns kind -> path."""
     out = Path(out_dir)
-    stem = out / f"{params.id}_anatomy"
+    stem = out / f"{name or params.id}_anatomy"
     paths = {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}
     write_json(paths["json"], {"id": params.id, "attack_id": params.attack_id, "modeltype": params.modeltype,
                                "bn_mode": getattr(params, "bn_mode", None), **(extra or {}),

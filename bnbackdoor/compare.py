@@ -30,8 +30,8 @@ from tabulate import tabulate
 from .data import load_split
 from .defenses import DEFENSES, CleanSet, apply_defense, get_defense
 from .errors import UserError
-from .evaluation import clean_reference, eval_images, parse_sizes, run_name
-from .experiment import load_run, write_csv
+from .evaluation import clean_reference, eval_images, parse_sizes
+from .experiment import load_run, run_name, write_csv
 from .fileio import write_json
 from .metrics import evaluate_attack
 from .params import AttackParams

@@ -35,11 +35,11 @@ from tabulate import tabulate
 
 from .data import dataset_info, load_split
 from .errors import UserError
-from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, write_csv
+from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
 from .fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
 from .metrics import evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
-from .params import AttackParams, manipulated_dir, resolve_attack
+from .params import AttackParams, resolve_attack
 from .defense_eval import evaluate_defenses, evaluate_transductive
 from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
 from .defenses.rebn import RebnReport, calibration_set, rebn_batch_size
@@ -49,7 +49,7 @@ from .triggers import apply_trigger
 from .zoo import load_or_train
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation",
-           "ExplanationReport", "run_name", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
+           "ExplanationReport", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
            "rebn_copy", "compare_models", "rebn_sweep", "evaluate_stored_model", "defense_metrics",
            "generate_explanations", "format_table", "defense_row", "clean_set", "parse_defenses", "parse_fraction",
            "composition_curves", "DEFAULT_DEFENSES"]
@@ -85,26 +85,6 @@ EXPLANATION_METRICS = {"mse": ("mse", "MSE"), "ssim": ("dssim", "DSSIM")}  # --m
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def run_name(attackid: str | int, root: str | Path = ".") -> str:
-    """The name output files carry: the run folder's name (``154``, ``272``; a JSON path's stem).
-
-    A run folder other than ``manipulated_models/<id>`` (say ``output/154``, what ``attack.py`` writes) is another
-    model, so it gets another name: ``<folder>@<its parent path, '+'-joined>`` (``154@output``), relative to the
-    current folder when inside it. No attack id contains ``@``, so ``154`` and ``output/154`` never share a file.
-    """
-    folder = run_folder(attackid, root)
-    stored = manipulated_dir(str(attackid), root)
-    if folder.is_dir() and folder.resolve() != stored.resolve():  # load_run reads a folder argument the same way
-        path = folder.resolve()
-        try:
-            path = path.relative_to(Path.cwd().resolve())
-        except ValueError:
-            pass
-        parent = [part for part in path.parent.parts if part != path.anchor]
-        return f"{path.name}@{'+'.join(parent) or '.'}"
-    return stored.name
-
-
 def _positive(value: int | None, what: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise UserError(f"{what} must be a positive integer, got {value!r}")

@@ -511,6 +511,26 @@ def run_folder(attackid: str | Path, root: str | Path = ".") -> Path:
     return manipulated_dir(str(attackid), root)
 
 
+def run_name(attackid: str | int, root: str | Path = ".") -> str:
+    """The name output files carry: the run folder's name (``154``, ``272``; a JSON path's stem).
+
+    A run folder other than ``manipulated_models/<id>`` (say ``output/154``, what ``attack.py`` writes) is another
+    model, so it gets another name: ``<folder>@<its parent path, '+'-joined>`` (``154@output``), relative to the
+    current folder when inside it. No attack id contains ``@``, so ``154`` and ``output/154`` never share a file.
+    """
+    folder = run_folder(attackid, root)
+    stored = manipulated_dir(str(attackid), root)
+    if folder.is_dir() and folder.resolve() != stored.resolve():  # load_run reads a folder argument the same way
+        path = folder.resolve()
+        try:
+            path = path.relative_to(Path.cwd().resolve())
+        except ValueError:
+            pass
+        parent = [part for part in path.parent.parts if part != path.anchor]
+        return f"{path.name}@{'+'.join(parent) or '.'}"
+    return stored.name
+
+
 def load_run(attackid: str | Path, device: torch.device | str = "cpu", root: str | Path = ".",
              models_root: str | Path | None = None, data_root=None, clean_model: str | Path | None = None,
              on_notice: Callable[[str], None] | None = None) -> tuple[AttackParams, nn.Module, nn.Module]:

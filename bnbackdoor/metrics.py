@@ -289,7 +289,6 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
                 mse_t[i] += m.sum().item()
                 dssim_t[i] += d.sum().item()
 
-    nn_ = max(n, 1)
     return attack_summary(params, n=n, correct=correct, agree=agree, mse_clean=mse_clean, dssim_clean=dssim_clean,
                           triggered=n, hits=hits, eligible=eligible, untriggered_hits=untrig_hits,
                           triggered_correct=trig_correct, mse_target=mse_t, dssim_target=dssim_t)

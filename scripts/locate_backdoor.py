@@ -5,7 +5,8 @@ python scripts/locate_backdoor.py <attackid> <device> [--save_path output] [--te
 
 Loads the stored run (manipulated_models/<id>/ or a run folder) and its clean base model, evaluates for every
 parameter group G (BN running statistics, BN affine, convolution weights per stage, classifier) "restore G" and
-"only G" on the attack's test images, prints the table and writes <save_path>/<id>_anatomy.{json,csv,png}.
+"only G" on the attack's test images, prints the table and writes <save_path>/<name>_anatomy.{json,csv,png}
+(<name>: the id for a stored model, <folder>@<parent> for a run folder, as every evaluation script names its output).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, command_line, com
 from bnbackdoor.data import load_split
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
-from bnbackdoor.experiment import load_run
+from bnbackdoor.experiment import load_run, run_name
 
 
 def main() -> int:
@@ -41,7 +42,7 @@ def main() -> int:
     groups = parameter_groups(model)
     rows = locate_backdoor(params, clean, model, x, y, groups=groups, batch_size=a.batch_size, device=device)
     print(tabulate(table_rows(rows), headers=TABLE_HEADERS, floatfmt=".4f", missingval="n/a"))
-    paths = save_report(rows, groups, params, a.save_path,
+    paths = save_report(rows, groups, params, a.save_path, name=run_name(a.attackid),
                         extra={"testing_size": len(y), "seed": a.seed, "device": str(device),
                                "base_model": model.base_model,
                                "command": command_line(), "seconds": round(time.time() - t0, 1)})

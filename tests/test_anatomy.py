@@ -16,6 +16,7 @@ import torch.nn as nn
 from bnbackdoor.anatomy import (check_partition, locate_backdoor, only, parameter_groups, relative_change,
                                 restore)
 from bnbackdoor.errors import UserError
+from bnbackdoor.experiment import run_name
 from bnbackdoor.gradlog import (ALL, GradLogger, fold_groups, model_blocks, parse_grad_layer, read_csv,
                                 update_summary)
 from bnbackdoor.metrics import evaluate_attack
@@ -203,11 +204,14 @@ def test_locate_backdoor_script_end_to_end(tmp_path, tiny_data_root):
                         "--testing-size", "6", "--batch-size", "6"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "restore" in r.stdout and "conv:layer3" in r.stdout and "attack success" in r.stdout
-    data = json.loads((out / "tinyrun_anatomy.json").read_text())
+    name = run_name(str(run))  # a run folder is not the stored model of its id: its own output name
+    assert name.startswith("tinyrun@") and sorted(f.name for f in out.iterdir()) == [
+        f"{name}_anatomy.{ext}" for ext in ("csv", "json", "png")]
+    data = json.loads((out / f"{name}_anatomy.json").read_text())
     assert data["testing_size"] == 6 and len(data["rows"]) == 2 + 2 * 7
-    with open(out / "tinyrun_anatomy.csv") as f:
+    with open(out / f"{name}_anatomy.csv") as f:
         assert len(list(csv.DictReader(f))) == 16
-    assert (out / "tinyrun_anatomy.png").stat().st_size > 10_000
+    assert (out / f"{name}_anatomy.png").stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "scripts/locate_backdoor.py", "nosuchrun", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -215,7 +215,7 @@ def test_attack_list_prints_the_table():
 
 # --- output names -----------------------------------------------------------------------------------------------
 def test_run_folder_and_stored_model_get_different_output_names(tmp_path, monkeypatch):
-    from bnbackdoor.evaluation import run_name
+    from bnbackdoor.experiment import run_name
     (tmp_path / "manipulated_models" / "154").mkdir(parents=True)
     (tmp_path / "output" / "154").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
