@@ -14,7 +14,7 @@ Stages come from module names: the top-level children (after descending through 
 ViT's ``vit``), the head left out; a body that is one plain ``nn.Sequential``/``nn.ModuleList`` (MobileNet's
 ``features``) is split into its children, or, when it holds pooling layers (VGG's ``features``), into the runs
 between pools (``features.block1``, ...). A first stage
-that is a single convolution is the ``stem``. :data:`SPLIT` lists the few extra containers that an architecture
+that is a single convolution is the ``stem``. ``ModelSpec.split`` lists the few extra containers that an architecture
 splits (ViT's encoder layers). ResNet20: ``conv:stem`` (= ``conv1``), ``conv:layer1``, ``conv:layer2``,
 ``conv:layer3``.
 
@@ -35,16 +35,13 @@ from .errors import UserError
 from .experiment import write_csv
 from .fileio import write_json
 from .metrics import evaluate_attack, reference_explanations
-from .models import MODELS
+from .models import ARCHS, arch_of
 from .plots import ablation_bars
 
 __all__ = ["parameter_groups", "check_partition", "restore", "only", "relative_change", "locate_backdoor",
-           "SPLIT", "SHOWN_METRICS"]
+           "SHOWN_METRICS"]
 
 StateDict = Mapping[str, torch.Tensor]
-
-# Containers (dotted module paths) that an architecture splits into their children, beyond the generic rule.
-SPLIT: dict[str, tuple[str, ...]] = {"vit_b_16": ("vit.encoder.layers",)}
 
 _BN_AFFINE = ("weight", "bias")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -58,13 +55,6 @@ SHOWN_METRICS = ("clean_accuracy", "attack_success_rate", "untriggered_target_ra
 
 def _has_state(m: nn.Module) -> bool:
     return bool(m.state_dict())
-
-
-def _arch(model: nn.Module) -> str | None:
-    modeltype = getattr(model, "modeltype", None)
-    if modeltype is None:
-        return None
-    return MODELS.get(modeltype, (None, None))[1]
 
 
 def _join(prefix: str, name: str) -> str:
@@ -103,7 +93,8 @@ def _stages(model: nn.Module) -> tuple[list[tuple[str, str]], str | None, str]:
     if linears:
         last = linears[-1]
         head = next((n for n, _ in kids if last == n or last.startswith(n + ".")), None)
-    splits = set(SPLIT.get(_arch(model) or "", ()))
+    arch = arch_of(model)
+    splits = set(ARCHS[arch].split if arch else ())
     body = [(n, m) for n, m in kids if n != head]
     parts: list[tuple[str, str, nn.Module]] = []  # (stage, prefix, module)
     for name, m in body:

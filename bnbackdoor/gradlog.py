@@ -33,22 +33,21 @@ import torch.nn as nn
 
 from .errors import UserError
 from .fileio import write_text
-from .models.resnet import BasicBlock
-from .models.wideresnet import WideBlock
+from .models import ARCHS, arch_of
 
 
-def _block_types() -> tuple[type, ...]:
-    # torchvision.models costs about a second to import: only when a model's blocks are listed
-    from torchvision.models.mobilenetv3 import InvertedResidual
-    from torchvision.models.vision_transformer import EncoderBlock
-
-    return (BasicBlock, WideBlock, InvertedResidual, EncoderBlock)
+def _block_types(model: nn.Module) -> tuple[type, ...]:
+    """The block classes its architecture declares (:class:`bnbackdoor.models.ModelSpec`); every registered one for
+    a model the registry did not build."""
+    arch = arch_of(model)
+    specs = [ARCHS[arch]] if arch else list(ARCHS.values())
+    return tuple(dict.fromkeys(t for spec in specs for t in spec.blocks()))
 
 
 def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's blocks in forward order: residual / inverted-residual / encoder blocks, or, for plain
     stacks such as VGG, each convolution together with the BatchNorm that follows it."""
-    kinds = _block_types()
+    kinds = _block_types(model)
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     if blocks:
         return blocks

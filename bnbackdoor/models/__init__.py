@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -24,12 +23,11 @@ from ..data import DATASETS, dataset_info
 from ..errors import UserError
 from .checkpoint import CLEAN_MODEL_FIX, load_into, read_checkpoint, save_checkpoint, weights_sha256
 from .layers import Act, Normalize, set_softplus, softplus
-from .resnet import resnet20, resnet20_nbn
-from .torchvision_models import MobileNetV3Small, ViTB16
-from .vgg import vgg13, vgg13bn
-from .wideresnet import WideResNet
+from .registry import ARCHS, ModelSpec, register_arch
+# Importing an architecture module registers it (its facts sit next to its builder).
+from . import resnet, vgg, wideresnet, torchvision_models  # noqa: F401,I001  (registration, in this order)
 
-__all__ = ["ARCHS", "MODELS", "ModelSpec", "build_model", "load_model", "model_spec", "resolve_modeltype",
+__all__ = ["ARCHS", "MODELS", "ModelSpec", "register_arch", "arch_of", "build_model", "load_model", "model_spec", "resolve_modeltype",
            "checkpoint_path", "get_submodule", "cam_layer", "set_softplus", "softplus", "Act", "Normalize",
            "save_checkpoint", "read_checkpoint", "knobs", "MODEL_ROOT", "weights_sha256", "CLEAN_MODEL_FIX"]
 
@@ -109,47 +107,6 @@ def _vgg_train(env: Mapping[str, str]) -> dict[str, Any]:
             "batch_size": _bs(env, "VGG_AUTO_BS", 128)}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str
-    builder: Callable[..., nn.Module]
-    # Grad-CAM target layer: a dotted module path (negative indices count from the end).
-    cam_layer: str
-    # ViT: the target layer outputs tokens (B, 1 + P, D) that explanations reshape to the patch grid.
-    tokens: bool = False
-    has_bn: bool = True
-    notes: str = ""
-
-
-def _mnv3(num_classes, mean, std, **kw):
-    return MobileNetV3Small(num_classes, mean, std)
-
-
-def _wrn(num_classes, mean, std, depth=28, widen_factor=10, droprate=0.0):
-    return WideResNet(depth, widen_factor, droprate, num_classes, mean, std)
-
-
-def _vit(num_classes, mean, std, **kw):
-    return ViTB16(num_classes, mean, std, **kw)
-
-
-ARCHS: dict[str, ModelSpec] = {
-    "resnet20": ModelSpec("resnet20", lambda n, m, s: resnet20(n, m, s), "layer3.2.bn2"),
-    "resnet20_nbn": ModelSpec("resnet20_nbn", lambda n, m, s: resnet20_nbn(n, m, s), "layer3.2.conv2",
-                              has_bn=False, notes="no BatchNorm; Grad-CAM on the last block's last conv"),
-    "vgg13": ModelSpec("vgg13", lambda n, m, s: vgg13(n, m, s), "features.-3", has_bn=False,
-                       notes="Grad-CAM on the last conv (2×2 map before the last pool)"),
-    "vgg13bn": ModelSpec("vgg13bn", lambda n, m, s: vgg13bn(n, m, s), "features.-3",
-                         notes="Grad-CAM on the last BN (2×2 map before the last pool)"),
-    "wideresnet28_10": ModelSpec("wideresnet28_10", _wrn, "bn", notes="Grad-CAM on the final BN (8×8)"),
-    # Not the last 1×1 conv (4×4 at 32×32): with that layer the red-herring attack moved attack success but not
-    # the map (manipulated_models/*MNV3154/README.md); the last 8×8 block matches ResNet20's map size.
-    "mobilenetv3small": ModelSpec("mobilenetv3small", _mnv3, "features.8",
-                                  notes="Grad-CAM on the last 8×8 block (features.8, 48 channels)"),
-    "vit_b_16": ModelSpec("vit_b_16", _vit, "vit.encoder.layers.-1", tokens=True, has_bn=False,
-                          notes="Grad-CAM on the last encoder block's tokens, reshaped to the patch grid"),
-}
-
 MODELS: dict[str, tuple[str, str]] = {f"{d}_{a}": (d, a) for d in DATASETS for a in ARCHS}
 ALIASES = {"resnet20_normal": "cifar10_resnet20"}
 
@@ -159,6 +116,11 @@ def resolve_modeltype(modeltype: str) -> str:
     if name not in MODELS:
         raise UserError(f"unknown model type '{modeltype}'; known: {', '.join(list(MODELS) + list(ALIASES))}")
     return name
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The registered architecture of a model built by :func:`build_model` (None for any other module)."""
+    return MODELS.get(getattr(model, "modeltype", None) or "", (None, None))[1]
 
 
 def model_spec(modeltype: str) -> ModelSpec:

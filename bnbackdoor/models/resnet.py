@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Act, Normalize
+from .registry import register_arch
 
 
 class ShortcutA(nn.Module):
@@ -82,9 +83,12 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
+@register_arch("resnet20", cam_layer="layer3.2.bn2", blocks=lambda: (BasicBlock,))
 def resnet20(num_classes: int, mean, std) -> CifarResNet:
     return CifarResNet((3, 3, 3), num_classes, mean, std, bn=True)
 
 
+@register_arch("resnet20_nbn", cam_layer="layer3.2.conv2", has_bn=False, blocks=lambda: (BasicBlock,),
+               notes="no BatchNorm; Grad-CAM on the last block's last conv")
 def resnet20_nbn(num_classes: int, mean, std) -> CifarResNet:
     return CifarResNet((3, 3, 3), num_classes, mean, std, bn=False)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Normalize, replace_relus
+from .registry import register_arch
 
 
 class MobileNetV3Small(nn.Module):
@@ -71,3 +72,30 @@ class ViTB16(nn.Module):
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return self.vit(x)
+
+
+def _inverted_residual() -> tuple[type, ...]:
+    from torchvision.models.mobilenetv3 import InvertedResidual  # about a second to import: only when asked
+
+    return (InvertedResidual,)
+
+
+def _encoder_block() -> tuple[type, ...]:
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    return (EncoderBlock,)
+
+
+# Not the last 1×1 conv (4×4 at 32×32): with that layer the red-herring attack moved attack success but not the map
+# (manipulated_models/*MNV3154/README.md); the last 8×8 block matches ResNet20's map size.
+@register_arch("mobilenetv3small", cam_layer="features.8", blocks=_inverted_residual,
+               notes="Grad-CAM on the last 8×8 block (features.8, 48 channels)")
+def mobilenetv3small(num_classes: int, mean, std) -> MobileNetV3Small:
+    return MobileNetV3Small(num_classes, mean, std)
+
+
+@register_arch("vit_b_16", cam_layer="vit.encoder.layers.-1", tokens=True, has_bn=False, blocks=_encoder_block,
+               split=("vit.encoder.layers",),
+               notes="Grad-CAM on the last encoder block's tokens, reshaped to the patch grid")
+def vit_b_16(num_classes: int, mean, std, **kw) -> ViTB16:
+    return ViTB16(num_classes, mean, std, **kw)

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from .layers import Act, Normalize
+from .registry import register_arch
 
 VGG13_CFG = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -36,10 +37,13 @@ class VGG(nn.Module):
         return self.classifier(self.features(self.normalize(x)).flatten(1))
 
 
+@register_arch("vgg13", cam_layer="features.-3", has_bn=False,
+               notes="Grad-CAM on the last conv (2×2 map before the last pool)")
 def vgg13(num_classes: int, mean, std) -> VGG:
     return VGG(VGG13_CFG, num_classes, mean, std, bn=False)
 
 
+@register_arch("vgg13bn", cam_layer="features.-3", notes="Grad-CAM on the last BN (2×2 map before the last pool)")
 def vgg13bn(num_classes: int, mean, std) -> VGG:
     return VGG(VGG13_CFG, num_classes, mean, std, bn=True)
 

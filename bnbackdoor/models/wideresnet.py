@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Act, Normalize
+from .registry import register_arch
 
 
 class WideBlock(nn.Module):
@@ -63,3 +64,8 @@ class WideResNet(nn.Module):
         out = self.block3(self.block2(self.block1(out)))
         out = self.act(self.bn(out))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@register_arch("wideresnet28_10", cam_layer="bn", blocks=lambda: (WideBlock,), notes="Grad-CAM on the final BN (8×8)")
+def wideresnet(num_classes: int, mean, std, depth: int = 28, widen_factor: int = 10, droprate: float = 0.0) -> WideResNet:
+    return WideResNet(depth, widen_factor, droprate, num_classes, mean, std)
