@@ -1,0 +1,132 @@
+"""Stronger baseline defenses (RNP, FT-SAM, I-BAU, NAD) and ``finetune(freeze_bn_stats)``: each one's defining
+property on tiny constructed networks and synthetic tensors, against hand computations."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bnbackdoor.defenses import CleanSet, apply_defense
+from bnbackdoor.defenses.common import clean_loss
+from bnbackdoor.errors import UserError
+
+STRONG = ["ft_sam"]
+FAST = {"rnp": {"unlearn_epochs": 1, "recover_epochs": 1}, "ft_sam": {"epochs": 1},
+        "i_bau": {"rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add synchronisation (the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tiny(nn.Module):
+    def __init__(self, bn: bool = True, width: int = 8):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.layer1 = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), norm(width), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), norm(width), nn.ReLU())
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(x)).mean((2, 3)))
+
+
+def _model(bn: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tiny(bn).eval()
+
+
+def _clean(n: int = 48, seed: int = 0) -> CleanSet:
+    """Learnable toy data: class k brightens colour channel k."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.rand(n, 3, 8, 8, generator=g) * 0.5
+    x[torch.arange(n), y] += 0.5
+    return CleanSet(x, y, "cifar10", seed)
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", STRONG)
+def test_strong_defenses_leave_the_input_model_alone_and_run_without_bn(name):
+    model, clean = _model(), _clean()
+    before = _state(model)
+    out = apply_defense(name, model, clean, device="cpu", progress=False, **FAST[name])
+    assert out.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in out.model.modules())        # no leftover helper hooks
+    assert all(p.requires_grad for p in out.model.parameters())
+    nbn = apply_defense(name, _model(bn=False), clean, device="cpu", progress=False, **FAST[name])
+    assert torch.isfinite(nbn.model(clean.x[:4])).all()
+    with pytest.raises(UserError, match="has no option"):
+        apply_defense(name, model, clean, device="cpu", progress=False, epochz=3)
+
+
+# --- finetune(freeze_bn_stats) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_finetune_freeze_bn_stats_keeps_running_statistics_bit_identical(freeze):
+    model, clean = _model(), _clean()
+    before = _state(model)
+    out = apply_defense("finetune", model, clean, device="cpu", progress=False, epochs=2, freeze_bn_stats=freeze)
+    after = out.model.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 4
+    same = [torch.equal(before[k], after[k]) for k in stats]
+    assert all(same) if freeze else not any(same)
+    for k in ("layer1.0.weight", "layer2.1.weight", "head.weight"):
+        assert not torch.equal(before[k], after[k]), k
+
+
+# --- FT-SAM ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_equals_the_hand_computed_update_on_a_quadratic(adaptive):
+    from bnbackdoor.defenses.ft_sam import sam_step
+
+    a = torch.tensor([[3.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    b = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    w0 = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    rho, lr = 0.3, 0.1
+    w = nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([w], lr=lr)
+    loss = sam_step(lambda first: 0.5 * w @ a @ w + b @ w, [w], opt, rho, adaptive)
+    # by hand: g = A w + b; e = rho g / |g| (SAM) or rho w^2 g / |w g| (ASAM); w' = w - lr (A (w + e) + b)
+    g = a @ w0 + b
+    e = rho * w0 ** 2 * g / torch.linalg.norm(w0.abs() * g) if adaptive else rho * g / torch.linalg.norm(g)
+    expected = w0 - lr * (a @ (w0 + e) + b)
+    assert torch.allclose(w.detach(), expected, atol=1e-6, rtol=0)
+    assert loss == pytest.approx(float(0.5 * w0 @ a @ w0 + b @ w0), abs=1e-9)
+    assert not torch.allclose(expected, w0 - lr * g, atol=1e-3)         # the perturbation mattered
+
+
+def test_ft_sam_lowers_the_clean_loss_of_a_tiny_resnet():
+    from bnbackdoor.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cifar10_resnet20").eval()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 10
+    x = torch.rand(24, 3, 32, 32, generator=g) * 0.5
+    x = x + 0.05 * y.view(-1, 1, 1, 1).float()                          # a learnable class signature
+    clean = CleanSet(x, y, "cifar10", 0)
+    for m in model.modules():             # stored statistics of these images, so eval-mode losses are meaningful
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    out = apply_defense("ft_sam", model, clean, device="cpu", progress=False, epochs=4, batch_size=12)
+    assert out.info["clean_loss_after"] < out.info["clean_loss_before"] - 0.1
+    assert out.info["clean_loss_after"] == pytest.approx(clean_loss(out.model, clean))
