@@ -12,7 +12,7 @@ from bnbackdoor.defenses import CleanSet, apply_defense
 from bnbackdoor.defenses.common import clean_loss
 from bnbackdoor.errors import UserError
 
-STRONG = ["ft_sam"]
+STRONG = ["rnp", "ft_sam"]
 FAST = {"rnp": {"unlearn_epochs": 1, "recover_epochs": 1}, "ft_sam": {"epochs": 1},
         "i_bau": {"rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}}
 
@@ -130,3 +130,62 @@ def test_ft_sam_lowers_the_clean_loss_of_a_tiny_resnet():
     out = apply_defense("ft_sam", model, clean, device="cpu", progress=False, epochs=4, batch_size=12)
     assert out.info["clean_loss_after"] < out.info["clean_loss_before"] - 0.1
     assert out.info["clean_loss_after"] == pytest.approx(clean_loss(out.model, clean))
+
+
+# --- RNP -------------------------------------------------------------------------------------------------------------
+
+class Planted(nn.Module):
+    """Three clean channels (channel k: colour k above 0.5 -> class k) and one planted backdoor channel 3: it fires
+    on white pixels (colours 1 and 2 both high; weakly on some clean pixels of classes 1 and 2, never of class 0) and
+    drives the target logit 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            for k in range(3):
+                self.conv.weight[k, k] = 1.0
+                self.conv.bias[k] = -0.5
+                self.head.weight[k, k] = 12.0
+            self.conv.weight[3, 1:] = 1.0
+            self.conv.bias[3] = -1.0
+            self.head.weight[0, 3] = 10.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
+def test_rnp_prunes_exactly_the_planted_backdoor_channel_and_keeps_clean_accuracy():
+    clean = _clean(60)
+    model = Planted().eval()
+    x_trig = clean.x.clone()
+    x_trig[:, :, :4, :4] = 1.0                                   # the planted pattern
+    assert _accuracy(model, clean.x, clean.y) == 1.0
+    assert _accuracy(model, x_trig, torch.zeros(60, dtype=torch.long)) == 1.0      # the backdoor works
+    out = apply_defense("rnp", model, clean, device="cpu", progress=False)        # the paper's settings
+    assert out.info["unlearn"][-1]["clean_set_accuracy"] < 0.5          # unlearning broke the clean task
+    assert out.info["pruned"] == {"conv": [3]}
+    assert out.info["masks"]["conv"][3] < 0.2 and min(out.info["masks"]["conv"][:3]) > 0.9
+    w = out.model.conv.weight
+    assert torch.equal(w[3], torch.zeros_like(w[3])) and out.model.conv.bias[3] == 0
+    assert torch.equal(w[:3], model.conv.weight[:3]) and torch.equal(out.model.head.weight, model.head.weight)
+    assert _accuracy(out.model, clean.x, clean.y) == 1.0
+    assert _accuracy(out.model, x_trig, torch.zeros(60, dtype=torch.long)) == pytest.approx(1 / 3)   # class 0 only
+
+
+def test_rnp_masks_batchnorm_channels_when_there_are_any():
+    from bnbackdoor.defenses.rnp import neuron_layers
+
+    assert [n for n, _ in neuron_layers(_model())] == ["layer1.1", "layer2.1"]
+    assert [n for n, _ in neuron_layers(_model(bn=False))] == ["layer1.0", "layer2.0"]
+    with pytest.raises(UserError, match="rnp"):
+        neuron_layers(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
