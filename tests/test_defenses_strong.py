@@ -12,7 +12,7 @@ from bnbackdoor.defenses import CleanSet, apply_defense
 from bnbackdoor.defenses.common import clean_loss
 from bnbackdoor.errors import UserError
 
-STRONG = ["rnp", "ft_sam"]
+STRONG = ["rnp", "ft_sam", "nad"]
 FAST = {"rnp": {"unlearn_epochs": 1, "recover_epochs": 1}, "ft_sam": {"epochs": 1},
         "i_bau": {"rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}}
 
@@ -189,3 +189,46 @@ def test_rnp_masks_batchnorm_channels_when_there_are_any():
     assert [n for n, _ in neuron_layers(_model(bn=False))] == ["layer1.0", "layer2.0"]
     with pytest.raises(UserError, match="rnp"):
         neuron_layers(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
+
+
+# --- NAD -------------------------------------------------------------------------------------------------------------
+
+def test_attention_map_matches_a_hand_computed_example():
+    from bnbackdoor.defenses.nad import attention_loss, attention_map
+
+    a = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])                # (1, 2 channels, 1, 2 positions)
+    expected = torch.tensor([[5.0, 2.0]]) / 29 ** 0.5                # mean_c |a|^2 = (1+9)/2, (4+0)/2; L2-normalised
+    assert torch.allclose(attention_map(a), expected)
+    b = torch.tensor([[[[0.0, 1.0]], [[0.0, 1.0]]]])                 # map (0, 1)
+    ref = ((expected - torch.tensor([[0.0, 1.0]])) ** 2).mean()
+    assert torch.allclose(attention_loss(a, b), ref)
+
+
+def _attention_distance(student, teacher, x, stage="layer2") -> float:
+    from bnbackdoor.defenses.nad import attention_loss
+
+    got = {}
+    hs = [m.get_submodule(stage).register_forward_hook(lambda mod, i, o, k=k: got.__setitem__(k, o))
+          for k, m in (("s", student), ("t", teacher))]
+    with torch.no_grad():
+        student.eval()(x)
+        teacher.eval()(x)
+    for h in hs:
+        h.remove()
+    return float(attention_loss(got["s"], got["t"]))
+
+
+def test_nad_with_a_huge_beta_moves_the_students_attention_to_the_teachers():
+    from bnbackdoor.defenses.nad import attention_stages
+
+    model, clean = _model(bn=False), _clean()      # no BatchNorm: eval-mode maps move only with the weights
+    assert attention_stages(model, clean.x[:2]) == ["layer1", "layer2"]
+    # the teacher is exactly `finetune` with the same epochs (same loop, same seed)
+    teacher = apply_defense("finetune", model, clean, device="cpu", progress=False, epochs=3).model
+    before = _attention_distance(model, teacher, clean.x)
+    kw = dict(device="cpu", progress=False, teacher_epochs=3, epochs=4, lr=1e-3)
+    huge = apply_defense("nad", model, clean, beta3=1e3, **kw)     # beta*lr = 1: the attention term dominates
+    none = apply_defense("nad", model, clean, beta3=0.0, **kw)
+    assert huge.info["betas"] == [0.0, 1e3]
+    after, plain = _attention_distance(huge.model, teacher, clean.x), _attention_distance(none.model, teacher, clean.x)
+    assert after < 0.5 * before and after < 0.5 * plain
