@@ -12,7 +12,7 @@ from bnbackdoor.defenses import CleanSet, apply_defense
 from bnbackdoor.defenses.common import clean_loss
 from bnbackdoor.errors import UserError
 
-STRONG = ["rnp", "ft_sam", "nad"]
+STRONG = ["rnp", "ft_sam", "i_bau", "nad"]
 FAST = {"rnp": {"unlearn_epochs": 1, "recover_epochs": 1}, "ft_sam": {"epochs": 1},
         "i_bau": {"rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}}
 
@@ -232,3 +232,48 @@ def test_nad_with_a_huge_beta_moves_the_students_attention_to_the_teachers():
     assert huge.info["betas"] == [0.0, 1e3]
     after, plain = _attention_distance(huge.model, teacher, clean.x), _attention_distance(none.model, teacher, clean.x)
     assert after < 0.5 * before and after < 0.5 * plain
+
+
+# --- I-BAU -----------------------------------------------------------------------------------------------------------
+
+class ColourNet(nn.Module):
+    """logits = W · (mean colour): an additive colour pattern flips its prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.head.weight.copy_(8.0 * torch.eye(3))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)))
+
+
+def test_i_bau_perturbation_raises_the_loss_and_unlearning_lowers_it_again():
+    import torch.nn.functional as F
+
+    from bnbackdoor.defenses.i_bau import hypergradient, universal_perturbation
+
+    model, clean = ColourNet().eval(), _clean(60)
+    base = float(F.cross_entropy(model(clean.x), clean.y))
+    delta = universal_perturbation(model, clean.x, clean.y, lr=1e4, radius=4.0)     # one batch: one big step
+    assert float(delta.norm()) == pytest.approx(4.0, rel=1e-5)          # the bound is active
+    adv = float(F.cross_entropy(model(clean.x + delta), clean.y))
+    assert adv > base + 0.5
+    # K = 1: the hypergradient is the plain gradient of the outer loss plus (dPhi/dtheta)^T dL/ddelta
+    params = list(model.parameters())
+    mask = torch.ones(60, 1, 1, 1)
+    g = hypergradient(model, params, delta, clean.x, clean.y, mask, K=1)
+    d = delta.clone().requires_grad_(True)
+    outer = F.cross_entropy(model(clean.x + d), clean.y)
+    *gw, gd = torch.autograd.grad(outer, [*params, d])
+    gi = torch.autograd.grad(-F.cross_entropy(model(clean.x + d), clean.y) + 0.001 * d.pow(2).sum(), d,
+                             create_graph=True)[0]
+    cross = torch.autograd.grad((d - 0.1 * gi), params, grad_outputs=gd)
+    assert all(torch.allclose(a, b + c, atol=1e-6) for a, b, c in zip(g, gw, cross))
+    out = apply_defense("i_bau", model, clean, device="cpu", progress=False, rounds=5, lr=0.3, radius=4.0, inner_lr=1e4,
+                        outer_fraction=1.0)
+    after = float(F.cross_entropy(out.model(clean.x + delta), clean.y))
+    assert after < adv - 0.1
+    assert out.info["rounds"][0]["clean_set_loss_at_delta"] == pytest.approx(adv, rel=1e-4)
