@@ -19,6 +19,7 @@ Rows: ``clean model`` and ``no defense`` (references), then ``<defense>`` × cle
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from tabulate import tabulate
 
 from .data import load_split
-from .defenses import DEFENSES, CleanSet, apply_defense, get_defense
+from .defenses import DEFENSES, CleanSet, apply_defense, defense_label, get_defense, parse_spec
 from .errors import UserError
 from .evaluation import clean_reference, eval_images, parse_sizes
 from .experiment import load_run, run_name, write_csv
@@ -63,13 +64,15 @@ def default_defenses() -> list[str]:
 
 
 def parse_defenses(text: str | Iterable[str] | None) -> list[str]:
-    """``"bnp,anp"`` (or a list; None: :func:`default_defenses`) -> checked, distinct defense names."""
+    """``"bnp,anp,finetune:freeze_bn_stats=true"`` (or a list; None: :func:`default_defenses`) -> checked, distinct
+    defense specs (a name, or a name with options: :func:`bnbackdoor.defenses.parse_spec`)."""
     if text is None:
         return default_defenses()
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise UserError("--defenses takes comma-separated defense names such as bnp,anp")
-    for n in names:
+    for spec in names:
+        n, _ = parse_spec(spec)
         if get_defense(n).transductive:
             raise UserError(f"defense '{n}' is transductive (its predictions depend on the test batch); "
                             f"compare_defenses evaluates fixed models only")
@@ -92,6 +95,28 @@ def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None
         x, y = load_split(dataset, "train", size=size, seed=seed, data_root=data_root)
         out[size] = CleanSet(x, y, dataset, seed)
     return out
+
+
+def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: int,
+                base_model: dict | None) -> list[dict[str, Any]]:
+    """The stored comparison's rows with ``rows`` in place of the (defense, clean_images) pairs they recompute;
+    references and new rows from ``rows``. A stored file measured otherwise is an error, not a silent mix."""
+    if not path.exists():
+        return rows
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--merge: {path} cannot be read ({type(e).__name__}); delete it or run without --merge") from None
+    same = (isinstance(old, dict) and old.get("seed") == seed and (old.get("test") or {}).get("images") == images
+            and old.get("base_model") == base_model)
+    if not same:
+        raise UserError(f"--merge: {path} was measured on other test images, seed or base model; run without "
+                        "--merge to replace it")
+    new = {(r["defense"], r.get("clean_images")): r for r in rows}
+    refs = [r for r in rows if r["defense"] in (ROW_CLEAN, ROW_NONE)]
+    kept = [new.pop((r.get("defense"), r.get("clean_images")), r) for r in old.get("rows", [])
+            if isinstance(r, dict) and r.get("defense") not in (ROW_CLEAN, ROW_NONE)]
+    return refs + kept + [r for k, r in new.items() if k[0] not in (ROW_CLEAN, ROW_NONE)]
 
 
 @dataclass
@@ -118,6 +143,18 @@ class DefenseComparison:
         return tabulate(body, headers=["defense", "clean images", *cols.values()], floatfmt=".4f",
                         missingval="-")
 
+    def defense_records(self) -> dict[str, Any]:
+        """Row label -> the registered defense, its summary and the full options it ran with."""
+        out = {}
+        for r in self.rows:
+            info = r.get("info") or {}
+            name = info.get("defense", r["defense"])
+            if r["defense"] in out or name not in DEFENSES:
+                continue
+            out[r["defense"]] = {"defense": name, "summary": DEFENSES[name].summary,
+                                 "options": info.get("options", dict(DEFENSES[name].defaults))}
+        return out
+
     def flat_rows(self) -> list[dict[str, Any]]:
         """CSV rows: scalar metrics only (per-trigger keys included), no defense info."""
         return [{k: v for k, v in r.items() if k != "info"} for r in self.rows]
@@ -126,8 +163,7 @@ class DefenseComparison:
         return {"attack": self.name, "id": self.params.id, "attack_id": self.params.attack_id,
                 "device": self.device, "seed": self.seed, "test": self.test,
                 "defender_data": "labelled subsets of the TRAINING split, nested, same seed",
-                "defenses": {n: {"summary": DEFENSES[n].summary, "options": dict(DEFENSES[n].defaults)}
-                             for n in dict.fromkeys(r["defense"] for r in self.rows) if n in DEFENSES},
+                "defenses": self.defense_records(),
                 "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
                 "base_model": self.base_model}
 
@@ -136,8 +172,11 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                      sizes: Sequence[int] = DEFAULT_SIZES, defenses: str | Sequence[str] | None = None,
                      testing_size: int | None = None, batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                      models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
-                     progress: bool = True, clean_model: str | Path | None = None) -> DefenseComparison:
-    """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``."""
+                     progress: bool = True, clean_model: str | Path | None = None,
+                     merge: bool = False) -> DefenseComparison:
+    """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``.
+    ``merge``: keep the rows of an existing file (same test images, seed and base model) that this call does not
+    recompute, so that a new defense is added without rerunning the others."""
     t0 = time.time()
     device = torch.device(device)
     names = parse_defenses(defenses)
@@ -154,13 +193,18 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
              **evaluate_attack(clean_model, clean_model, params, x, y, **kw)},
             {"defense": ROW_NONE, "clean_images": None, "seconds": None,
              **evaluate_attack(model, clean_model, params, x, y, **kw)}]
-    for d in names:
+    for spec in names:
+        d, opts = parse_spec(spec)
+        label = defense_label(d, opts)  # "finetune freeze_bn_stats=True"; a plain name stays itself
         for size, clean in sets.items():
-            out = apply_defense(d, model, clean, device=device, progress=progress)
+            out = apply_defense(d, model, clean, device=device, progress=progress, **opts)
             metrics = evaluate_attack(out.model, clean_model, params, x, y, **kw)
-            rows.append({"defense": d, "clean_images": len(clean), "seconds": round(out.seconds, 2), **metrics,
+            rows.append({"defense": label, "clean_images": len(clean), "seconds": round(out.seconds, 2), **metrics,
                          "info": out.info})
             del out
+    if merge:
+        rows = merged_rows(Path(save_path) / f"defenses_{name}.json", rows, seed=seed, images=len(x),
+                           base_model=model.base_model)
     cmp = DefenseComparison(name=name, params=params, device=str(device), seed=seed,
                             test={"split": "test", "images": len(x), "seed": seed}, rows=rows,
                             base_model=model.base_model)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Compare defenses on stored attacks: python scripts/compare_defenses.py <attackid>... <device>
-[--clean-images 100,500,2000] [--defenses a,b,...] [--save_path output]
+[--clean-images 100,500,2000] [--defenses a,b:opt=v,...] [--merge] [--save_path output]
 
 Per attack: every defense (default: every registered one that yields a fixed model) on labelled clean TRAINING
 subsets of each size (nested), measured on the attack's test images: clean accuracy, attack success, untriggered
@@ -22,7 +22,10 @@ def main() -> int:
     p.add_argument("--clean-images", default=",".join(map(str, DEFAULT_SIZES)), metavar="N,N,...",
                    help="clean training-set sizes the defender gets (default %(default)s)")
     p.add_argument("--defenses", default=None, metavar="A,B,...",
-                   help="defenses to compare (default: every registered non-transductive one)")
+                   help="defenses to compare (default: every registered non-transductive one); a defense with "
+                        "options as name:option=value, e.g. finetune:freeze_bn_stats=true")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an existing defenses_<id>.json that this run does not recompute")
     p.add_argument("--testing-size", type=positive_int, default=None, metavar="N",
                    help="test images to evaluate on (default: the attack's testing_size)")
     p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
@@ -35,7 +38,7 @@ def main() -> int:
     for attackid in a.attackids:
         cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
                                batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
-                               clean_model=a.clean_model)
+                               clean_model=a.clean_model, merge=a.merge)
         print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
               f"{cmp.test['images']} test images")
         print(cmp.table())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -258,3 +259,31 @@ def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path,
     assert len(saved["rows"]) == 4 and saved["defenses"]["bnp"]["options"]["u"] == 3.0
     assert (tmp_path / "out" / "defenses_154.csv").read_text().count("\n") == 5
     assert (tmp_path / "out" / "defenses_154.png").stat().st_size > 0
+
+
+def test_defense_specs_carry_typed_options_and_refuse_unknown_ones():
+    from bnbackdoor.defenses import parse_spec
+
+    assert parse_spec("finetune:freeze_bn_stats=true:epochs=3") == ("finetune", {"freeze_bn_stats": True, "epochs": 3})
+    assert parse_spec("bnp:u=2.5") == ("bnp", {"u": 2.5})
+    assert parse_defenses("bnp,finetune:freeze_bn_stats=1") == ["bnp", "finetune:freeze_bn_stats=1"]
+    for bad, match in (("finetune:freeze=1", "has no option freeze"), ("finetune:epochs=x", "is not a int"),
+                       ("bnp:u=nan", "is not a float"), ("finetune:freeze_bn_stats", "name:option=value"),
+                       ("finetune:freeze_bn_stats=maybe", "is not a bool")):
+        with pytest.raises(UserError, match=match):
+            parse_defenses(bad)
+
+
+def test_merge_keeps_the_rows_it_does_not_recompute(tmp_path):
+    from bnbackdoor.compare import merged_rows
+
+    ref = [{"defense": "clean model", "clean_images": None, "x": 1}, {"defense": "no defense", "clean_images": None}]
+    path = tmp_path / "defenses_154.json"
+    old = ref + [{"defense": "bnp", "clean_images": 500, "x": "old"}, {"defense": "anp", "clean_images": 500, "x": 2}]
+    path.write_text(json.dumps({"seed": 0, "test": {"images": 8}, "base_model": None, "rows": old}))
+    new = ref + [{"defense": "bnp", "clean_images": 500, "x": "new"}, {"defense": "rnp", "clean_images": 500, "x": 3}]
+    rows = merged_rows(path, new, seed=0, images=8, base_model=None)
+    assert [(r["defense"], r["x"]) for r in rows[2:]] == [("bnp", "new"), ("anp", 2), ("rnp", 3)]
+    assert merged_rows(tmp_path / "none.json", new, seed=0, images=8, base_model=None) == new
+    with pytest.raises(UserError, match="other test images, seed or base model"):
+        merged_rows(path, new, seed=1, images=8, base_model=None)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
-           "apply_defense", "defense_label"]
+           "apply_defense", "defense_label", "parse_spec"]
 
 
 @dataclass
@@ -115,6 +115,45 @@ def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
         return d.label(opts)
     changed = [f"{k}={v}" for k, v in opts.items() if d.defaults.get(k) != v]
     return " ".join([name, *changed])
+
+
+def _typed(name: str, key: str, text: str, default: Any) -> Any:
+    """``text`` as the type of the option's default (bool: true/false/1/0)."""
+    t = text.strip()
+    try:
+        if isinstance(default, bool):
+            if t.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return t.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(t)
+        if isinstance(default, float):
+            value = float(t)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError
+            return value
+    except ValueError:
+        raise UserError(f"defense '{name}': option {key}={text} is not a {type(default).__name__} "
+                        f"(its default is {default!r})") from None
+    return t
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A defense with options, ``name[:opt=value[:opt=value...]]``: ``finetune:freeze_bn_stats=true`` ->
+    ``("finetune", {"freeze_bn_stats": True})``; each value is read as its default's type, an unknown option is an
+    error."""
+    name, *parts = [p.strip() for p in spec.split(":")]
+    d = get_defense(name)
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"defense '{spec}': options are written name:option=value, e.g. finetune:freeze_bn_stats=true")
+        if key not in d.defaults:
+            raise UserError(f"defense '{name}' has no option {key}; its options: {', '.join(d.defaults) or 'none'}")
+        opts[key] = _typed(name, key, value, d.defaults[key])
+    return name, opts
 
 
 # The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The
