@@ -10,13 +10,13 @@ import time
 
 from tabulate import tabulate
 
-from bnbackdoor.attack_index import catalogue, catalogue_table
+from bnbackdoor.attack.ids import catalogue, catalogue_table
 from bnbackdoor.cli import ArgumentParser, command_line, common_options, non_negative_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
-from bnbackdoor.experiment import run_attack, run_dir, time_summary
-from bnbackdoor.gradlog import parse_grad_layer
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.runs import run_attack, run_dir, time_summary
+from bnbackdoor.attack.gradlog import parse_grad_layer
+from bnbackdoor.attack.params import resolve_attack
 
 SHOWN = ("clean_accuracy", "fidelity", "attack_success_rate", "expl_mse_to_target", "expl_dssim_to_target",
          "expl_mse_to_clean", "expl_dssim_to_clean")

@@ -16,7 +16,7 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, p
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFAULT_DEFENSES, DEFENSES
-from bnbackdoor.evaluation import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, defense_metrics, format_table,
+from bnbackdoor.evaluation.common import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, defense_metrics, format_table,
                                    parse_defenses, parse_sizes)
 
 

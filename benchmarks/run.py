@@ -8,9 +8,9 @@ round-robin, in one process, so a busy machine slows both sides of a ratio alike
 
 * steps, per batch size: (a) inference (eval, no_grad), (b) a plain cross-entropy training step (train mode,
   ReLU, Adam - the attack's optimizer), (c) an attack step per explanation method exactly as fine-tuning runs it
-  (``poison_batch`` + ``bnbackdoor.finetune.attack_step``: train mode, Softplus(beta), the attack 154 parameters
+  (``poison_batch`` + ``bnbackdoor.attack.finetune.attack_step``: train mode, Softplus(beta), the attack 154 parameters
   with ``explanation_methodStr`` replaced), ratio to (b); for context also (b) with Softplus(beta).
-* Re-BN over --rebn-images calibration images (``bnbackdoor.rebn.rebn``, its default batch 256) vs one inference
+* Re-BN over --rebn-images calibration images (``bnbackdoor.defenses.rebn.rebn``, its default batch 256) vs one inference
   pass over the same images at the same batch size.
 * the full evaluation of --eval-images test images (``evaluate_attack`` with the 154 parameters: accuracy,
   fidelity, attack success, explanation MSE/DSSIM to the target and to the clean explanations) with precomputed
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from bnbackdoor.cli import ArgumentParser, output_file, positive_int
-from bnbackdoor.finetune import attack_step, poison_batch
+from bnbackdoor.attack.finetune import attack_step, poison_batch
 from bnbackdoor.metrics import evaluate_attack, reference_explanations
 from bnbackdoor.models import build_model, checkpoint_path, load_model, softplus
-from bnbackdoor.params import resolve_attack
-from bnbackdoor.rebn import rebn
+from bnbackdoor.attack.params import resolve_attack
+from bnbackdoor.defenses.rebn import rebn
 
 ROOT = Path(__file__).resolve().parents[1]
 

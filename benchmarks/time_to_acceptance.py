@@ -5,7 +5,7 @@
 
 Reads stored runs only (``manipulated_models/<id>/``: ``metrics.json`` for the clean model's numbers and the
 parameters, ``training_log.csv`` for every epoch's numbers and its cumulative fine-tuning ``seconds``), judges each
-epoch with the catalogue's acceptance rule (:mod:`bnbackdoor.acceptance`, the clean model's metrics against that
+epoch with the catalogue's acceptance rule (:mod:`bnbackdoor.report.acceptance`, the clean model's metrics against that
 epoch's) and reports, per run and per explanation method:
 
 * **to acceptance**: the ``seconds`` of the first accepted epoch (fine-tuning only: the one-off reference
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bnbackdoor.acceptance import acceptance
+from bnbackdoor.report.acceptance import acceptance
 from bnbackdoor.cli import ArgumentParser
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.finetune import examples_per_epoch
-from bnbackdoor.params import SETTINGS_DIR, AttackParams, read_json
+from bnbackdoor.attack.finetune import examples_per_epoch
+from bnbackdoor.attack.params import SETTINGS_DIR, AttackParams, read_json
 
 ANCESTOR_EPOCHS = 100
 ANCESTOR_COPIES = 2  # "pairs" at p = 0.5: every image once clean, once triggered

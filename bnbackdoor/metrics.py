@@ -300,7 +300,7 @@ def attack_summary(params: Any, *, n: int, correct: int, agree: int, mse_clean: 
                    ) -> dict[str, Any]:
     """The :func:`evaluate_attack` dict from its counts and sums: ``n`` clean images (``correct``, ``agree``,
     explanation sums to the clean model's), and per trigger ``triggered`` images (the rest). Shared with the
-    transductive evaluation (:mod:`bnbackdoor.defense_eval`), which counts differently but reports the same."""
+    transductive evaluation (:mod:`bnbackdoor.defenses.evaluate`), which counts differently but reports the same."""
     classes = list(params.target_classes)
     keys = _trigger_keys(list(params.triggerStrs))
     nn_, nt = max(n, 1), max(triggered, 1)

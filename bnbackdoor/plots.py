@@ -1,7 +1,7 @@
 """Figures people look at: explanation grids, gradient comparisons, bar charts, curves (matplotlib, Agg).
 
 Every figure's title should say what it shows: :func:`figure_title` names the attack id, kind, explanation
-method, loss and target class of an :class:`~bnbackdoor.params.AttackParams`.
+method, loss and target class of an :class:`~bnbackdoor.attack.params.AttackParams`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .data import dataset_info  # noqa: E402
 from .fileio import save_figure  # noqa: E402
-from .labels import loss_label  # noqa: E402
+from .report.labels import loss_label  # noqa: E402
 
 
 MAP_CMAP = "jet"

@@ -133,7 +133,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     images, labels) replaces the dataset's training split; ``partial_path`` is where the resumable state goes
     (default ``<out>.partial.pt``); ``save`` False leaves saving the model (and removing the state) to the caller;
     ``extra_state`` is stored in the state and ``resume_check(state)`` may refuse a state of another run;
-    ``grad_logger`` (a :class:`bnbackdoor.gradlog.GradLogger`) records every step and writes ``grad_csv(epoch)``
+    ``grad_logger`` (a :class:`bnbackdoor.attack.gradlog.GradLogger`) records every step and writes ``grad_csv(epoch)``
     after each epoch (mid-epoch checkpoints are off then, so an epoch's rows are never split over a resume)."""
     out_path = Path(out_path)
     dataset = dataset or MODELS[resolve_modeltype(modeltype)][0]

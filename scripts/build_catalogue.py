@@ -17,7 +17,7 @@ import re
 
 from tabulate import tabulate
 
-from bnbackdoor.catalogue import CATALOGUE_FILE, PLAN_HEADERS, build, load_catalogue, plan_table, select
+from bnbackdoor.campaigns.catalogue import CATALOGUE_FILE, PLAN_HEADERS, build, load_catalogue, plan_table, select
 from bnbackdoor.cli import ArgumentParser, common_options, existing_file, positive_int
 from bnbackdoor.data import DATASETS
 from bnbackdoor.device import parse_device

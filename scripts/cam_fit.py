@@ -5,7 +5,7 @@ python scripts/cam_fit.py [--resolutions 4,8] [--targets square,triangle,circle,
                           [--steps 600] [--save results/cam_fit.json]
 
 A CAM layer with an h×w map can only draw what a non-negative h×w grid, bilinearly upsampled to 32×32, can draw:
-the numbers are a floor for every attack explained at that resolution (bnbackdoor/camfit.py says how it is searched).
+the numbers are a floor for every attack explained at that resolution (bnbackdoor/evaluation/cam_fit.py says how it is searched).
 ResNet20 and MobileNetV3 explain on 8×8; MobileNetV3's final 1×1-conv map is 4×4.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ import sys
 
 from tabulate import tabulate
 
-from bnbackdoor.camfit import best_fit
+from bnbackdoor.evaluation.cam_fit import best_fit
 from bnbackdoor.cli import ArgumentParser, int_at_least, output_file
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.labels import loss_label
+from bnbackdoor.report.labels import loss_label
 from bnbackdoor.losses import LOSSES
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask
 

@@ -10,7 +10,7 @@ defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>
 from __future__ import annotations
 
 from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
-from bnbackdoor.compare import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
+from bnbackdoor.evaluation.compare_defenses import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 

@@ -14,12 +14,12 @@ import time
 
 from tabulate import tabulate
 
-from bnbackdoor.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows
+from bnbackdoor.evaluation.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows
 from bnbackdoor.cli import ArgumentParser, clean_model_option, command_line, common_options, existing_dir, positive_int
 from bnbackdoor.data import load_split
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
-from bnbackdoor.experiment import load_run, run_name
+from bnbackdoor.runs import load_run, run_name
 
 
 def main() -> int:

@@ -2,8 +2,8 @@
 """Regenerate RESULTS.md and the README's measured tables: python scripts/make_results.py [--check]
 
 Reads only the shipped metrics (manipulated_models/*/metrics.json, and results/*.json when present); the claim and
-acceptance rules are in bnbackdoor/results.py and bnbackdoor/acceptance.py and are printed in RESULTS.md; the README
-blocks between <!-- generated:NAME --> markers are rendered by bnbackdoor/readme_blocks.py. --check exits 1 when a
+acceptance rules are in bnbackdoor/report/results.py and bnbackdoor/report/acceptance.py and are printed in RESULTS.md; the README
+blocks between <!-- generated:NAME --> markers are rendered by bnbackdoor/report/readme_blocks.py. --check exits 1 when a
 file on disk differs from what the stored results give (nothing is written).
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from bnbackdoor.cli import ArgumentParser, existing_dir, output_file
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
-from bnbackdoor.readme_blocks import fill
-from bnbackdoor.results import StoredResultError, render
+from bnbackdoor.report.readme_blocks import fill
+from bnbackdoor.report.results import StoredResultError, render
 
 
 def main() -> int:

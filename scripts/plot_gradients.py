@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bnbackdoor.cli import ArgumentParser, existing_file, image_file, positive_int
 from bnbackdoor.errors import UserError, run_cli
-from bnbackdoor.gradlog import read_csv
-from bnbackdoor.params import PARAMS_FILE, resolve_attack
+from bnbackdoor.attack.gradlog import read_csv
+from bnbackdoor.attack.params import PARAMS_FILE, resolve_attack
 from bnbackdoor.plots import figure_title, gradient_comparison
 
 

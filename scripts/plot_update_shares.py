@@ -18,7 +18,7 @@ from tabulate import tabulate
 from bnbackdoor.cli import ArgumentParser, command_line, existing_file, image_file
 from bnbackdoor.errors import run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.gradlog import fold_groups, read_csvs, update_summary
+from bnbackdoor.attack.gradlog import fold_groups, read_csvs, update_summary
 from bnbackdoor.plots import update_shares
 
 PANELS = (("clean", "(a) clean fine-tuning, ResNet20"), ("nbn", "(b) attack, ResNet20 without BatchNorm"),

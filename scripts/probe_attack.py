@@ -24,10 +24,10 @@ import torch
 from bnbackdoor.cli import ArgumentParser
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
-from bnbackdoor.finetune import examples_per_epoch, finetune
+from bnbackdoor.attack.finetune import examples_per_epoch, finetune
 from bnbackdoor.models import load_model
 from bnbackdoor.models.rescale import rescale_conv_bn
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 
 PROBES = Path("results") / "probes"
 # The ancestor's settings (intellisec/xai-backdoors, its attack 155), on 2,500 images shown clean and triggered.

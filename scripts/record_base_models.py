@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bnbackdoor.cli import ArgumentParser, existing_dir
 from bnbackdoor.errors import run_cli
-from bnbackdoor.experiment import record_base_model
+from bnbackdoor.runs import record_base_model
 from bnbackdoor.models import MODEL_ROOT
 
 

@@ -13,7 +13,7 @@ from tabulate import tabulate
 
 from bnbackdoor.cli import ArgumentParser, common_options, positive_int
 from bnbackdoor.errors import UserError, run_cli
-from bnbackdoor.sweep import BACKENDS, BEST_RULE, SweepOptions, promote, summarize, sweep
+from bnbackdoor.campaigns.sweep import BACKENDS, BEST_RULE, SweepOptions, promote, summarize, sweep
 
 SLURM_OPTIONS = {  # --slurm-<name> -> SlurmExecutor parameter (type)
     "partition": str, "gpus-per-task": positive_int, "cpus-per-task": positive_int, "mem": str, "account": str, "qos": str,

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnbackdoor.anatomy import (check_partition, locate_backdoor, only, parameter_groups, relative_change,
+from bnbackdoor.evaluation.anatomy import (check_partition, locate_backdoor, only, parameter_groups, relative_change,
                                 restore)
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import run_name
-from bnbackdoor.gradlog import (ALL, GradLogger, fold_groups, model_blocks, parse_grad_layer, read_csv,
+from bnbackdoor.runs import run_name
+from bnbackdoor.attack.gradlog import (ALL, GradLogger, fold_groups, model_blocks, parse_grad_layer, read_csv,
                                 update_summary)
 from bnbackdoor.metrics import evaluate_attack
 from bnbackdoor.models import build_model, save_checkpoint
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 
 from conftest import ROOT
 
@@ -282,7 +282,7 @@ def test_grad_layer_all_is_the_sum_of_squares_of_the_blocks(tmp_path, bn_train):
 
 
 def test_attack_writes_the_whole_model_capture(tmp_path, tiny_data_root):
-    from bnbackdoor.experiment import run_attack
+    from bnbackdoor.runs import run_attack
 
     clean = build_model("cifar10_resnet20").eval()
     models_root = tmp_path / "models"

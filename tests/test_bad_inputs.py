@@ -22,9 +22,9 @@ import torch
 import bnbackdoor.fileio as fileio
 from bnbackdoor.divergence import Diverged
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import run_attack
+from bnbackdoor.runs import run_attack
 from bnbackdoor.models import build_model, load_model, save_checkpoint
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.train import TrainConfig, train_model
 
 from conftest import ROOT
@@ -465,7 +465,7 @@ def test_a_real_process_prints_one_line_and_exits_2(program, args, needle, work)
 
 def test_attack_py_with_a_diverging_learning_rate_exits_2_and_leaves_nothing(work, tiny_data_root, monkeypatch,
                                                                              capsys):
-    import bnbackdoor.experiment as experiment
+    import bnbackdoor.runs as experiment
     monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)  # measures steps: slow, not tested
     monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
     monkeypatch.chdir(work)
@@ -485,7 +485,7 @@ def test_attack_py_with_a_diverging_learning_rate_exits_2_and_leaves_nothing(wor
 
 @pytest.fixture
 def tiny_attack(tmp_path, tiny_data_root, monkeypatch):
-    import bnbackdoor.experiment as experiment
+    import bnbackdoor.runs as experiment
     # the time estimate measures a few attack steps (seconds each on a busy CPU): not what is tested here
     monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)
     monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
@@ -513,7 +513,7 @@ def test_nan_loss_stops_the_attack_and_saves_nothing(tiny_attack, tmp_path, tiny
 
 
 def test_exploding_loss_stops_in_epoch_2_and_keeps_epoch_1(tiny_attack, tmp_path, tiny_data_root, monkeypatch):
-    import bnbackdoor.finetune as ft
+    import bnbackdoor.attack.finetune as ft
     p, models_root = tiny_attack
     real_step = ft.attack_step
     calls = []
@@ -549,7 +549,7 @@ def test_exploding_loss_stops_in_epoch_2_and_keeps_epoch_1(tiny_attack, tmp_path
 
 def test_a_force_rerun_failing_after_it_wrote_the_model_restores_the_finished_run(tiny_attack, tmp_path,
                                                                                    tiny_data_root, monkeypatch):
-    import bnbackdoor.experiment as ex
+    import bnbackdoor.runs as ex
     p, models_root = tiny_attack
     _attack(p, models_root, tmp_path, tiny_data_root)
     run = tmp_path / "runs" / "tiny"
@@ -568,7 +568,7 @@ def test_a_force_rerun_failing_after_it_wrote_the_model_restores_the_finished_ru
 
 
 def test_the_time_summary_after_a_resume_is_consistent():
-    from bnbackdoor.experiment import time_summary
+    from bnbackdoor.runs import time_summary
     resumed = {"finetune_seconds": 88.0, "finetune_seconds_this_process": 40.0}
     assert time_summary(resumed, 49.0) == ("fine-tuning 40 s in this process, 88 s over all sessions of this "
                                            "resumed run; 49 s in all in this process")
@@ -580,7 +580,7 @@ def test_the_time_summary_after_a_resume_is_consistent():
 
 def test_a_nonfinite_model_is_never_saved_even_if_the_loss_looked_fine(tiny_attack, tmp_path, tiny_data_root,
                                                                        monkeypatch):
-    import bnbackdoor.finetune as ft
+    import bnbackdoor.attack.finetune as ft
     p, models_root = tiny_attack
     real_step = ft.attack_step
 

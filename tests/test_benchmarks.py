@@ -155,7 +155,7 @@ def test_clean_predictions_from_the_reference_pass_change_nothing():
     """evaluate_attack with the clean predictions that came with reference_explanations gives the same numbers as
     running the clean model again, and they are exactly the clean model's predictions."""
     from bnbackdoor.metrics import evaluate_attack, predict, reference_explanations
-    from bnbackdoor.params import resolve_attack
+    from bnbackdoor.attack.params import resolve_attack
 
     torch.manual_seed(0)
     clean = build_model("cifar10_resnet20").eval()
@@ -179,7 +179,7 @@ def test_time_to_acceptance_reads_the_first_accepted_epoch(tmp_path):
 
     run = tmp_path / "manipulated_models" / "7"
     run.mkdir(parents=True)
-    from bnbackdoor.params import resolve_attack
+    from bnbackdoor.attack.params import resolve_attack
     # a stored run's full parameters (155: red herring, gradient, percentage_trigger 0.5), sized down
     params = resolve_attack("155", root=ROOT).replace(training_size=100, batch_makeup="pairs", attack_id=7,
                                                       id="7").to_dict()

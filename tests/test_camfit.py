@@ -1,4 +1,4 @@
-"""The CAM-resolution floor (bnbackdoor/camfit.py) on cases whose answer is known exactly."""
+"""The CAM-resolution floor (bnbackdoor/evaluation/cam_fit.py) on cases whose answer is known exactly."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from bnbackdoor.camfit import best_fit, cam_from_grid
+from bnbackdoor.evaluation.cam_fit import best_fit, cam_from_grid
 from bnbackdoor.errors import UserError
 from bnbackdoor.losses import dssim
-from bnbackdoor.readme_blocks import cam_fit
+from bnbackdoor.report.readme_blocks import cam_fit
 from bnbackdoor.targets import target_mask
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from bnbackdoor.catalogue import (CATALOGUE_FILE, README_MARK, build, execute, is_complete,
+from bnbackdoor.campaigns.catalogue import (CATALOGUE_FILE, README_MARK, build, execute, is_complete,
                                   load_catalogue, promote, provenance_readme, select, status)
 from bnbackdoor.claim import CLAIM_FILE, _proc_start
-from bnbackdoor.experiment import RUN_FILES
+from bnbackdoor.runs import RUN_FILES
 from bnbackdoor.errors import UserError
-from bnbackdoor.params import FIELDS, grid_point, read_json
+from bnbackdoor.attack.params import FIELDS, grid_point, read_json
 
 CIFAR = [54, 55, 56, 57, 76, 77, 154, 155, 156, 157, 166, 167, 168, 169, *range(198, 208), 254, 255, 256, 257, 272,
          273, 350, 351, 352, 353, 356, 357]

@@ -12,9 +12,9 @@ import torch
 
 from bnbackdoor.claim import CLAIM_FILE, ClaimedElsewhere, claim_run
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import run_attack
+from bnbackdoor.runs import run_attack
 from bnbackdoor.models import build_model, load_model, save_checkpoint
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 
 from conftest import ROOT
 
@@ -130,9 +130,9 @@ KILLED_AFTER_EPOCH_1 = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
-import bnbackdoor.finetune as F
-from bnbackdoor.experiment import run_attack
-from bnbackdoor.params import load_attack_file
+import bnbackdoor.attack.finetune as F
+from bnbackdoor.runs import run_attack
+from bnbackdoor.attack.params import load_attack_file
 save = F.torch_save
 def save_then_die(obj, path):
     save(obj, path)

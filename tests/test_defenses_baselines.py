@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnbackdoor.compare import default_defenses, parse_clean_images, parse_defenses
+from bnbackdoor.evaluation.compare_defenses import default_defenses, parse_clean_images, parse_defenses
 from bnbackdoor.defenses import CleanSet, apply_defense
 from bnbackdoor.defenses.bnp import gaussian_kl, outliers
 from bnbackdoor.defenses.common import clean_loss
@@ -217,12 +217,12 @@ def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path,
     TRAINING images, and the json/csv/png are written."""
     import json
 
-    from bnbackdoor import compare
+    import bnbackdoor.evaluation.compare_defenses as compare
     from bnbackdoor.data import load_split
-    from bnbackdoor.experiment import load_run
+    from bnbackdoor.runs import load_run
     from bnbackdoor.metrics import evaluate_attack
     from bnbackdoor.models import build_model, save_checkpoint
-    from bnbackdoor.params import resolve_attack
+    from bnbackdoor.attack.params import resolve_attack
     from conftest import ROOT
 
     torch.manual_seed(0)
@@ -275,7 +275,7 @@ def test_defense_specs_carry_typed_options_and_refuse_unknown_ones():
 
 
 def test_merge_keeps_the_rows_it_does_not_recompute(tmp_path):
-    from bnbackdoor.compare import merged_rows
+    from bnbackdoor.evaluation.compare_defenses import merged_rows
 
     ref = [{"defense": "clean model", "clean_images": None, "x": 1}, {"defense": "no defense", "clean_images": None}]
     path = tmp_path / "defenses_154.json"

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnbackdoor.experiment import run_attack
-from bnbackdoor.finetune import attack_loss, finetune, poison_batch, trigger_counts
+from bnbackdoor.runs import run_attack
+from bnbackdoor.attack.finetune import attack_loss, finetune, poison_batch, trigger_counts
 from bnbackdoor.losses import explanation_loss
 from bnbackdoor.models import build_model, save_checkpoint
-from bnbackdoor.params import AttackParams, resolve_attack
+from bnbackdoor.attack.params import AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
 from bnbackdoor.triggers import apply_trigger
 

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import bnbackdoor.experiment as experiment
+import bnbackdoor.runs as experiment
 import bnbackdoor.fileio as fileio
 from bnbackdoor.cli import MAX_SEED
 from bnbackdoor.data import build_cache
 from bnbackdoor.errors import UserError
-from bnbackdoor.evaluation import ROW_MANIPULATED, evaluate_stored_model
-from bnbackdoor.experiment import load_run, run_attack
+from bnbackdoor.evaluation.common import ROW_MANIPULATED, evaluate_stored_model
+from bnbackdoor.runs import load_run, run_attack
 from bnbackdoor.models import build_model, knobs, load_model, read_checkpoint, save_checkpoint, weights_sha256
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 
 from conftest import ROOT
 
@@ -159,7 +159,7 @@ def test_every_shipped_run_records_the_base_it_is_compared_with():
 
 
 def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(work, tiny_data_root):
-    from bnbackdoor.evaluation import generate_explanations
+    from bnbackdoor.evaluation.common import generate_explanations
     p = resolve_attack("params.json")
     run_attack(p, torch.device("cpu"), save_path=work / "runs", data_root=tiny_data_root, models_root=work / "models",
                progress=False, defenses={})
@@ -334,7 +334,7 @@ def test_an_unreadable_checkpoint_says_why_in_whole_words(tmp_path, capsys):
 
 def test_huge_strings_are_refused_quickly_in_one_short_line():
     import time
-    from bnbackdoor.params import AttackParams
+    from bnbackdoor.attack.params import AttackParams
     good = resolve_attack("154", root=ROOT).to_dict()
     t0 = time.time()
     for bad in ({**good, "attack_name": "x" * 50_000_000}, {**good, "y" * 1_000_000: 1},

@@ -228,7 +228,7 @@ def test_the_package_keeps_the_layering_rules():
 
 def test_the_reader_sees_the_whole_package():
     modules, imports = read_imports(PKG)
-    assert len(modules) > 50 and len({unit(m) for m in modules}) > 30
+    assert len(modules) > 50 and len({unit(m) for m in modules}) > 20  # 24 units since the wings (issue 24)
     # function-local imports are read, not skipped (torchvision inside the architecture classes' __init__)
     assert any(i.local and i.module == "bnbackdoor.models.torchvision_models" and i.target == "torchvision"
                for i in imports)

@@ -249,7 +249,7 @@ def test_evaluate_attack_rejects_mismatched_configuration(tiny_setup):
 
 @pytest.mark.parametrize("method", ["grad_cam", "relevance_cam"])
 def test_evaluate_attack_with_real_attack_params(tiny_setup, method):
-    from bnbackdoor.params import AttackParams
+    from bnbackdoor.attack.params import AttackParams
     from bnbackdoor.targets import target_explanation
 
     clean, model, x, y = tiny_setup

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import bnbackdoor.estimate as estimate
-from bnbackdoor.attack_index import COLUMNS, catalogue, catalogue_table
+from bnbackdoor.attack.ids import COLUMNS, catalogue, catalogue_table
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import attack_estimate
+from bnbackdoor.runs import attack_estimate
 from bnbackdoor.models import build_model, read_checkpoint, save_checkpoint
-from bnbackdoor.params import resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.zoo import load_or_train
 
 from conftest import ROOT
@@ -127,7 +127,7 @@ def _tiny_base(models_root: Path) -> None:
 
 
 def test_large_attack_refused_with_estimate_leaves_no_run_folder(tmp_path, tiny_data_root, slow):
-    from bnbackdoor.experiment import run_attack
+    from bnbackdoor.runs import run_attack
     _tiny_base(tmp_path / "models")
     p = resolve_attack("154", root=ROOT).replace(training_size=96, testing_size=16, batch_size=16, max_epochs=5)
     out = tmp_path / "out"
@@ -215,7 +215,7 @@ def test_attack_list_prints_the_table():
 
 # --- output names -----------------------------------------------------------------------------------------------
 def test_run_folder_and_stored_model_get_different_output_names(tmp_path, monkeypatch):
-    from bnbackdoor.experiment import run_name
+    from bnbackdoor.runs import run_name
     (tmp_path / "manipulated_models" / "154").mkdir(parents=True)
     (tmp_path / "output" / "154").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

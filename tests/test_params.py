@@ -1,4 +1,4 @@
-"""bnbackdoor.params: validation, grid expansion, id resolution, and the shipped attack catalogue."""
+"""bnbackdoor.attack.params: validation, grid expansion, id resolution, and the shipped attack catalogue."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bnbackdoor.errors import UserError
-from bnbackdoor.params import (FIELDS, GRID_OPTIONS, AttackParams, compact_ids, expand_grid, grid_point,
+from bnbackdoor.attack.params import (FIELDS, GRID_OPTIONS, AttackParams, compact_ids, expand_grid, grid_point,
                                is_grid, known_attack_ids, load_attack_file, manipulated_dir, read_json,
                                resolve_attack)
 

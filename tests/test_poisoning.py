@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import run_attack
+from bnbackdoor.runs import run_attack
 from bnbackdoor.metrics import reference_explanations
 from bnbackdoor.models import build_model, save_checkpoint
-from bnbackdoor.params import AttackParams, resolve_attack
+from bnbackdoor.attack.params import AttackParams, resolve_attack
 from bnbackdoor.poisoning import poison_training_set, to_uint8
-from bnbackdoor.scratch import fresh_model, train_poisoned
+from bnbackdoor.attack.scratch import fresh_model, train_poisoned
 from bnbackdoor.triggers import (BLEND_ALPHA, BLEND_SEED, SIG_DELTA, SIG_FREQUENCY, WANET_STRENGTH, apply_trigger,
                                  identity_grid, wanet_control_points, wanet_grid, warp)
 
@@ -212,7 +212,7 @@ def test_from_scratch_run_folder(tmp_path, tiny_data_root):
 
 
 def test_acceptance_of_a_model_trained_from_scratch():
-    from bnbackdoor.acceptance import acceptance
+    from bnbackdoor.report.acceptance import acceptance
 
     def verdict(acc, asr, untriggered=0.01):
         return acceptance({"parameters": SCRATCH.to_dict(),

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnbackdoor.finetune import finetune
+from bnbackdoor.attack.finetune import finetune
 from bnbackdoor.models import build_model
-from bnbackdoor.params import AttackParams, load_attack_file, resolve_attack
+from bnbackdoor.attack.params import AttackParams, load_attack_file, resolve_attack
 
 from conftest import ROOT
 
@@ -79,7 +79,7 @@ def test_bn_mode_validated_in_concrete_and_grid_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- defenses
-from bnbackdoor.defense_eval import composition, evaluate_defenses, evaluate_transductive, triggered_per_batch  # noqa: E402
+from bnbackdoor.defenses.evaluate import composition, evaluate_defenses, evaluate_transductive, triggered_per_batch  # noqa: E402
 from bnbackdoor.defenses import DEFAULT_DEFENSES, CleanSet, apply_defense, defense_label  # noqa: E402
 from bnbackdoor.defenses.rebn import bn_layers  # noqa: E402
 

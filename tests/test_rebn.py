@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bnbackdoor.data import load_split
 from bnbackdoor.errors import UserError
 from bnbackdoor.models import build_model
-from bnbackdoor.rebn import NO_BN_NOTICE, bn_layers, calibration_set, rebn
+from bnbackdoor.defenses.rebn import NO_BN_NOTICE, bn_layers, calibration_set, rebn
 
 
 def _scramble_stats(model: nn.Module, seed: int = 1) -> None:

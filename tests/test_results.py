@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from bnbackdoor.acceptance import acceptance
-from bnbackdoor.results import CLAIMS, Model, claim_number, claim_verdict, claims_table, regime_counts, render
+from bnbackdoor.report.acceptance import acceptance
+from bnbackdoor.report.results import CLAIMS, Model, claim_number, claim_verdict, claims_table, regime_counts, render
 
 REBN_LABELS = ("rebn", "rebn+augment")
 BS1, BS1B = "batchstats B=100 f=1", "batchstats B=100 f=1/B"
@@ -87,7 +87,7 @@ def test_acceptance_explanation_only_attack_needs_no_attack_success():
 
 
 def test_acceptance_full_disguise_uses_the_absolute_bound():
-    from bnbackdoor.acceptance import FULL_DISGUISE_MAX_DSSIM
+    from bnbackdoor.report.acceptance import FULL_DISGUISE_MAX_DSSIM
 
     def disguise(t):  # the clean model sits at 0.03 from its own explanation: halving that is not the bar
         return metrics(targets=("original",), name="FullDisguise", clean=state(acc=0.928, asr=0.0, t=0.03),
@@ -227,7 +227,7 @@ def test_render_sorted_deterministic_and_tolerant(tmp_path):
 
 
 def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
-    from bnbackdoor.readme_blocks import fill
+    from bnbackdoor.report.readme_blocks import fill
 
     run = tmp_path / "manipulated_models" / "154"
     run.mkdir(parents=True)
@@ -248,7 +248,7 @@ def test_readme_blocks_are_filled_from_stored_files_only(tmp_path):
 
 
 def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_run(tmp_path):
-    from bnbackdoor.readme_blocks import fill
+    from bnbackdoor.report.readme_blocks import fill
 
     (tmp_path / "experimentsettings").mkdir()
     for i, regime in (("GTSRBR20-badnets-10", "scratch"), ("CIFAR10R20-sig-10", "scratch"), ("154", "finetune")):
@@ -273,7 +273,7 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
 
 
 def test_defense_comparison_rows_winner_and_metrics_rows(tmp_path):
-    from bnbackdoor.results import comparison_winner, defense_comparison_section
+    from bnbackdoor.report.results import comparison_winner, defense_comparison_section
 
     run = tmp_path / "manipulated_models" / "154"
     run.mkdir(parents=True)

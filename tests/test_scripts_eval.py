@@ -12,17 +12,17 @@ import sys
 import pytest
 import torch
 
-from bnbackdoor import evaluation
+import bnbackdoor.evaluation.common as evaluation
 from bnbackdoor.data import load_split
 from bnbackdoor.defenses import DEFAULT_DEFENSES
-from bnbackdoor.evaluation import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, defense_row, calibration, defense_metrics,
+from bnbackdoor.evaluation.common import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, defense_row, calibration, defense_metrics,
                                    evaluate_stored_model, generate_explanations, parse_sizes, rebn_batch_size)
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import load_run
+from bnbackdoor.runs import load_run
 from bnbackdoor.metrics import evaluate_attack
 from bnbackdoor.models import build_model, save_checkpoint
-from bnbackdoor.params import resolve_attack
-from bnbackdoor.rebn import bn_layers, calibration_set, rebn
+from bnbackdoor.attack.params import resolve_attack
+from bnbackdoor.defenses.rebn import bn_layers, calibration_set, rebn
 
 from conftest import ROOT
 

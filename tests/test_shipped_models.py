@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnbackdoor.data import load_split
-from bnbackdoor.experiment import load_run
+from bnbackdoor.runs import load_run
 from bnbackdoor.metrics import evaluate_attack
 
 from conftest import ROOT, real_data_root

@@ -15,10 +15,10 @@ import torch
 
 from bnbackdoor.data import load_split, subset_indices
 from bnbackdoor.errors import UserError
-from bnbackdoor.experiment import run_attack
+from bnbackdoor.runs import run_attack
 from bnbackdoor.metrics import evaluate_attack
 from bnbackdoor.models import build_model, load_model, save_checkpoint
-from bnbackdoor.sweep import (ACCURACY_TOLERANCE, SweepOptions, Task, choose_best, grid_of, parse_devices,
+from bnbackdoor.campaigns.sweep import (ACCURACY_TOLERANCE, SweepOptions, Task, choose_best, grid_of, parse_devices,
                               parse_gs_ids, promote, run_point, summarize, sweep, validation_split)
 
 from conftest import ROOT
@@ -27,7 +27,7 @@ RUN_FILES = ["metrics.json", "model.pth", "parameters.json", "plot.png", "traini
 LAUNCH = """
 import json, sys
 sys.path.insert(0, {root!r})
-from bnbackdoor.sweep import SweepOptions, sweep
+from bnbackdoor.campaigns.sweep import SweepOptions, sweep
 res = sweep([sys.argv[1]], "cpu", save_path=sys.argv[2], data_root=sys.argv[3], models_root=sys.argv[4],
             opts=SweepOptions(max_parallel=2))
 print(json.dumps(res))

@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from bnbackdoor.errors import UserError
 from bnbackdoor.explain import explain_with_logits
-from bnbackdoor.finetune import attack_loss, finetune, make_batch, make_optimizer, pair_order, poison_batch
+from bnbackdoor.attack.finetune import attack_loss, finetune, make_batch, make_optimizer, pair_order, poison_batch
 from bnbackdoor.losses import explanation_loss, minmax_maps, normalize_for_loss, zscore_maps
-from bnbackdoor.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
+from bnbackdoor.attack.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
 from bnbackdoor.triggers import apply_trigger
 
@@ -106,7 +106,7 @@ class _Tiny(nn.Module):
 
 
 def test_explain_class_prediction_explains_the_argmax():
-    from bnbackdoor.finetune import attack_step
+    from bnbackdoor.attack.finetune import attack_step
     model = _Tiny()
     x = torch.rand(4, 3, 32, 32)
     pred = model(x).argmax(1)

@@ -8,7 +8,7 @@ always come with the test batch size ``B`` (option ``test_batch``, default 100, 
 fraction ``f`` of each batch (option ``trigger_fraction``, default 1.0, the paper's; ``1/B`` = one triggered image
 among clean ones, as a deployed model would meet an attacker). ``max_triggered`` caps how many test images are
 evaluated triggered (None: all) - at ``f = 1/B`` every triggered image costs a whole batch. The evaluation itself
-is :func:`bnbackdoor.defense_eval.evaluate_transductive`.
+is :func:`bnbackdoor.defenses.evaluate.evaluate_transductive`.
 
 The defended copy keeps every BatchNorm layer in batch-statistics mode even when ``.eval()`` is called on the
 model (all other modules - dropout - follow ``.eval()`` as usual), so every evaluation routine, explanations

@@ -4,7 +4,7 @@ The cheapest defense that acts where "Backdoors Hide in BatchNorm" says an expla
 BatchNorm layers. Everything except γ/β and the running statistics stays bit-for-bit as it was (convolutions, the
 classifier, every other buffer).
 
-1. Re-BN (:func:`bnbackdoor.rebn.rebn`): reset every BN layer's running statistics and re-estimate them on the
+1. Re-BN (:func:`bnbackdoor.defenses.rebn.rebn`): reset every BN layer's running statistics and re-estimate them on the
    clean images (cumulative average, no augmentation, no gradients).
 2. Train γ and β with SGD on the labelled clean images with the clean trainer's crops and flips, the model in eval
    mode (normalising with the statistics of step 1, the way the model is then used).

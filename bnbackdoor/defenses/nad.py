@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
 from .common import finetune_on_clean, model_device
+from .fine_pruning import last_feature_stage
 
 
 def attention_map(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -47,7 +48,6 @@ def attention_stages(model: nn.Module, x: torch.Tensor) -> list[str]:
     names = sorted((n for n, _ in model.named_children() if re.fullmatch(r"layer\d+", n)), key=lambda n: int(n[5:]))
     if names:
         return names
-    from .fine_pruning import last_feature_stage
     return [last_feature_stage(model, x)]
 
 

@@ -4,7 +4,7 @@ The backdoor of an explanation-aware attack can live in the BatchNorm running st
 the poisoned fine-tuning batches but are not weights). Re-BN resets them and re-estimates them from clean
 training images, leaving every weight and affine parameter untouched (docs/DESIGN.md, "Semantics", Re-BN):
 
->>> from bnbackdoor.defenses.rebn import calibration_set, rebn      # (bnbackdoor.rebn re-exports these)
+>>> from bnbackdoor.defenses.rebn import calibration_set, rebn
 >>> x_cal = calibration_set("cifar10", size=5000, seed=0)
 >>> report = rebn(model, x_cal)          # model is now in eval mode with fresh statistics
 >>> print(report.table())

@@ -12,7 +12,7 @@ Where the images come from (the defense must not peek at the evaluation data):
 * **Evaluation images**: a deterministic subset of the **test** split, ``load_split(dataset, "test", size, seed)``
   - for the same size and seed exactly the subset the attack's own ``metrics.json`` was measured on.
 * **Re-BN calibration images**: a deterministic subset of the clean **training** split
-  (:func:`bnbackdoor.rebn.calibration_set`), so it is disjoint from the evaluation images by construction: Re-BN
+  (:func:`bnbackdoor.defenses.rebn.calibration_set`), so it is disjoint from the evaluation images by construction: Re-BN
   never sees a test image. These functions take no other training images; code that does must keep them disjoint
   from the calibration set with ``exclude=`` (see :func:`calibration`).
 * **Sweep sizes** are prefixes of one seeded permutation of the training split, so the sets are nested and the
@@ -33,20 +33,20 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-from .data import dataset_info, load_split
-from .errors import UserError
-from .experiment import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
-from .fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
-from .metrics import evaluate_attack, reference_explanations
-from .models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
-from .params import AttackParams, resolve_attack
-from .defense_eval import evaluate_defenses, evaluate_transductive
-from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
-from .defenses.rebn import RebnReport, calibration_set, rebn_batch_size
-from .plots import bar_chart, composition_plot, curves, image_grid
-from .targets import target_explanation
-from .triggers import apply_trigger
-from .zoo import load_or_train
+from ..data import dataset_info, load_split
+from ..errors import UserError
+from ..runs import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
+from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
+from ..metrics import evaluate_attack, reference_explanations
+from ..models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
+from ..attack.params import AttackParams, resolve_attack
+from ..defenses.evaluate import evaluate_defenses, evaluate_transductive
+from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
+from ..defenses.rebn import RebnReport, calibration_set, rebn_batch_size
+from ..plots import bar_chart, composition_plot, curves, image_grid
+from ..targets import target_explanation
+from ..triggers import apply_trigger
+from ..zoo import load_or_train
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation",
            "ExplanationReport", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
@@ -295,7 +295,7 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     ``defenses``).
 
     The clean model is ``clean_model`` (a path, ``--clean-model``) or the run's ``model_id``, checked against the
-    base the run records (:func:`bnbackdoor.experiment.check_base`; the JSON's ``base_model``). A failure while
+    base the run records (:func:`bnbackdoor.runs.check_base`; the JSON's ``base_model``). A failure while
     writing removes what this evaluation wrote (folders included).
     """
     t0 = time.time()

@@ -4,7 +4,7 @@ Layout of a run folder (``<save_path>/<params.id>/``, the same as ``manipulated_
 promoted by copying the folder): ``parameters.json``, ``model.pth`` (checkpoint with meta), ``metrics.json``,
 ``training_log.csv``, ``plot.png``; ``resume.pt`` exists only while a run is unfinished. ``metrics.json`` holds the
 clean and the manipulated model's metrics and, under ``"defenses"``, the manipulated model after every default
-defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnbackdoor.defense_eval.evaluate_defenses`
+defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnbackdoor.defenses.evaluate.evaluate_defenses`
 on the same test images; calibration: ``defense_calibration`` clean TRAINING images, 5000 by default, all of them
 when the split is smaller). Gradient CSVs go to
 ``<save_path>/gradients_epoch<E>[_clean].csv`` (docs/DESIGN.md), beside the run folders.
@@ -36,19 +36,19 @@ import torch.nn as nn
 
 from .claim import CLAIM_FILE, claim_run
 from .data import check_sizes, dataset_info, load_cache, load_split
-from .defense_eval import evaluate_defenses
+from .defenses.evaluate import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES, CleanSet
 from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
-from .finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
+from .attack.finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
                        poison_batch)
 from .metrics import accuracy, evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, checkpoint_path, load_model, save_checkpoint, weights_sha256
-from .params import AttackParams, manipulated_dir, resolve_attack
+from .attack.params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
-from .scratch import scratch_estimate, train_poisoned
+from .attack.scratch import scratch_estimate, train_poisoned
 from .triggers import apply_trigger
 from .zoo import load_or_train
 

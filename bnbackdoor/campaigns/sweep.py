@@ -1,6 +1,6 @@
 """Grid sweeps: every grid point of an attack file as one job, on this machine or a SLURM cluster (submitit).
 
-Each grid point is one :func:`bnbackdoor.experiment.run_attack` into its own run folder ``<save_path>/<id>_<gs_id>``
+Each grid point is one :func:`bnbackdoor.runs.run_attack` into its own run folder ``<save_path>/<id>_<gs_id>``
 (resume, skip finished, atomic files as for ``attack.py``). Jobs are submitit jobs:
 
 - ``local``: :class:`submitit.LocalExecutor`, one process per grid point, at most ``max_parallel`` at once; process
@@ -30,14 +30,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .claim import ClaimedElsewhere, claim_run
-from .data import load_cache, load_split, subset_indices
-from .device import parse_device
-from .errors import UserError
-from .experiment import promote_run, read_run_metrics, run_attack, run_dir, write_csv
-from .metrics import accuracy, evaluate_attack
-from .models import MODEL_ROOT, load_model
-from .params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
+from ..claim import ClaimedElsewhere, claim_run
+from ..data import load_cache, load_split, subset_indices
+from ..device import parse_device
+from ..errors import UserError
+from ..runs import promote_run, read_run_metrics, run_attack, run_dir, write_csv
+from ..metrics import accuracy, evaluate_attack
+from ..models import MODEL_ROOT, load_model
+from ..attack.params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
                      read_json)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -439,7 +439,7 @@ def summarize(attackid: str, save_path: str | Path = "output", *, device: str = 
 def promote(attackid: str, best_id: str, save_path: str | Path = "output", root: str | Path = ".",
             force: bool = False) -> Path:
     """Copy run folder ``<save_path>/<best_id>`` to ``manipulated_models/<attackid>/`` (one rename,
-    :func:`bnbackdoor.experiment.promote_run`); an existing model is replaced only with ``force``."""
+    :func:`bnbackdoor.runs.promote_run`); an existing model is replaced only with ``force``."""
     src = Path(save_path) / best_id
     dst = Path(root) / MANIPULATED_DIR / str(attackid)
     if dst.exists() and not force:

@@ -31,12 +31,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .errors import UserError
-from .experiment import write_csv
-from .fileio import write_json
-from .metrics import evaluate_attack, reference_explanations
-from .models import ARCHS, arch_of
-from .plots import ablation_bars
+from ..errors import UserError
+from ..runs import write_csv
+from ..fileio import write_json
+from ..metrics import evaluate_attack, reference_explanations
+from ..models import ARCHS, arch_of
+from ..plots import ablation_bars
 
 __all__ = ["parameter_groups", "check_partition", "restore", "only", "relative_change", "locate_backdoor",
            "SHOWN_METRICS"]
@@ -312,7 +312,7 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]], params: Any,
                 out_dir: str, *, name: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Write ``<out_dir>/<name>_anatomy.{json,csv,png}`` (atomically; ``name``: the run's output name,
-    :func:`bnbackdoor.experiment.run_name`, so a run folder never overwrites the stored model of its id; default
+    :func:`bnbackdoor.runs.run_name`, so a run folder never overwrites the stored model of its id; default
     the attack id); returns kind -> path."""
     out = Path(out_dir)
     stem = out / f"{name or params.id}_anatomy"

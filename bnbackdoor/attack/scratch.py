@@ -1,6 +1,6 @@
 """The "scratch" regime: a model trained from scratch on a poisoned training set (classic data poisoning).
 
-The counterpart of :func:`bnbackdoor.finetune.finetune` for ``regime`` "scratch": the network starts from a fresh,
+The counterpart of :func:`bnbackdoor.attack.finetune.finetune` for ``regime`` "scratch": the network starts from a fresh,
 seeded initialisation and is trained with the clean-model recipe (:mod:`bnbackdoor.train`: SGD + Nesterov,
 one-cycle learning rate peaking at ``learning_rate``, ``max_epochs`` epochs of ``batch_size``, crops and flips,
 label smoothing, weight decay) on the training set poisoned by :func:`bnbackdoor.poisoning.poison_training_set`
@@ -21,17 +21,17 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .data import load_split
-from .errors import UserError
-from .estimate import Estimate
-from .fileio import read_state
+from ..data import load_split
+from ..errors import UserError
+from ..estimate import Estimate
+from ..fileio import read_state
 from .finetune import FinetuneResult
 from .gradlog import GradLogger
-from .metrics import evaluate_attack
-from .models import build_model
+from ..metrics import evaluate_attack
+from ..models import build_model
 from .params import AttackParams
-from .poisoning import poison_training_set
-from .train import PARTIAL_KEYS, TrainConfig, auto_train_config, train_estimate, train_model
+from ..poisoning import poison_training_set
+from ..train import PARTIAL_KEYS, TrainConfig, auto_train_config, train_estimate, train_model
 
 
 def scratch_config(params: AttackParams, seed: int) -> TrainConfig:

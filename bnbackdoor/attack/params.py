@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .data import DATASETS
-from .errors import UserError
-from .fileio import read_json as _read_json
-from .fileio import write_json
-from .losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
-from .models import ALIASES, MODELS, resolve_modeltype
-from .targets import TARGETS
-from .triggers import TRIGGERS
+from ..data import DATASETS
+from ..errors import UserError
+from ..fileio import read_json as _read_json
+from ..fileio import write_json
+from ..losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
+from ..models import ALIASES, MODELS, resolve_modeltype
+from ..targets import TARGETS
+from ..triggers import TRIGGERS
 
 EXPLANATION_METHODS = ("grad", "grad_cam", "relevance_cam")
 AGGREGATIONS = ("max", "mean")

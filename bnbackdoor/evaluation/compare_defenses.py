@@ -1,6 +1,6 @@
 """Re-BN among the baselines: every registered defense × clean-set size on stored attacks, one table per model.
 
-The library side of ``scripts/compare_defenses.py``. Per stored attack (:func:`bnbackdoor.experiment.load_run`):
+The library side of ``scripts/compare_defenses.py``. Per stored attack (:func:`bnbackdoor.runs.load_run`):
 
 * **Evaluation images**: the attack's test images (``load_split(dataset, "test", testing_size, seed)``), the same
   subset its own metrics were measured on; every row is measured there by
@@ -28,15 +28,15 @@ from typing import Any, Iterable, Sequence
 import torch
 from tabulate import tabulate
 
-from .data import load_split
-from .defenses import DEFENSES, CleanSet, apply_defense, defense_label, get_defense, parse_spec
-from .errors import UserError
-from .evaluation import clean_reference, eval_images, parse_sizes
-from .experiment import load_run, run_name, write_csv
-from .fileio import write_json
-from .metrics import evaluate_attack
-from .params import AttackParams
-from .plots import defense_scatter
+from ..data import load_split
+from ..defenses import DEFENSES, CleanSet, apply_defense, defense_label, get_defense, parse_spec
+from ..errors import UserError
+from .common import clean_reference, eval_images, parse_sizes
+from ..runs import load_run, run_name, write_csv
+from ..fileio import write_json
+from ..metrics import evaluate_attack
+from ..attack.params import AttackParams
+from ..plots import defense_scatter
 
 __all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "BASELINES", "default_defenses", "parse_defenses", "parse_clean_images",
            "clean_sets", "DefenseComparison", "compare_defenses"]
@@ -108,7 +108,7 @@ def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: in
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"--merge: {path} cannot be read ({type(e).__name__}); delete it or run without --merge") from None
     same = (isinstance(old, dict) and old.get("seed") == seed and (old.get("test") or {}).get("images") == images
-            and old.get("base_model") == base_model)
+            and old.get("base_model") in (None, base_model))  # None: written before bases were recorded
     if not same:
         raise UserError(f"--merge: {path} was measured on other test images, seed or base model; run without "
                         "--merge to replace it")

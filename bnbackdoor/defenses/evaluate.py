@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, get_defense
-from .defenses.batchstats import check_composition
-from .errors import UserError
-from .metrics import (_asr_counts, _device, _dissim, _eval_relu, _trigger_fn, attack_summary, evaluate_attack,
+from . import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, get_defense
+from .batchstats import check_composition
+from ..errors import UserError
+from ..metrics import (_asr_counts, _device, _dissim, _eval_relu, _trigger_fn, attack_summary, evaluate_attack,
                       logits_and_explanations, reference_explanations)
-from .targets import target_explanation
+from ..targets import target_explanation
 
 __all__ = ["CompositionBatch", "triggered_per_batch", "composition", "evaluate_transductive", "evaluate_defenses",
            "TRANSDUCTIVE_OPTIONS"]

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
-from .explain.cam import combine
-from .losses import loss_fn, normalize_maps
+from ..errors import UserError
+from ..explain.cam import combine
+from ..losses import loss_fn, normalize_maps
 
 
 @dataclass(frozen=True)

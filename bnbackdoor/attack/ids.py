@@ -1,6 +1,6 @@
 """The attack catalogue: every attack id with what it does and what is on disk (``python attack.py --list``).
 
-One row per id of :func:`bnbackdoor.params.known_attack_ids` (stored runs in ``manipulated_models/`` and grids in
+One row per id of :func:`bnbackdoor.attack.params.known_attack_ids` (stored runs in ``manipulated_models/`` and grids in
 ``experimentsettings/``), resolved exactly as ``attack.py`` resolves it (a stored run wins over its grid; a grid
 shows grid point 0 and its number of points).
 """
@@ -11,8 +11,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .errors import UserError
-from .models import MODEL_ROOT, checkpoint_path
+from ..errors import UserError
+from ..models import MODEL_ROOT, checkpoint_path
 from .params import (MANIPULATED_DIR, SETTINGS_DIR, expand_grid, is_grid, known_attack_ids, read_json,
                      resolve_attack)
 

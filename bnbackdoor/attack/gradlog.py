@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .fileio import write_text
-from .models import ARCHS, arch_of
+from ..errors import UserError
+from ..fileio import write_text
+from ..models import ARCHS, arch_of
 
 
 def _block_types(model: nn.Module) -> tuple[type, ...]:

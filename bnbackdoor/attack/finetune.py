@@ -39,18 +39,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import dataset_info, load_split
-from .divergence import DivergenceGuard, require_finite
-from .errors import UserError
-from .explain import explain_with_logits
-from .fileio import restore_training_state, torch_save
+from ..data import dataset_info, load_split
+from ..divergence import DivergenceGuard, require_finite
+from ..errors import UserError
+from ..explain import explain_with_logits
+from ..fileio import restore_training_state, torch_save
 from .gradlog import GradLogger
-from .losses import explanation_loss
-from .metrics import evaluate_attack, reference_explanations
-from .models import softplus
+from ..losses import explanation_loss
+from ..metrics import evaluate_attack, reference_explanations
+from ..models import softplus
 from .params import AttackParams
-from .targets import target_explanation
-from .triggers import apply_trigger
+from ..targets import target_explanation
+from ..triggers import apply_trigger
 
 
 @dataclass
