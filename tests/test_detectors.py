@@ -218,3 +218,51 @@ def test_februus_removes_the_planted_patch_and_restores_the_prediction(case):
     assert (trig.restored_pred == clean_pred).float().mean() >= 0.9
     cl = det.score(test)
     assert (cl.restored_pred == clean_pred).float().mean() >= 0.9   # clean predictions mostly kept
+
+
+# --- evaluation on a stored run --------------------------------------------------------------------------------
+
+def test_compare_detectors_on_a_tiny_stored_run_writes_rows_for_both_models(tiny_data_root, tmp_path, monkeypatch):
+    """End to end: manipulated and clean-base rows for every detector, the JSON written, and a row equal to an
+    independent recomputation from the same TRAINING images. (4 blends / pastes instead of 20: speed.)"""
+    import dataclasses
+    import json
+
+    from bnbackdoor import detectors as dets
+
+    from bnbackdoor.data import load_split
+    from bnbackdoor.detector_eval import compare_detectors
+    from bnbackdoor.experiment import load_run
+    from bnbackdoor.models import build_model, save_checkpoint
+    from bnbackdoor.params import resolve_attack
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    clean_model = build_model("cifar10_resnet20").eval()
+    save_checkpoint(tmp_path / "models" / "cifar10_resnet20" / "model_0.pth", clean_model, {})
+    bad = build_model("cifar10_resnet20").eval()
+    save_checkpoint(tmp_path / "manipulated_models" / "154" / "model.pth", bad, {})
+    resolve_attack("154", root=ROOT).replace(testing_size=8, id="154").save(
+        tmp_path / "manipulated_models" / "154" / "parameters.json")
+    for name, opt in (("strip", "n_perturb"), ("sentinet", "n_paste")):
+        d = dets.DETECTORS[name]
+        monkeypatch.setitem(dets.DETECTORS, name, dataclasses.replace(d, defaults={**d.defaults, opt: 4}))
+    cmp = compare_detectors("154", "cpu", clean_images=16, root=tmp_path, data_root=tiny_data_root,
+                            save_path=tmp_path / "out", progress=False)
+    assert [(r["model"], r["detector"]) for r in cmp.rows] == [
+        (m, d) for m in ("manipulated", "clean base") for d in ("strip", "sentinet", "februus")]
+    saved = json.loads((tmp_path / "out" / "detectors_154.json").read_text())
+    assert saved["fpr_target"] == FPR and saved["defender_data"]["split"] == "train" and len(saved["rows"]) == 6
+    sentinet = cmp.rows[1]
+    assert 0 <= sentinet["iou"] <= 1 and sentinet["region_pixels"] == 51 and sentinet["info"]["held_out"] == 8
+    assert cmp.rows[2]["calibrated"] is False and "clean_accuracy_after" in cmp.rows[2]
+    assert "detection rate" in cmp.table() and "IoU" in cmp.table()
+    # the STRIP row again, by hand
+    _, model, _ = load_run("154", "cpu", root=tmp_path)
+    x, y = load_split("cifar10", "test", size=8, seed=0, data_root=tiny_data_root)
+    clean_x, _ = load_split("cifar10", "train", size=16, seed=0, data_root=tiny_data_root)
+    det = fit_detector("strip", model, clean_x)
+    assert cmp.rows[0]["fpr"] == pytest.approx(float(det.score(x).flagged.float().mean()))
+    eligible = y != 1
+    flagged = det.score(apply_trigger("whitesquareborder", x)).flagged[eligible]
+    assert cmp.rows[0]["detection_rate"] == pytest.approx(float(flagged.float().mean()))

@@ -72,6 +72,7 @@ class Detector:
 
 
 DETECTORS: dict[str, Detector] = {}
+DEFAULT_ORDER = ("strip", "sentinet", "februus")  # table order; other registered detectors follow by name
 
 
 def register(name: str, *, fit: Callable[..., dict], score: Callable[..., Detection], summary: str = "",
@@ -90,9 +91,10 @@ def get_detector(name: str) -> Detector:
 
 
 def parse_detectors(text: str | list[str] | None) -> list[str]:
-    """``"strip,sentinet"`` (or a list; None: every registered one) -> checked, distinct names."""
+    """``"strip,sentinet"`` (or a list; None: every registered one, :data:`DEFAULT_ORDER` first) -> checked, distinct names."""
     if text is None:
-        return list(DETECTORS)
+        rank = {n: i for i, n in enumerate(DEFAULT_ORDER)}
+        return sorted(DETECTORS, key=lambda n: (rank.get(n, len(rank)), n))
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise UserError(f"--detectors takes comma-separated detector names such as strip,sentinet; known: "
