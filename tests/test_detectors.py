@@ -179,8 +179,8 @@ def test_sentinet_locates_the_patch_and_is_fooled_only_by_it(case):
     trig, cl = det.score(plant(test)), det.score(test)
     assert iou(trig.region, patch_mask()).min() > 0.9          # 49 patch pixels of a 51-pixel region
     assert trig.extra["fooled_rate"].min() == 1.0              # the pasted region sends every image to the target
-    # a clean region changes nothing: its "fooled" rate is the share of paste images already of that class
-    assert cl.extra["fooled_rate"].max() <= 0.5
+    # a clean region changes (almost) nothing: paste images already of x's class are not counted
+    assert cl.extra["fooled_rate"].max() <= 0.3  # (the toy classes have thin margins: a pasted patch of colour)
     assert trig.flagged.all() and cl.flagged.float().mean() <= 2 * FPR  # fresh images: a sample around 5 %
     assert trig.region.shape == (100, 32, 32) and trig.region.sum((1, 2)).eq(51).all()
 
