@@ -320,6 +320,29 @@ def trigger_fn(name: str) -> Callable[[Tensor], Tensor]:
         raise UserError(f"unknown trigger '{name}'; known: {', '.join(TRIGGERS)}") from None
 
 
+# Triggers that change (or may change) every pixel: their mask is the whole image (module docstring, trigger_mask).
+FULL_IMAGE = ("blended", "sig", "wanet", "inverted")
+
+
+def trigger_mask(name: str, height: int, width: int) -> Tensor:
+    """The pixels trigger ``name`` changes on a ``height``×``width`` image: a bool (height, width) tensor, CPU.
+
+    Patch triggers: exactly their stamp's pixels (``whitesquareborder``: the 16 pixels of rows/cols 27..30 on
+    32×32, frame included; ``badnets``: rows/cols 28..30; ``fixrandom8x8`` and ``white8x8_*`` their whole or shaped
+    8×8 box). Full-image triggers (:data:`FULL_IMAGE`: ``blended``, ``sig``, ``wanet``, ``inverted``): all True -
+    they act on every pixel, so an IoU against them only measures a region's size. ``original``: all False.
+
+    For evaluating localisation only (IoU); a detector never sees it (the defender does not know the trigger).
+    """
+    trigger_fn(name)  # unknown name -> UserError
+    if name in FULL_IMAGE:
+        return torch.ones(height, width, dtype=torch.bool)
+    if name == "original":
+        return torch.zeros(height, width, dtype=torch.bool)
+    mask, _ = _PATCHES[name](3, height, width)
+    return mask[0, 0] > 0
+
+
 def apply_trigger(name: str, images: Tensor) -> Tensor:
     """Apply trigger ``name`` to a batch (B, C, H, W) in [0, 1]; a new tensor (except ``original``)."""
     fn = trigger_fn(name)

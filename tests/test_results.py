@@ -313,3 +313,21 @@ def test_means_never_mix_accepted_and_failed_runs(tmp_path):
     rows = [[c.strip() for c in line.split("|")[4:7]] for line in asr.splitlines() if line.startswith("| cifar10 ")]
     assert rows == [["2 accepted", "0.005 (0.020)", "0.950 (0.020)"],
                     ["1 not accepted", "0.005 (0.020)", "0.200 (0.020)"]]
+
+
+def test_detector_table_reads_the_stored_rows(tmp_path):
+    from bnbackdoor.report.results import detector_table
+
+    (tmp_path / "results").mkdir()
+    rows = [{"model": "manipulated", "detector": "strip", "attack_success": 1.0, "detection_rate": 0.4123,
+             "fpr": 0.03, "clean_accuracy": 0.92},
+            {"model": "manipulated", "detector": "februus", "calibrated": False, "attack_success": 1.0,
+             "detection_rate": 0.0, "fpr": 0.1, "iou": 0.0, "attack_success_after": 0.987, "clean_accuracy": 0.92,
+             "clean_accuracy_after": 0.854}]
+    (tmp_path / "results" / "detectors_154.json").write_text(json.dumps({"test": {"images": 8}, "rows": rows}))
+    table, settings = detector_table(tmp_path, models=[])
+    assert table == [["154", "?", "manipulated", "strip", "1.000", "0.412", "0.030", "n/a", "n/a", "0.920"],
+                     ["154", "?", "manipulated", "februus", "1.000", "n/a (no threshold)", "n/a", "0.000", "0.987",
+                      "0.920 → 0.854"]]
+    assert settings["test"] == {"images": 8}
+    assert "## Detectors" in render(tmp_path)

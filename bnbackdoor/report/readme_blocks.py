@@ -11,6 +11,7 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``cam-fit``        the best DSSIM any Grad-CAM map of a given resolution reaches per target, from
                      ``results/cam_fit.json``;
 - ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
+- ``detectors``      STRIP, SentiNet, Februus per stored attack and its clean base, from ``results/detectors_*.json``;
 - ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import loss_label
-from .results import (CLEAN, MANIPULATED, Model, _comparison_rows, comparison_winner, fmt, load_models,
-                      read_stored_json, table)
+from .results import (CLEAN, DETECTOR_HEADERS, MANIPULATED, Model, _comparison_rows, comparison_winner,
+                      detector_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -215,9 +216,17 @@ def poisoning(root: Path) -> list[str]:
     return out
 
 
+def detectors(root: Path) -> list[str]:
+    rows, _ = detector_table(root)
+    if not rows:
+        return ["No `results/detectors_<id>.json` yet (command above)."]
+    return [table(rows, DETECTOR_HEADERS)]
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
-                                                   "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning}
+                                                   "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
+                                                   "detectors": detectors}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

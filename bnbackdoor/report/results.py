@@ -498,6 +498,50 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
     return out
 
 
+DETECTOR_FILES = "results/detectors_*.json"
+DETECTOR_HEADERS = ["id", "attack", "model", "detector", "attack success", "detection rate (triggered)",
+                    "FPR (clean test)", "IoU with trigger", "after Februus: attack success", "clean acc (before → after)"]
+
+
+def detector_table(root: str | Path = ".", models: list[Model] | None = None) -> tuple[list[list[str]], dict]:
+    """One row per (stored attack, model, detector) of ``results/detectors_<id>.json`` (written by
+    ``scripts/compare_detectors.py``), and the first file's settings (test images, defender data, FPR target)."""
+    by_id = {m.id: m for m in (models if models is not None else load_models(root))}
+    rows, settings = [], {}
+    for path in sorted(Path(root).glob(DETECTOR_FILES), key=lambda p: _id_key(p.stem[len("detectors_"):])):
+        attack_id = path.stem[len("detectors_"):]
+        d = read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
+                                   "--save_path results (or restore it with git checkout)")
+        settings = settings or {k: d.get(k) for k in ("test", "defender_data", "fpr_target")}
+        m = by_id.get(attack_id)
+        for r in d.get("rows", []):
+            after = "n/a" if _num(r, "attack_success_after") is None else fmt(_num(r, "attack_success_after"))
+            acc = (fmt(_num(r, "clean_accuracy")) if _num(r, "clean_accuracy_after") is None else
+                   f"{fmt(_num(r, 'clean_accuracy'))} → {fmt(_num(r, 'clean_accuracy_after'))}")
+            calibrated = r.get("calibrated", True)
+            rows.append([attack_id, m.kind if m else "?", str(r.get("model")), str(r.get("detector")),
+                         fmt(_num(r, "attack_success")),
+                         fmt(_num(r, "detection_rate")) if calibrated else "n/a (no threshold)",
+                         fmt(_num(r, "fpr")) if calibrated else "n/a", fmt(_num(r, "iou")), after, acc])
+    return rows, settings
+
+
+def detectors_section(root: str | Path = ".", models: list[Model] | None = None) -> list[str]:
+    rows, settings = detector_table(root, models)
+    out = ["## Detectors", ""]
+    if not rows:
+        return out + [f"No `{DETECTOR_FILES}` yet (`python scripts/compare_detectors.py <id> cpu --save_path "
+                      "results`).", ""]
+    test = settings.get("test") or {}
+    return out + [f"`python scripts/compare_detectors.py <id> cpu --testing-size {test.get('images')} --save_path "
+                  f"results` on {test.get('images')} test images; thresholds at a {settings.get('fpr_target')} "
+                  "false-positive rate on clean **training** images the defender holds out "
+                  f"({(settings.get('defender_data') or {}).get('images')} in all). Detection rate: triggered test "
+                  "images flagged; FPR: clean test images flagged; IoU: the located region against the trigger's "
+                  "pixels (evaluation only, never given to a detector); the clean base model is the control.", "",
+                  table(rows, DETECTOR_HEADERS), ""]
+
+
 def render(root: str | Path = ".") -> str:
     """The full RESULTS.md text for the repository at ``root``."""
     models = load_models(root)
@@ -514,4 +558,5 @@ def render(root: str | Path = ".") -> str:
     lines += means_section(models, labels)
     lines += per_model_section(models, labels)
     lines += defense_comparison_section(root, models)
+    lines += detectors_section(root, models)
     return "\n".join(lines).rstrip("\n") + "\n"
