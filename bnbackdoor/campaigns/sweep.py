@@ -40,7 +40,7 @@ from ..models import MODEL_ROOT, load_model
 from ..attack.params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
                      read_json)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = "[sweep]"
 
 
