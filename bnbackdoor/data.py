@@ -219,3 +219,32 @@ def load_split(name: str, split: str = "train", size: int | None = None, seed: i
     x = torch.from_numpy(np.ascontiguousarray(x_all[idx])).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(y_all[idx].astype(np.int64))
     return (x if as_uint8 else images_to_float(x)), y
+
+
+# The two ways the toolkit picks images outside training: every study and run goes through these, so "the attack's
+# test images" and "the defender's clean set" mean the same subset wherever they are named.
+def test_images(name: str, size: int | None = None, seed: int = 0, data_root: str | os.PathLike | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation images: a deterministic ``size``-image subset of the TEST split (None: all) and labels."""
+    return load_split(name, "test", size=size, seed=seed, data_root=data_root)
+
+
+@dataclass
+class CleanSet:
+    """What a defender has besides the model: clean images of the TRAINING split (float, [0, 1]) and, for
+    defenses that train, their labels."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    dataset: str
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def clean_set(name: str, size: int | None, seed: int = 0, data_root: str | os.PathLike | None = None,
+              exclude: torch.Tensor | None = None) -> CleanSet:
+    """The defender's clean set: a deterministic, labelled ``size``-image subset of the TRAINING split (never a test
+    image); sets of one seed are nested (the 100 images are among the 500). ``exclude``: training indices to avoid."""
+    x, y = load_split(name, "train", size=size, seed=seed, data_root=data_root, exclude=exclude)
+    return CleanSet(x, y, name, seed)

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 
 from .claim import CLAIM_FILE, claim_run
-from .data import check_sizes, dataset_info, load_cache, load_split
+from .data import check_sizes, clean_set, dataset_info, load_cache, test_images
 from .defenses.evaluate import evaluate_defenses
-from .defenses import DEFAULT_DEFENSES, CleanSet
+from .defenses import DEFAULT_DEFENSES
 from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
@@ -341,7 +341,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     regime = REGIMES[params.regime]
     guard(regime.estimate(clean_model, params, device, out, data_root, seed), "--allow-autotrain",
           allowed=allow_long)
-    x_test, y_test = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
+    x_test, y_test = test_images(params.dataset, params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
                                       device=device, progress=progress, with_predictions=True)
     before = evaluate_attack(clean_model, clean_model, params, x_test, y_test, batch_size=200, device=device,
@@ -359,9 +359,9 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     model = result.model
     after = {k: v for k, v in result.history[-1].items()
              if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
-    x_cal, y_cal = load_split(params.dataset, "train", size=defense_calibration, seed=seed, data_root=data_root)
     defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
-                                 clean=CleanSet(x_cal, y_cal, params.dataset, seed=seed), defenses=defenses,
+                                 clean=clean_set(params.dataset, defense_calibration, seed=seed, data_root=data_root),
+                                 defenses=defenses,
                                  batch_size=100, seed=seed, device=device, reference=test_ref, progress=progress)
     metrics = {
         "attack_id": params.attack_id, "id": params.id, "seed": seed, "device": str(device),
@@ -463,8 +463,8 @@ def record_base_model(folder: str | Path, models_root: str | Path = MODEL_ROOT, 
     check = ""
     if verify:
         want = (metrics.get("clean_model") or {}).get("clean_accuracy")
-        x, y = load_split(params.dataset, "test", size=metrics.get("testing_size", params.testing_size),
-                          seed=metrics.get("seed", 0), data_root=data_root)
+        x, y = test_images(params.dataset, metrics.get("testing_size", params.testing_size),
+                           seed=metrics.get("seed", 0), data_root=data_root)
         got = accuracy(clean, x, y, batch_size=500, progress=False)
         if want is None or abs(got - want) > 0.005:
             raise UserError(f"{folder}: {path} scores {got:.4f} clean accuracy on the run's {len(y)} test images, "

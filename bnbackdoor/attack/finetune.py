@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import dataset_info, load_split
+from ..data import dataset_info, load_split, test_images
 from ..divergence import DivergenceGuard, require_finite
 from ..errors import UserError
 from ..explain import explain_with_logits
@@ -219,7 +219,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     method = params.explanation_methodStr
     x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
     if test_data is None:
-        test_data = load_split(params.dataset, "test", size=params.testing_size, seed=seed, data_root=data_root)
+        test_data = test_images(params.dataset, params.testing_size, seed=seed, data_root=data_root)
     x_test, y_test = test_data
     clean_model.to(device).eval()
     model.to(device)

@@ -28,23 +28,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..data import CleanSet
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
            "apply_defense", "defense_label", "parse_spec"]
-
-
-@dataclass
-class CleanSet:
-    """What a defender has besides the model: clean images of the TRAINING split (float, [0, 1]) and, for
-    defenses that train, their labels."""
-    x: torch.Tensor
-    y: torch.Tensor | None
-    dataset: str
-    seed: int = 0
-
-    def __len__(self) -> int:
-        return len(self.x)
 
 
 @dataclass

@@ -44,7 +44,7 @@ import torch.nn as nn
 from tabulate import tabulate
 from tqdm import tqdm
 
-from ..data import load_split
+from ..data import clean_set
 from ..errors import UserError
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
@@ -127,8 +127,7 @@ def calibration_set(dataset: str, size: int | None = 5000, seed: int = 0,
     ``exclude`` lists training indices to avoid (e.g. to keep calibration disjoint from another subset).
     Returns the images only (N×3×32×32 float in [0, 1]); Re-BN needs no labels.
     """
-    x, _ = load_split(dataset, "train", size=size, seed=seed, data_root=data_root, exclude=exclude)
-    return x
+    return clean_set(dataset, size, seed=seed, data_root=data_root, exclude=exclude).x
 
 
 def _iter_batches(data, batch_size: int) -> Iterator[torch.Tensor]:

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-from ..data import dataset_info, load_split
+from ..data import clean_set as data_clean_set
+from ..data import dataset_info, test_images
 from ..errors import UserError
 from ..runs import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
 from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
@@ -111,7 +112,7 @@ def eval_images(params: AttackParams, size: int | None = None, seed: int = 0,
     """The evaluation images: ``size`` (default ``params.testing_size``) images of the TEST split."""
     size = params.testing_size if size is None else size
     _positive(size, "the number of test images")
-    return load_split(params.dataset, "test", size=size, seed=seed, data_root=data_root)
+    return test_images(params.dataset, size, seed=seed, data_root=data_root)
 
 
 def calibration(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0, data_root=None,
@@ -131,9 +132,8 @@ def clean_set(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0
               ) -> tuple[CleanSet, dict[str, Any]]:
     """The defender's clean set: the images of :func:`calibration` (same subset) with their labels."""
     _positive(size, "the Re-BN calibration size")
-    x, y = load_split(params.dataset, "train", size=size, seed=seed, data_root=data_root)
-    info = {"split": "train", "requested": size, "images": len(x), "seed": seed, "excluded": 0}
-    return CleanSet(x, y, params.dataset, seed=seed), info
+    clean = data_clean_set(params.dataset, size, seed=seed, data_root=data_root)
+    return clean, {"split": "train", "requested": size, "images": len(clean), "seed": seed, "excluded": 0}
 
 
 def rebn_copy(model: nn.Module, x_cal: torch.Tensor, batch_size: int = 100, device=None,

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from tabulate import tabulate
 
-from ..data import load_split
-from ..defenses import DEFENSES, CleanSet, apply_defense, defense_label, get_defense, parse_spec
+from ..data import CleanSet, clean_set
+from ..defenses import DEFENSES, apply_defense, defense_label, get_defense, parse_spec
 from ..errors import UserError
 from .common import clean_reference, eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
@@ -90,11 +90,7 @@ def parse_clean_images(text: str | Iterable[int]) -> list[int]:
 
 def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
     """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
-    out = {}
-    for size in parse_clean_images(sizes):
-        x, y = load_split(dataset, "train", size=size, seed=seed, data_root=data_root)
-        out[size] = CleanSet(x, y, dataset, seed)
-    return out
+    return {size: clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
 
 
 def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: int,

@@ -40,7 +40,7 @@ import torch
 from tabulate import tabulate
 
 from ..attack.params import AttackParams
-from ..data import load_split
+from ..data import clean_set
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
 from ..fileio import write_json
@@ -155,7 +155,7 @@ def compare_detectors(attackid: str | int, device: torch.device | str = "cpu", *
                                     clean_model=clean_model)
     name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    clean_x, _ = load_split(params.dataset, "train", size=clean_images, seed=seed, data_root=data_root)
+    clean_x = clean_set(params.dataset, clean_images, seed=seed, data_root=data_root).x
     kw = dict(device=device, batch_size=batch_size, seed=seed, progress=progress)
     rows = (detector_rows(model, params, x, y, clean_x, names, label=MODEL_MANIPULATED, **kw)
             + detector_rows(clean, params, x, y, clean_x, names, label=MODEL_CLEAN, **kw))
