@@ -235,9 +235,11 @@ def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path,
     resolve_attack("154", root=ROOT).replace(testing_size=8, id="154").save(
         tmp_path / "manipulated_models" / "154" / "parameters.json")
 
+    import bnbackdoor.defenses.evaluate as defense_eval  # the one defense loop compare_defenses goes through
+
     seen = []
-    real = compare.apply_defense
-    monkeypatch.setattr(compare, "apply_defense", lambda name, m, clean, **kw: seen.append(clean) or real(
+    real = defense_eval.apply_defense
+    monkeypatch.setattr(defense_eval, "apply_defense", lambda name, m, clean, **kw: seen.append(clean) or real(
         name, m, clean, **kw))
     cmp = compare.compare_defenses("154", "cpu", sizes=[16, 8], defenses="bnp", root=tmp_path,
                                    data_root=tiny_data_root, save_path=tmp_path / "out", progress=False)

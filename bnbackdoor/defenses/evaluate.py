@@ -186,10 +186,12 @@ def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: 
                       defenses: Mapping[str, tuple[str, Mapping[str, Any]]] = DEFAULT_DEFENSES,
                       batch_size: int = 100, seed: int = 0, device: torch.device | str | None = None,
                       reference: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
-                      on_outcome: Callable[[str, DefenseOutcome], None] | None = None) -> dict[str, dict[str, Any]]:
+                      on_outcome: Callable[[str, DefenseOutcome], None] | None = None,
+                      share_batch_size: bool = True) -> dict[str, dict[str, Any]]:
     """Every defense of ``defenses`` (label -> (registered name, options)) on a fresh copy of ``model``, measured
     on the test images ``x, y``; ``clean`` is the defender's clean TRAINING set. Returns label -> record (module
-    doc). A defense with a ``batch_size`` option not set in ``defenses`` gets ``batch_size``. ``reference``: the
+    doc). A defense with a ``batch_size`` option not set in ``defenses`` gets ``batch_size`` (unless
+    ``share_batch_size`` is False: then every defense runs with its registered options). ``reference``: the
     clean model's (explanations, predictions) of ``x``, if the caller has them.
     ``on_outcome(label, outcome)`` gets each defended model and the defense's own report (e.g. Re-BN's shifts)."""
     if not defenses:
@@ -200,7 +202,7 @@ def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: 
     for label, (name, options) in defenses.items():
         d = get_defense(name)
         options = dict(options)
-        if "batch_size" in d.defaults:    # a defense's own batches default to the evaluation's batch size
+        if share_batch_size and "batch_size" in d.defaults:  # its batches default to the evaluation's
             options.setdefault("batch_size", batch_size)
         outcome = apply_defense(name, model, clean, device=device, progress=progress, **options)
         opts = outcome.info["options"]

@@ -29,7 +29,8 @@ import torch
 from tabulate import tabulate
 
 from ..data import CleanSet, clean_set
-from ..defenses import DEFENSES, apply_defense, defense_label, get_defense, parse_spec
+from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
+from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
 from .common import clean_reference, eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
@@ -193,11 +194,13 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
         d, opts = parse_spec(spec)
         label = defense_label(d, opts)  # "finetune freeze_bn_stats=True"; a plain name stays itself
         for size, clean in sets.items():
-            out = apply_defense(d, model, clean, device=device, progress=progress, **opts)
-            metrics = evaluate_attack(out.model, clean_model, params, x, y, **kw)
-            rows.append({"defense": label, "clean_images": len(clean), "seconds": round(out.seconds, 2), **metrics,
-                         "info": out.info})
-            del out
+            infos: dict[str, Any] = {}
+            rec = evaluate_defenses(params, clean_model, model, x, y, clean=clean, defenses={label: (d, opts)},
+                                    batch_size=batch_size, device=device, reference=(ref, pred), progress=progress,
+                                    on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
+            metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
+            rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"], **metrics,
+                         "info": infos})
     if merge:
         rows = merged_rows(Path(save_path) / f"defenses_{name}.json", rows, seed=seed, images=len(x),
                            base_model=model.base_model)
