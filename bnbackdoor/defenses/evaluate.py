@@ -95,11 +95,6 @@ def composition(n: int, test_batch: int, trigger_fraction: float, *, seed: int =
     return out
 
 
-def _clean_reference(clean_model, x, method, batch_size, device, progress):
-    return reference_explanations(clean_model, x, method, batch_size=batch_size, device=device, progress=progress,
-                                  with_predictions=True)
-
-
 def _forward(model: nn.Module, x: torch.Tensor, method: str, explain: bool):
     if explain:
         return logits_and_explanations(model, x, method)
@@ -120,7 +115,8 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
     n = len(x)
     batches = composition(n, test_batch, trigger_fraction, seed=seed, max_triggered=max_triggered)
     if clean_expl is None or clean_pred is None:
-        clean_expl, clean_pred = _clean_reference(clean_model, x, method, test_batch, device, progress)
+        clean_expl, clean_pred = reference_explanations(clean_model, x, method, batch_size=test_batch, device=device,
+                                                        progress=progress, with_predictions=True)
     model_pred = torch.empty(n, dtype=torch.long)
     correct = agree = 0
     mse_clean = dssim_clean = 0.0
@@ -196,8 +192,8 @@ def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: 
     ``on_outcome(label, outcome)`` gets each defended model and the defense's own report (e.g. Re-BN's shifts)."""
     if not defenses:
         return {}
-    ref, pred = reference or _clean_reference(clean_model, x, params.explanation_methodStr, batch_size, device,
-                                              progress)
+    ref, pred = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
+                                                    device=device, progress=progress, with_predictions=True)
     records: dict[str, dict[str, Any]] = {}
     for label, (name, options) in defenses.items():
         d = get_defense(name)

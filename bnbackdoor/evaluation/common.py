@@ -211,13 +211,6 @@ class Evaluation:
         return d
 
 
-def clean_reference(params: AttackParams, clean_model: nn.Module, x: torch.Tensor, batch_size: int, device=None,
-                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean model's explanations and predictions of ``x``: computed once, shared by every evaluated row."""
-    return reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size, device=device,
-                                  progress=progress, with_predictions=True)
-
-
 def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
                    y: torch.Tensor, clean: CleanSet | torch.Tensor | None = None, *,
                    defenses: dict[str, tuple[str, dict]] | None = None, batch_size: int = 100, device=None,
@@ -228,11 +221,12 @@ def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Modul
     ``clean``: the defender's clean training set (a :class:`CleanSet`, or bare images); with it and no
     ``defenses``, the single defense is Re-BN (``--robust``). Returns (rows, the first Re-BN report or None,
     label -> defended model for the non-transductive defenses). The clean model's explanations of ``x`` and
-    predictions are computed once (or taken from ``reference``, see :func:`clean_reference`) and shared by
-    every row.
+    predictions are computed once (or taken from ``reference``, see
+    :func:`bnbackdoor.metrics.reference_explanations`) and shared by every row.
     """
     _positive(batch_size, "the batch size")
-    ref, pred = reference or clean_reference(params, clean_model, x, batch_size, device, progress)
+    ref, pred = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
+                                                    device=device, progress=progress, with_predictions=True)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean_model, clean_model, params, x, y, **kw),
             ROW_MANIPULATED: evaluate_attack(model, clean_model, params, x, y, **kw)}
@@ -264,7 +258,8 @@ def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x
                ) -> list[dict[str, Any]]:
     """Re-BN sample efficiency: per calibration size, Re-BN on a fresh copy of ``model`` with that many clean
     training images (:func:`calibration`, nested sets), then every metric on the test images ``x, y``."""
-    ref, pred = reference or clean_reference(params, clean_model, x, batch_size, device, progress)
+    ref, pred = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
+                                                    device=device, progress=progress, with_predictions=True)
     out = []
     for size in parse_sizes(sizes):
         x_cal, info = calibration(params, size, seed=seed, data_root=data_root)
@@ -418,7 +413,8 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
     cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
     cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
-    ref = clean_reference(params, clean, x, batch_size, device, progress)
+    ref = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
+                                 device=device, progress=progress, with_predictions=True)
     rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=defenses,
                                          batch_size=batch_size, device=device, progress=progress, reference=ref,
                                          seed=seed)
@@ -478,7 +474,8 @@ def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.M
                        progress: bool = True) -> list[dict[str, Any]]:
     """``batchstats`` attack success and clean accuracy against the triggered fraction f of each test batch, for
     each test batch size B. Writes ``<out>/<name>_composition.{json,png}``; returns the points."""
-    ref = reference or clean_reference(params, clean_model, x, 100, device, progress)
+    ref = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=100,
+                                              device=device, progress=progress, with_predictions=True)
     defended = apply_defense("batchstats", model, CleanSet(x[:0], None, params.dataset, seed=seed), device=device,
                              progress=progress).model
     points = []
@@ -616,7 +613,8 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
             path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
         base = {"path": str(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
                 "source": source}  # nothing to verify: no manipulated model
-    ref, pred = clean_reference(params, clean, x, batch_size, device, progress)
+    ref, pred = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
+                                       device=device, progress=progress, with_predictions=True)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}
     if model is not None:

@@ -32,10 +32,10 @@ from ..data import CleanSet, clean_set
 from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
 from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
-from .common import clean_reference, eval_images, parse_sizes
+from .common import eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
 from ..fileio import write_json
-from ..metrics import evaluate_attack
+from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..plots import defense_scatter
 
@@ -184,7 +184,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
     name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
     sets = clean_sets(params.dataset, sizes, seed=seed, data_root=data_root)
-    ref, pred = clean_reference(params, clean_model, x, batch_size, device, progress)
+    ref, pred = reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
+                                       device=device, progress=progress, with_predictions=True)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
     rows = [{"defense": ROW_CLEAN, "clean_images": None, "seconds": None,
              **evaluate_attack(clean_model, clean_model, params, x, y, **kw)},
