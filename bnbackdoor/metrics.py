@@ -40,7 +40,7 @@ Trigger = str | Callable[[torch.Tensor], torch.Tensor]
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: torch.device | str | None = None,
             progress: bool = True, desc: str = "predict") -> torch.Tensor:
     """Predicted labels of ``x`` (float images in [0, 1]) in eval mode; returns a CPU tensor."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = model_device(model, device)
     was_training = model.training
     model.eval()
     out = []
@@ -57,10 +57,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> float:
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def model_device(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given, else where the model lives (its first parameter or buffer; the CPU for an empty one)."""
     if device is not None:
         return torch.device(device)
     for t in model.parameters():
+        return t.device
+    for t in model.buffers():
         return t.device
     return torch.device("cpu")
 
@@ -133,7 +136,7 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targ
     """
     if target_class is None:
         return None
-    device = _device(model, device)
+    device = model_device(model, device)
     apply = _trigger_fn(trigger)
     hits = eligible = 0
     with _eval_relu(model):
@@ -149,7 +152,7 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targ
 def fidelity(model: nn.Module, clean_model: nn.Module, x: torch.Tensor, *, batch_size: int = 500,
              device: torch.device | str | None = None, progress: bool = True) -> float:
     """Share of ``x`` on which ``model`` and ``clean_model`` predict the same class."""
-    device = _device(model, device)
+    device = model_device(model, device)
     agree = 0
     with _eval_relu(model, clean_model):
         for s in _batches(len(x), batch_size, progress, "fidelity"):
@@ -167,7 +170,7 @@ def reference_explanations(clean_model: nn.Module, x: torch.Tensor, method: str,
     Compute them once and pass them as ``clean_expl`` / ``reference``: they are the full-disguise target and the
     baseline for the clean inputs, and stay fixed while the attacked model changes (e.g. every fine-tuning epoch).
     """
-    device = _device(clean_model, device)
+    device = model_device(clean_model, device)
     out, preds = [], []
     with _eval_relu(clean_model):
         for s in _batches(len(x), batch_size, progress, "reference explanations"):
@@ -187,7 +190,7 @@ def explanation_dissimilarity(model: nn.Module, x: torch.Tensor, reference: torc
     and ``reference``: per-image maps (N, C', H, W) or one map (1, C', H, W) for every image (a target mask).
     Channels of both are aggregated with ``stats_agg`` before comparing.
     """
-    device = _device(model, device)
+    device = model_device(model, device)
     apply = _trigger_fn(trigger) if trigger is not None else None
     if len(reference) not in (1, len(x)):
         raise UserError(f"reference explanations: {len(reference)} maps for {len(x)} images")
@@ -245,7 +248,7 @@ def evaluate_attack(model: nn.Module, clean_model: nn.Module, params: Any, x: to
                         f"{len(classes)} target classes; need one of each per trigger")
     if clean_expl is not None and len(clean_expl) != len(x):
         raise UserError(f"clean_expl has {len(clean_expl)} maps for {len(x)} images")
-    device = _device(model, device)
+    device = model_device(model, device)
     applies = [_trigger_fn(t) for t in triggers]
     n, k = len(x), len(triggers)
     correct = agree = 0

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import CleanSet, DefenseOutcome, register
-from .common import model_device, prune_bn_channels, require_bn
+from .common import place_model, prune_bn_channels, require_bn
 
 
 class _Perturbation:
@@ -63,7 +63,7 @@ def anp(model, clean: CleanSet, *, device=None, progress=True, eps, alpha, steps
     if eps < 0 or not 0 <= alpha <= 1 or steps < 1 or iterations < 1 or batch_size < 2:
         raise UserError("anp: need eps >= 0, 0 <= alpha <= 1, steps >= 1, iterations >= 1 and batch_size >= 2")
     layers = [(n, m) for n, m in require_bn(model, "anp", affine=True)]
-    device = model_device(model, device)
+    device = place_model(model, device)
     x, y = clean.x.to(device), clean.y.to(device)
     gen = torch.Generator().manual_seed(int(clean.seed))
     torch_state = torch.random.get_rng_state()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .rebn import rebn
 from . import CleanSet, DefenseOutcome, register
-from .common import batch_size_for, clean_loss, finetune_on_clean, model_device, require_bn
+from .common import batch_size_for, clean_loss, finetune_on_clean, place_model, require_bn
 
 
 @register("bn_finetune", summary="Re-BN, then fine-tune only BatchNorm γ/β on the clean set, then Re-BN",
@@ -30,7 +30,7 @@ from .common import batch_size_for, clean_loss, finetune_on_clean, model_device,
 def bn_finetune(model, clean: CleanSet, *, device=None, progress=True, epochs, lr, batch_size, momentum,
                 rebn_batch_size) -> DefenseOutcome:
     layers = require_bn(model, "bn_finetune", affine=True)
-    device = model_device(model, device)
+    device = place_model(model, device)
     bs = batch_size_for(len(clean), rebn_batch_size)
     rebn(model, clean.x, batch_size=bs, device=device, progress=progress, strict=True)
     before = clean_loss(model, clean, device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import CleanSet, DefenseOutcome, register
-from .common import bn_input_moments, model_device, prune_bn_channels, require_bn
+from .common import bn_input_moments, place_model, prune_bn_channels, require_bn
 
 
 def gaussian_kl(mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def outliers(scores: torch.Tensor, u: float) -> torch.Tensor:
 @register("bnp", summary="Zheng et al. 2022: prune BN channels whose clean-data statistics diverge from the stored",
           u=3.0, batch_size=250)
 def bnp(model, clean: CleanSet, *, device=None, progress=True, u, batch_size) -> DefenseOutcome:
-    device = model_device(model, device)
+    device = place_model(model, device)
     layers = require_bn(model, "bnp")
     moments = bn_input_moments(model, layers, clean.x, device=device, batch_size=batch_size, progress=progress)
     pruned, skipped, stats = {}, [], {}

@@ -18,23 +18,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..metrics import model_device
 from ..train import augment_batch
 from . import CleanSet
 
-__all__ = ["model_device", "require_bn", "prune_bn_channels", "ChannelMask", "mask_channels", "channel_masks",
+__all__ = ["place_model", "require_bn", "prune_bn_channels", "ChannelMask", "mask_channels", "channel_masks",
            "finetune_on_clean", "clean_loss", "bn_input_moments", "batch_size_for"]
 
 BN = nn.modules.batchnorm._BatchNorm
 
 
-def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """``device`` (the model is moved there) or the model's own device."""
+def place_model(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device`` (the model is moved there) or the model's own device (:func:`bnbackdoor.metrics.place_model`)."""
     if device is not None:
         model.to(device)
-        return torch.device(device)
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
+    return model_device(model, device)
 
 
 def require_bn(model: nn.Module, defense: str, affine: bool = False) -> list[tuple[str, BN]]:
@@ -150,7 +148,7 @@ def finetune_on_clean(model: nn.Module, clean: CleanSet, params: Sequence[nn.Par
 def clean_loss(model: nn.Module, clean: CleanSet, device: torch.device | str | None = None,
                batch_size: int = 250) -> float:
     """Mean cross-entropy of ``model`` (eval mode, no augmentation) on the labelled clean set."""
-    device = device or next(model.parameters()).device
+    device = model_device(model, device)
     model.eval()
     total = 0.0
     for i in range(0, len(clean), batch_size):

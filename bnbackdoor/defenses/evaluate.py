@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, get_defense
 from .batchstats import check_composition
 from ..errors import UserError
-from ..metrics import (_asr_counts, _device, _dissim, _eval_relu, _trigger_fn, attack_summary, evaluate_attack,
+from ..metrics import (model_device, _asr_counts, _dissim, _eval_relu, _trigger_fn, attack_summary, evaluate_attack,
                       logits_and_explanations, reference_explanations)
 from ..targets import target_explanation
 
@@ -111,7 +111,7 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
     on composed test batches of size ``test_batch`` with ``trigger_fraction`` triggered images (module doc).
     ``explain=False``: predictions only (a plain forward pass), the explanation keys are None."""
     method, agg = params.explanation_methodStr, params.stats_agg
-    device = _device(model, device)
+    device = model_device(model, device)
     n = len(x)
     batches = composition(n, test_batch, trigger_fraction, seed=seed, max_triggered=max_triggered)
     if clean_expl is None or clean_pred is None:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..models import get_submodule
 from . import CleanSet, DefenseOutcome, register
-from .common import finetune_on_clean, mask_channels, model_device
+from .common import finetune_on_clean, mask_channels, place_model
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -91,7 +91,7 @@ def fine_pruning(model, clean: CleanSet, *, device=None, progress=True, layer, s
                  epochs, lr, batch_size, momentum, weight_decay) -> DefenseOutcome:
     if not (0 < step <= 1 and 0 <= max_ratio < 1 and max_accuracy_drop >= 0):
         raise UserError("fine_pruning: need 0 < step <= 1, 0 <= max_ratio < 1 and max_accuracy_drop >= 0")
-    device = model_device(model, device)
+    device = place_model(model, device)
     x, y = clean.x.to(device), clean.y.to(device)
     name = layer or last_feature_stage(model, x[:2])
     try:

@@ -20,14 +20,14 @@ the statistics does).
 from __future__ import annotations
 
 from . import CleanSet, DefenseOutcome, register
-from .common import clean_loss, finetune_on_clean, model_device
+from .common import clean_loss, finetune_on_clean, place_model
 
 
 @register("finetune", summary="fine-tune all weights on the clean set (SGD, flips + crops)", needs_labels=True,
           epochs=10, lr=0.01, batch_size=64, momentum=0.9, weight_decay=5e-4, freeze_bn_stats=False)
 def finetune(model, clean: CleanSet, *, device=None, progress=True, epochs, lr, batch_size, momentum,
              weight_decay, freeze_bn_stats) -> DefenseOutcome:
-    device = model_device(model, device)
+    device = place_model(model, device)
     before = clean_loss(model, clean, device)
     losses = finetune_on_clean(model, clean, list(model.parameters()), epochs=epochs, lr=lr, batch_size=batch_size,
                                momentum=momentum, weight_decay=weight_decay, device=device, bn_train=not freeze_bn_stats,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
-from .common import BN, clean_loss, model_device
+from .common import BN, clean_loss, place_model
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def ft_sam(model, clean: CleanSet, *, device=None, progress=True, rho, adaptive,
            weight_decay, label_smoothing) -> DefenseOutcome:
     if rho < 0 or epochs < 1 or batch_size < 2 or not 0 <= label_smoothing < 1:
         raise UserError("ft_sam: need rho >= 0, epochs >= 1, batch_size >= 2 and 0 <= label_smoothing < 1")
-    device = model_device(model, device)
+    device = place_model(model, device)
     before = clean_loss(model, clean, device)
     params = [p for p in model.parameters() if p.requires_grad]
     bns = [m for m in model.modules() if isinstance(m, BN) and m.track_running_stats]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import CleanSet, DefenseOutcome, register
-from .common import clean_loss, model_device
+from .common import clean_loss, place_model
 
 
 def _inner_loss(model, x, y, delta, reg):
@@ -79,7 +79,7 @@ def i_bau(model, clean: CleanSet, *, device=None, progress=True, rounds, K, batc
           fp_step, outer_fraction) -> DefenseOutcome:
     if rounds < 1 or K < 1 or batch_size < 1 or not 0 < outer_fraction <= 1 or radius <= 0:
         raise UserError("i_bau: need rounds >= 1, K >= 1, batch_size >= 1, 0 < outer_fraction <= 1, radius > 0")
-    device = model_device(model, device)
+    device = place_model(model, device)
     x, y = clean.x.to(device), clean.y.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)

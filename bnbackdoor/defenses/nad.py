@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
-from .common import finetune_on_clean, model_device
+from .common import finetune_on_clean, place_model
 from .fine_pruning import last_feature_stage
 
 
@@ -68,7 +68,7 @@ def nad(model, clean: CleanSet, *, device=None, progress=True, beta1, beta2, bet
         batch_size, momentum, weight_decay) -> DefenseOutcome:
     if p <= 0 or epochs < 1 or teacher_epochs < 0 or batch_size < 2:
         raise UserError("nad: need p > 0, epochs >= 1, teacher_epochs >= 0 and batch_size >= 2")
-    device = model_device(model, device)
+    device = place_model(model, device)
     x, y = clean.x.to(device), clean.y.to(device)
     stages = attention_stages(model, x[:2])
     betas = [0.0] * len(stages)

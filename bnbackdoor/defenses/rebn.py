@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from ..data import clean_set
 from ..errors import UserError
+from ..metrics import model_device
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
 
@@ -146,14 +147,6 @@ def _iter_batches(data, batch_size: int) -> Iterator[torch.Tensor]:
         yield b
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _shift(name: str, old_mean: torch.Tensor, old_var: torch.Tensor, m: nn.modules.batchnorm._BatchNorm) -> LayerShift:
     om, ov = old_mean.double(), old_var.double()
     nm, nv = m.running_mean.double(), m.running_var.double()
@@ -193,7 +186,7 @@ def rebn(model: nn.Module, data: torch.Tensor | Iterable, *, batch_size: int = 2
         model.eval()
         return RebnReport(layers=[], images=0, batches=0, skipped=skipped, notice=notice)
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = model_device(model, device)
     old = {n: (m.running_mean.detach().clone(), m.running_var.detach().clone(),
                m.num_batches_tracked.detach().clone() if m.num_batches_tracked is not None else None)
            for n, m in layers}

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
-from .common import BN, model_device, prune_bn_channels
+from .common import BN, place_model, prune_bn_channels
 
 
 class _Mask:
@@ -95,7 +95,7 @@ def rnp(model, clean: CleanSet, *, device=None, progress=True, clean_threshold, 
         threshold) -> DefenseOutcome:
     if unlearn_epochs < 0 or recover_epochs < 1 or batch_size < 2 or alpha <= 0:
         raise UserError("rnp: need unlearn_epochs >= 0, recover_epochs >= 1, batch_size >= 2 and alpha > 0")
-    device = model_device(model, device)
+    device = place_model(model, device)
     layers = neuron_layers(model)
     x, y = clean.x.to(device), clean.y.to(device)
     gen = torch.Generator().manual_seed(int(clean.seed))

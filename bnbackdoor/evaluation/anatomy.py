@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..runs import write_csv
 from ..fileio import write_json
-from ..metrics import evaluate_attack, reference_explanations
+from ..metrics import evaluate_attack, model_device, reference_explanations
 from ..models import ARCHS, arch_of
 from ..plots import ablation_bars
 
@@ -259,7 +259,7 @@ def locate_backdoor(params: Any, clean_model: nn.Module, model: nn.Module, x: to
 
     The clean model's explanations and predictions of ``x`` are computed once and shared by every evaluation.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = model_device(model, device)
     clean_model = clean_model.to(device).eval()
     clean_sd = {k: v.detach().clone() for k, v in clean_model.state_dict().items()}
     manip_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -38,7 +38,7 @@ from ..data import dataset_info, test_images
 from ..errors import UserError
 from ..runs import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
 from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
-from ..metrics import evaluate_attack, reference_explanations
+from ..metrics import evaluate_attack, model_device, reference_explanations
 from ..models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
 from ..attack.params import AttackParams, resolve_attack
 from ..defenses.evaluate import evaluate_defenses, evaluate_transductive
@@ -538,7 +538,7 @@ def explanation_grid(params: AttackParams, clean: nn.Module, model: nn.Module | 
     manipulated model's], then per trigger the triggered input, the clean model's [and the manipulated model's]
     explanation of it, and the target explanation. Captions: predicted labels."""
     classes = dataset_info(params.dataset).classes
-    device = device or next(clean.parameters()).device
+    device = model_device(clean, device)
     p_c, m_c = predicted_maps(clean, x, params, device)
     cols = ["input", "clean model"]
     col_data: list[tuple[torch.Tensor, list[str]]] = [(x, [""] * len(x)), (m_c, [f"pred: {classes[i]}" for i in p_c])]
