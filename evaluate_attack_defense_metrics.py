@@ -16,8 +16,9 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, p
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFAULT_DEFENSES, DEFENSES
-from bnbackdoor.evaluation.common import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, defense_metrics, format_table,
-                                   parse_defenses, parse_sizes)
+from bnbackdoor.evaluation.common import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, format_table, parse_defenses,
+                                          parse_sizes)
+from bnbackdoor.evaluation.defense_table import defense_metrics
 
 
 def main() -> int:

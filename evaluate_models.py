@@ -13,7 +13,8 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, p
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFENSES
-from bnbackdoor.evaluation.common import DEFAULT_REBN_SIZE, evaluate_stored_model, parse_defenses
+from bnbackdoor.evaluation.common import DEFAULT_REBN_SIZE, parse_defenses
+from bnbackdoor.evaluation.stored import evaluate_stored_model
 
 
 def main() -> int:

@@ -14,7 +14,8 @@ import sys
 from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
-from bnbackdoor.evaluation.common import EXPLANATION_METRICS, generate_explanations
+from bnbackdoor.evaluation.common import EXPLANATION_METRICS
+from bnbackdoor.evaluation.explanations import generate_explanations
 
 
 def main() -> int:

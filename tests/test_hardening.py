@@ -20,7 +20,8 @@ import bnbackdoor.fileio as fileio
 from bnbackdoor.cli import MAX_SEED
 from bnbackdoor.data import build_cache
 from bnbackdoor.errors import UserError
-from bnbackdoor.evaluation.common import ROW_MANIPULATED, evaluate_stored_model
+from bnbackdoor.evaluation.common import ROW_MANIPULATED
+from bnbackdoor.evaluation.stored import evaluate_stored_model
 from bnbackdoor.runs import load_run, run_attack
 from bnbackdoor.models import build_model, knobs, load_model, read_checkpoint, save_checkpoint, weights_sha256
 from bnbackdoor.attack.params import resolve_attack
@@ -159,7 +160,7 @@ def test_every_shipped_run_records_the_base_it_is_compared_with():
 
 
 def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(work, tiny_data_root):
-    from bnbackdoor.evaluation.common import generate_explanations
+    from bnbackdoor.evaluation.explanations import generate_explanations
     p = resolve_attack("params.json")
     run_attack(p, torch.device("cpu"), save_path=work / "runs", data_root=tiny_data_root, models_root=work / "models",
                progress=False, defenses={})

@@ -15,8 +15,11 @@ import torch
 import bnbackdoor.evaluation.common as evaluation
 from bnbackdoor.data import load_split
 from bnbackdoor.defenses import DEFAULT_DEFENSES
-from bnbackdoor.evaluation.common import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, defense_row, calibration, defense_metrics,
-                                   evaluate_stored_model, generate_explanations, parse_sizes, rebn_batch_size)
+from bnbackdoor.evaluation.common import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, calibration, defense_row, parse_sizes,
+                                          rebn_batch_size)
+from bnbackdoor.evaluation.defense_table import defense_metrics
+from bnbackdoor.evaluation.explanations import generate_explanations
+from bnbackdoor.evaluation.stored import evaluate_stored_model
 from bnbackdoor.errors import UserError
 from bnbackdoor.runs import load_run
 from bnbackdoor.metrics import evaluate_attack

@@ -1,11 +1,8 @@
-"""Evaluating stored attacks: clean vs manipulated vs manipulated + Re-BN, the Re-BN sample-efficiency sweep, and
-explanation grids. The library side of ``evaluate_models.py``, ``evaluate_attack_defense_metrics.py`` and
-``run_generate_explanations.py`` (those scripts only parse, call one function here and print).
-
->>> ev = evaluate_stored_model("154", "cpu", robust=True)            # writes output/154/evaluation_robust.*
->>> print(ev.table(by="metric"))
->>> ev = defense_metrics("154", "cpu", datasize=5000, sweep=[32, 128, 512, 2000, 5000])
->>> rep = generate_explanations("272", "cpu", metric="mse")         # clean model only: 272 has no stored model
+"""What the three ancestor-named evaluation scripts share: the row labels, the image sets, the result type
+(:class:`Evaluation`), clean vs manipulated vs defended rows (:func:`compare_models`), the Re-BN sample-efficiency
+sweep and the ``--defense`` parser. Each script's back end is its own module: :mod:`.stored`
+(``evaluate_models.py``), :mod:`.defense_table` (``evaluate_attack_defense_metrics.py``), :mod:`.explanations`
+(``run_generate_explanations.py``).
 
 Where the images come from (the defense must not peek at the evaluation data):
 
@@ -24,36 +21,26 @@ Every Re-BN runs on a fresh copy of the manipulated model; the stored model is n
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from tabulate import tabulate
 
 from ..data import clean_set as data_clean_set
-from ..data import dataset_info, test_images
+from ..data import test_images
 from ..errors import UserError
-from ..runs import diverse_examples, explanation_figure, load_run, predicted_maps, run_folder, run_name, write_csv
-from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
-from ..metrics import evaluate_attack, model_device, reference_explanations
-from ..models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
-from ..attack.params import AttackParams, resolve_attack
-from ..defenses.evaluate import evaluate_defenses, evaluate_transductive
+from ..metrics import evaluate_attack, reference_explanations
+from ..attack.params import AttackParams
+from ..defenses.evaluate import evaluate_defenses
 from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
 from ..defenses.rebn import RebnReport, calibration_set, rebn_batch_size
-from ..plots import bar_chart, composition_plot, curves, image_grid
-from ..targets import target_explanation
-from ..triggers import apply_trigger
-from ..zoo import load_or_train
 
-__all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation",
-           "ExplanationReport", "parse_sizes", "eval_images", "calibration", "rebn_batch_size",
-           "rebn_copy", "compare_models", "rebn_sweep", "evaluate_stored_model", "defense_metrics",
-           "generate_explanations", "format_table", "defense_row", "clean_set", "parse_defenses", "parse_fraction",
-           "composition_curves", "DEFAULT_DEFENSES"]
+__all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation", "parse_sizes",
+           "eval_images", "calibration", "rebn_batch_size", "rebn_copy", "compare_models", "rebn_sweep", "format_table",
+           "defense_row", "clean_set", "parse_defenses", "parse_fraction", "DEFAULT_DEFENSES"]
 
 ROW_CLEAN = "clean model"
 ROW_MANIPULATED = "manipulated model"
@@ -271,72 +258,6 @@ def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x
     return out
 
 
-# --------------------------------------------------------------------------------------- evaluate_models.py
-def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu", *, robust: bool = False,
-                          defenses: dict[str, tuple[str, dict]] | None = None,
-                          rebn_size: int = DEFAULT_REBN_SIZE, testing_size: int | None = None,
-                          batch_size: int = 100, seed: int = 0, root: str | Path = ".",
-                          models_root: str | Path | None = None, data_root=None,
-                          save_path: str | Path = "output", progress: bool = True,
-                          clean_model: str | Path | None = None,
-                          on_notice: Callable[[str], None] | None = None) -> Evaluation:
-    """Evaluate ``manipulated_models/<id>`` against its clean base model on ``testing_size`` test images (default:
-    the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``rebn_size`` clean training
-    images, with ``defenses`` (label -> (registered name, options), see :func:`parse_defenses`) after each of them.
-
-    Writes ``<save_path>/<id>/evaluation[_robust|_defenses].json`` (metrics, data records, Re-BN report) and a
-    ``.png`` of test images of different classes: input, clean model's explanation, triggered input and the
-    evaluated model's explanation (after Re-BN with ``robust``; after the first non-transductive defense with
-    ``defenses``).
-
-    The clean model is ``clean_model`` (a path, ``--clean-model``) or the run's ``model_id``, checked against the
-    base the run records (:func:`bnbackdoor.runs.check_base`; the JSON's ``base_model``). A failure while
-    writing removes what this evaluation wrote (folders included).
-    """
-    t0 = time.time()
-    device = torch.device(device)
-    name = run_name(attackid, root)
-    check_output_dir(Path(save_path) / name, "evaluation folder")  # before any work, not after minutes of it
-    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
-                                    clean_model=clean_model, on_notice=on_notice)
-    x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
-    cleanset = cal_info = None
-    if chosen:
-        cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
-        cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
-    rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=chosen,
-                                         batch_size=batch_size, device=device, progress=progress, seed=seed)
-    check_finite_numbers(rows, f"the metrics of {name}")
-    ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
-                    test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
-                    rebn=report, base_model=model.base_model)
-    with undo_writes():
-        _write_evaluation(ev, params, clean, model, fixed, cleanset, x, y, Path(save_path) / name, defenses,
-                          robust, device, t0)
-    return ev
-
-
-def _write_evaluation(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module,
-                      fixed: dict[str, nn.Module], cleanset: CleanSet | None, x: torch.Tensor, y: torch.Tensor,
-                      out: Path, defenses, robust: bool, device, t0: float) -> None:
-    """evaluate_stored_model's files: the figure, then the JSON."""
-    name = ev.name
-    stem = "evaluation_defenses" if defenses else "evaluation_robust" if robust else "evaluation"
-    shown_label = next(iter(fixed), None)
-    shown = fixed[shown_label] if shown_label else model
-    column = f"after {'Re-BN' if shown_label == 'rebn' else shown_label}" if shown_label else "manipulated"
-    examples = diverse_examples(y, min(6, params.num_classes))
-    title = f"attack {name}: {params.explanation_methodStr}"
-    if shown_label:
-        title += f", {column} ({len(cleanset)} clean training images)"
-    ev.files.append(explanation_figure(clean, shown, params, x[examples], out / f"{stem}.png", title=title,
-                                       device=device, model_label=column))
-    ev.seconds = time.time() - t0
-    write_json(out / f"{stem}.json", ev.to_dict())
-    ev.files.insert(0, out / f"{stem}.json")
-
-
 def parse_defenses(names: str, *, augment: bool | None = None, test_batch: int | None = None,
                    trigger_fraction: float | str | None = None) -> dict[str, tuple[str, dict]]:
     """``--defense rebn,batchstats`` with ``--augment``, ``--test-batch``, ``--trigger-fraction`` -> label ->
@@ -382,254 +303,3 @@ def parse_fraction(text: float | str, test_batch: int) -> float:
     if not 0 < value <= 1:
         raise UserError(f"--trigger-fraction must be in (0, 1], got {text}")
     return value
-
-
-# ------------------------------------------------------------------------------ evaluate_attack_defense_metrics.py
-def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, datasize: int | None = None,
-                    batch_size: int = 100, rebn_size: int = DEFAULT_REBN_SIZE,
-                    defenses: dict[str, tuple[str, dict]] | None = None,
-                    sweep: Sequence[int] | None = None, composition: bool = False,
-                    composition_images: int | None = 256, seed: int = 0, root: str | Path = ".",
-                    models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
-                    progress: bool = True, clean_model: str | Path | None = None,
-                    on_notice: Callable[[str], None] | None = None) -> Evaluation:
-    """Clean model / manipulated model / ``+`` each defense (default :data:`DEFAULT_DEFENSES`) on ``datasize``
-    test images (default: the attack's ``testing_size``); the defender's clean set is ``rebn_size`` clean
-    training images. With ``sweep`` (calibration sizes) also the Re-BN sample-efficiency curve; with
-    ``composition`` the ``batchstats`` composition curves (:func:`composition_curves`, at most
-    ``composition_images`` triggered test images per point).
-
-    Writes ``<save_path>/<id>_defense.{json,csv,png}``, with ``sweep`` ``<id>_rebn_sweep.{json,png}``, with
-    ``composition`` ``<id>_composition.{json,png}``. The clean model: as in :func:`evaluate_stored_model`
-    (``clean_model``, the base check, the JSON's ``base_model``); a failed write removes what this call wrote.
-    """
-    t0 = time.time()
-    device = torch.device(device)
-    sizes = parse_sizes(sweep) if sweep is not None else None
-    defenses = DEFAULT_DEFENSES if defenses is None else defenses
-    params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
-                                    clean_model=clean_model, on_notice=on_notice)
-    name = run_name(attackid, root)
-    x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
-    cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
-    cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
-    ref = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
-                                 device=device, progress=progress, with_predictions=True)
-    rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=defenses,
-                                         batch_size=batch_size, device=device, progress=progress, reference=ref,
-                                         seed=seed)
-    del fixed
-    check_finite_numbers(rows, f"the metrics of {name}")
-    ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
-                    test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
-                    rebn=report, base_model=model.base_model)
-    with undo_writes():
-        _defense_files(ev, params, clean, model, cleanset, x, y, ref, Path(save_path), sizes, composition,
-                       composition_images, seed, data_root, batch_size, device, progress, t0)
-    return ev
-
-
-def _defense_files(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module, cleanset: CleanSet,
-                   x: torch.Tensor, y: torch.Tensor, ref, out: Path, sizes, composition: bool,
-                   composition_images, seed: int, data_root, batch_size: int, device, progress: bool,
-                   t0: float) -> None:
-    """defense_metrics' files (and the sweep and composition measurements that write as they go)."""
-    name, rows = ev.name, ev.rows
-    write_csv(out / f"{name}_defense.csv", [{"model": k, **{c: v for c, v in r.items() if c != "options"}}
-                                            for k, r in rows.items()])
-    bar_chart({k: {COLUMNS[c]: v.get(c) for c in COLUMNS} for k, v in rows.items()}, list(COLUMNS.values()),
-              out / f"{name}_defense.png",
-              title=f"attack {name}: defenses (clean set: {len(cleanset)} training images), {len(x)} test images")
-    ev.files += [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
-    before = rows[ROW_MANIPULATED]
-    if sizes:
-        ev.sweep = rebn_sweep(params, clean, model, x, y, sizes, seed=seed, data_root=data_root,
-                              batch_size=batch_size, device=device, progress=progress, reference=ref)
-        write_json(out / f"{name}_rebn_sweep.json", {
-            "attack": name, "id": params.id, "seed": seed, "device": str(device),
-            "test": ev.test, "calibration_split": "train",
-            "without_rebn": {k: before.get(k) for k in COLUMNS}, "sweep": ev.sweep})
-        xs = [r["calibration_images"] for r in ev.sweep]
-        curves(xs, {"attack success": [r["attack_success_rate"] for r in ev.sweep],
-                    "clean accuracy": [r["clean_accuracy"] for r in ev.sweep]},
-               out / f"{name}_rebn_sweep.png", xlabel="Re-BN calibration images (clean training split)",
-               ylabel=f"rate on {len(x)} test images", title=f"attack {name}: Re-BN sample efficiency",
-               references={"attack success, no defense": before.get("attack_success_rate"),
-                           "clean accuracy, no defense": before.get("clean_accuracy")})
-        ev.files += [out / f"{name}_rebn_sweep.json", out / f"{name}_rebn_sweep.png"]
-    if composition:
-        ev.composition = composition_curves(params, clean, model, x, y, name=name, out=out, seed=seed,
-                                            device=device, reference=ref, max_triggered=composition_images,
-                                            baseline=before, progress=progress)
-        ev.files += [out / f"{name}_composition.json", out / f"{name}_composition.png"]
-    ev.seconds = time.time() - t0
-    write_json(out / f"{name}_defense.json", ev.to_dict())
-
-
-def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
-                       y: torch.Tensor, *, name: str, out: Path, batches: Sequence[int] = COMPOSITION_BATCHES,
-                       fractions: Sequence[float | str] = COMPOSITION_FRACTIONS, seed: int = 0, device=None,
-                       reference: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       max_triggered: int | None = 256, baseline: dict[str, Any] | None = None,
-                       progress: bool = True) -> list[dict[str, Any]]:
-    """``batchstats`` attack success and clean accuracy against the triggered fraction f of each test batch, for
-    each test batch size B. Writes ``<out>/<name>_composition.{json,png}``; returns the points."""
-    ref = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=100,
-                                              device=device, progress=progress, with_predictions=True)
-    defended = apply_defense("batchstats", model, CleanSet(x[:0], None, params.dataset, seed=seed), device=device,
-                             progress=progress).model
-    points = []
-    for b in batches:
-        for f in fractions:
-            value = parse_fraction(f, b)
-            m = evaluate_transductive(defended, clean_model, params, x, y, test_batch=b, trigger_fraction=value,
-                                      max_triggered=max_triggered, seed=seed, device=device, clean_expl=ref[0],
-                                      clean_pred=ref[1], explain=False, progress=progress)
-            points.append({"test_batch": b, "fraction": str(f), **{k: m[k] for k in (
-                "trigger_fraction", "triggered_per_batch", "triggered_images", "test_batches", "clean_accuracy",
-                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy")}})
-    write_json(out / f"{name}_composition.json", {
-        "attack": name, "id": params.id, "seed": seed, "device": str(device), "test_images": len(x),
-        "max_triggered": max_triggered, "defense": "batchstats",
-        "no_defense": None if baseline is None else {k: baseline.get(k) for k in ("clean_accuracy",
-                                                                                  "attack_success_rate")},
-        "points": points})
-    composition_plot(points, out / f"{name}_composition.png", baseline=baseline,
-                     title=f"attack {name}: test-batch BatchNorm vs the batch's triggered fraction")
-    return points
-
-
-
-# ------------------------------------------------------------------------------- run_generate_explanations.py
-@dataclass
-class ExplanationReport:
-    name: str
-    params: AttackParams
-    metric: str
-    rows: dict[str, dict[str, Any]]     # model label -> evaluate_attack dict
-    images: int
-    notice: str | None = None
-    seconds: float = 0.0
-    files: list[Path] = field(default_factory=list)
-    base_model: dict[str, Any] | None = None  # the clean model explained / compared with (experiment.check_base)
-
-    def columns(self) -> dict[str, str]:
-        key, label = EXPLANATION_METRICS[self.metric]
-        return {f"expl_{key}_to_target": f"{label}: triggered vs target",
-                f"expl_{key}_to_clean": f"{label}: clean vs clean model's expl.",
-                "clean_accuracy": "clean accuracy", "attack_success_rate": "attack success"}
-
-    def table(self) -> str:
-        return format_table(self.rows, columns=self.columns())
-
-    def to_dict(self) -> dict[str, Any]:
-        cols = self.columns()
-        return {"attack": self.name, "id": self.params.id, "metric": self.metric,
-                "metric_meaning": "mean squared error" if self.metric == "mse" else "DSSIM = (1 - SSIM) / 2",
-                "images": self.images, "notice": self.notice,
-                "table": {m: {cols[k]: r.get(k) for k in cols} for m, r in self.rows.items()},
-                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
-                "base_model": self.base_model}
-
-
-def explanation_grid(params: AttackParams, clean: nn.Module, model: nn.Module | None, x: torch.Tensor,
-                     path: Path, device=None, title: str = "") -> Path:
-    """Rows of test images (different classes). Columns: the input and the clean model's explanation [and the
-    manipulated model's], then per trigger the triggered input, the clean model's [and the manipulated model's]
-    explanation of it, and the target explanation. Captions: predicted labels."""
-    classes = dataset_info(params.dataset).classes
-    device = model_device(clean, device)
-    p_c, m_c = predicted_maps(clean, x, params, device)
-    cols = ["input", "clean model"]
-    col_data: list[tuple[torch.Tensor, list[str]]] = [(x, [""] * len(x)), (m_c, [f"pred: {classes[i]}" for i in p_c])]
-    if model is not None:
-        p_m, m_m = predicted_maps(model, x, params, device)
-        cols.append("manipulated")
-        col_data.append((m_m, [f"pred: {classes[i]}" for i in p_m]))
-    for trig, target in zip(params.triggerStrs, params.targetStrs):
-        xt = apply_trigger(trig, x)
-        cols.append(f"+ {trig}")
-        col_data.append((xt, [""] * len(x)))
-        p, m = predicted_maps(clean, xt, params, device)
-        cols.append("clean model (trig.)")
-        col_data.append((m, [f"pred: {classes[i]}" for i in p]))
-        if model is not None:
-            p, m = predicted_maps(model, xt, params, device)
-            cols.append("manipulated (trig.)")
-            col_data.append((m, [f"pred: {classes[i]}" for i in p]))
-        goal = target_explanation(target, clean_expl=m_c, size=x.shape[-1]).expand(len(x), -1, -1, -1)
-        cols.append(f"target: {target}")
-        col_data.append((goal, [""] * len(x)))
-    cells = [[(data[i], caps[i]) for data, caps in col_data] for i in range(len(x))]
-    return image_grid(cells, cols, path, title=title)
-
-
-def generate_explanations(attackid: str | int, device: torch.device | str = "cpu", *, metric: str = "mse",
-                          batch_size: int = 100, n_images: int | None = None, seed: int = 0,
-                          root: str | Path = ".", models_root: str | Path | None = None, data_root=None,
-                          save_path: str | Path = "output", grid_rows: int = 6, progress: bool = True,
-                          on_notice: Callable[[str], None] | None = None,
-                          clean_model: str | Path | None = None) -> ExplanationReport:
-    """Explanations of clean and triggered test images (``n_images``, default ``testing_size``) by the attack's
-    clean model and, when the run has a ``model.pth`` (``manipulated_models/<id>/``, a run folder, or beside a
-    ``parameters.json``), its manipulated model.
-
-    Writes ``<save_path>/<id>_explanations.png`` (grid, :func:`explanation_grid`) and ``<id>_explanations.json``
-    (``metric`` - ``mse`` or ``ssim`` = DSSIM - of triggered inputs' explanations to the target explanation and of
-    clean inputs' explanations to the clean model's, per model; plus accuracy and attack success). Without a
-    stored manipulated model the report's ``notice`` says so (also passed to ``on_notice`` at once, before the
-    work starts) and only the clean model is explained. The clean model is ``clean_model`` (a path) or the
-    attack's ``model_id``; with a manipulated model it is checked against the recorded base (JSON ``base_model``).
-    """
-    if metric not in EXPLANATION_METRICS:
-        raise UserError(f"unknown metric '{metric}'; use {' or '.join(EXPLANATION_METRICS)}")
-    _positive(batch_size, "the batch size")
-    t0 = time.time()
-    device = torch.device(device)
-    name = run_name(attackid, root)
-    folder = run_folder(attackid, root)
-    notice = None
-    base = None
-    if (folder / "model.pth").exists():
-        params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root,
-                                        data_root=data_root, clean_model=clean_model, on_notice=on_notice)
-        base = model.base_model
-    else:
-        params, model = resolve_attack(str(attackid), root=root), None
-    x, y = eval_images(params, n_images, seed=seed, data_root=data_root)  # missing data: fail before the notice
-    if model is None:
-        notice = (f"no manipulated model for '{attackid}' ({folder / 'model.pth'} is missing); "
-                  f"explaining the clean model only")
-        if on_notice is not None:
-            on_notice(notice)
-        if clean_model is not None:
-            clean = load_model(params.modeltype, path=clean_model, device=device,
-                               fix="give a clean model's checkpoint with --clean-model")
-            path, source = Path(clean_model), "--clean-model"
-        else:
-            models_root = models_root or Path(root) / MODEL_ROOT
-            clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
-                                  data_root=data_root)
-            path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
-        base = {"path": str(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
-                "source": source}  # nothing to verify: no manipulated model
-    ref, pred = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
-                                       device=device, progress=progress, with_predictions=True)
-    kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
-    rows = {ROW_CLEAN: evaluate_attack(clean, clean, params, x, y, **kw)}
-    if model is not None:
-        rows[ROW_MANIPULATED] = evaluate_attack(model, clean, params, x, y, **kw)
-    check_finite_numbers(rows, f"the explanation metrics of {name}")
-    rep = ExplanationReport(name=name, params=params, metric=metric, rows=rows, images=len(x), notice=notice,
-                            base_model=base)
-    out = Path(save_path)
-    examples = diverse_examples(y, min(grid_rows, params.num_classes))
-    title = (f"attack {name}: {params.explanation_methodStr} explanations"
-             + ("" if model is not None else " (clean model only)"))
-    with undo_writes():
-        rep.files.append(explanation_grid(params, clean, model, x[examples], out / f"{name}_explanations.png",
-                                          device=device, title=title))
-        rep.seconds = time.time() - t0
-        write_json(out / f"{name}_explanations.json", rep.to_dict())
-    rep.files.append(out / f"{name}_explanations.json")
-    return rep
