@@ -37,13 +37,13 @@ from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_defenses
 from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
 from ..defenses.rebn import RebnReport, calibration_set, rebn_batch_size
+from ..report.labels import CLEAN_MODEL, MANIPULATED_MODEL
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation", "parse_sizes",
            "eval_images", "calibration", "rebn_batch_size", "rebn_copy", "compare_models", "rebn_sweep", "format_table",
            "defense_row", "clean_set", "parse_defenses", "parse_fraction", "DEFAULT_DEFENSES"]
 
-ROW_CLEAN = "clean model"
-ROW_MANIPULATED = "manipulated model"
+ROW_CLEAN, ROW_MANIPULATED = CLEAN_MODEL, MANIPULATED_MODEL
 
 
 def defense_row(label: str) -> str:

@@ -38,12 +38,12 @@ from ..fileio import write_json
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..plots import defense_scatter
+from ..report.labels import CLEAN_MODEL, NO_DEFENSE
 
 __all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "BASELINES", "default_defenses", "parse_defenses", "parse_clean_images",
            "clean_sets", "DefenseComparison", "compare_defenses"]
 
-ROW_CLEAN = "clean model"
-ROW_NONE = "no defense"
+ROW_CLEAN, ROW_NONE = CLEAN_MODEL, NO_DEFENSE
 DEFAULT_SIZES = (100, 500, 2000)
 BASELINES = ("finetune", "bn_finetune", "fine_pruning", "bnp", "anp")
 # Row key -> column header, in table order. ``untriggered_target_rate`` shows where evaluate_attack reports it.

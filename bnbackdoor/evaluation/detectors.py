@@ -44,6 +44,7 @@ from ..data import clean_set
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
 from ..fileio import write_json
+from ..report.labels import CLEAN_BASE, MANIPULATED
 from ..runs import load_run, run_name
 from ..triggers import apply_trigger, trigger_mask
 from .common import eval_images
@@ -51,7 +52,7 @@ from .common import eval_images
 __all__ = ["DEFAULT_CLEAN_IMAGES", "COLUMNS", "DetectorComparison", "detector_rows", "compare_detectors"]
 
 DEFAULT_CLEAN_IMAGES = 500  # 250 reference + 250 held-out: the 5 % quantile rests on about 12 images beyond it
-MODEL_MANIPULATED, MODEL_CLEAN = "manipulated", "clean base"
+MODEL_MANIPULATED, MODEL_CLEAN = MANIPULATED, CLEAN_BASE
 COLUMNS: dict[str, str] = {
     "attack_success": "attack success",
     "detection_rate": "detection rate",

@@ -26,13 +26,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .labels import loss_label
+from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (CLEAN, DETECTOR_HEADERS, MANIPULATED, Model, _comparison_rows, comparison_winner,
                       detector_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
-STATES = ((CLEAN, "clean model"), (MANIPULATED, "no defense"), ("rebn", "Re-BN"),
+STATES = ((CLEAN, CLEAN_MODEL), (MANIPULATED, NO_DEFENSE), ("rebn", "Re-BN"),
           ("rebn+augment", "Re-BN, augmented"), ("batchstats B=100 f=1", "test-batch BN, B=100, f=1"),
           ("batchstats B=100 f=1/B", "test-batch BN, B=100, f=1/B"))
 STATE_COLUMNS = (("clean_accuracy", "clean acc"), ("attack_success_rate", "attack success"),
@@ -75,7 +75,7 @@ def anatomy(root: Path) -> list[str]:
         by = {(r["variant"], r["group"]): r for r in d["rows"] if r["group"] is not None}
         rows = [[name, "", fmt(ref[v].get("clean_accuracy")), fmt(ref[v].get("attack_success_rate")),
                  fmt(ref[v].get("expl_dssim_to_target")), "", "", ""]
-                for v, name in (("clean", "clean model"), ("manipulated", "manipulated model")) if v in ref]
+                for v, name in (("clean", CLEAN_MODEL), (MANIPULATED, MANIPULATED_MODEL)) if v in ref]
         for g in d["groups"]:
             r, o = by.get(("restore", g), {}), by.get(("only", g), {})
             rows.append([g, fmt(r.get("rel_change", o.get("rel_change")), 4),

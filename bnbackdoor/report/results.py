@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterable, Mapping
 from tabulate import tabulate
 
 from .acceptance import RULES as ACCEPTANCE_RULES
+from .labels import CLEAN_MODEL, MANIPULATED, NO_DEFENSE
 from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_full_disguise, is_label_changing, is_scratch
 
-CLEAN, MANIPULATED = "clean model", "manipulated"
+CLEAN = CLEAN_MODEL
 # The two regimes a claim is judged in separately: BatchNorm statistics can only carry a backdoor where they were
 # learned from poisoned data (from scratch); explanation-aware fine-tuning mostly runs with them frozen.
 REGIMES = {"finetune": "explanation-aware fine-tuning", "scratch": "poisoning from scratch"}
@@ -447,7 +448,7 @@ def comparison_winner(rows: list[dict]) -> dict | None:
     the clean model's explanation, then the fewer seconds. None if no row qualifies."""
     ref = next((r for r in rows if r.get("defense") == CLEAN), None)
     base = _num(ref, "clean_accuracy")
-    cands = [r for r in rows if r.get("defense") not in (CLEAN, "no defense")
+    cands = [r for r in rows if r.get("defense") not in (CLEAN, NO_DEFENSE)
              and _num(r, "attack_success_rate") is not None and _num(r, "clean_accuracy") is not None
              and (base is None or _num(r, "clean_accuracy") >= base - WIN_ACCURACY_DROP)]
     if not cands:
@@ -485,7 +486,7 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
                     cells.append(fmt(_num(r, k), 1 if k == "seconds" else 3))
             rows_out.append(cells)
         win = comparison_winner(rows)
-        none = next((r for r in rows if r.get("defense") == "no defense"), None)
+        none = next((r for r in rows if r.get("defense") == NO_DEFENSE), None)
         summary.append([attack_id, m.kind if m else "?", m.method if m else "?",
                         fmt(_num(none, "attack_success_rate")),
                         "none qualifies" if win is None else f"{win['defense']} ({win.get('clean_images')})",
