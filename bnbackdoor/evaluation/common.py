@@ -35,12 +35,12 @@ from ..errors import UserError
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_defenses
-from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, apply_defense, defense_label, get_defense
+from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, defense_label, get_defense
 from ..defenses.rebn import RebnReport, calibration_set, rebn_batch_size
 from ..report.labels import CLEAN_MODEL, MANIPULATED_MODEL
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation", "parse_sizes",
-           "eval_images", "calibration", "rebn_batch_size", "rebn_copy", "compare_models", "rebn_sweep", "format_table",
+           "eval_images", "calibration", "rebn_batch_size", "compare_models", "rebn_sweep", "format_table",
            "defense_row", "clean_set", "parse_defenses", "parse_fraction", "DEFAULT_DEFENSES"]
 
 ROW_CLEAN, ROW_MANIPULATED = CLEAN_MODEL, MANIPULATED_MODEL
@@ -121,15 +121,6 @@ def clean_set(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0
     _positive(size, "the Re-BN calibration size")
     clean = data_clean_set(params.dataset, size, seed=seed, data_root=data_root)
     return clean, {"split": "train", "requested": size, "images": len(clean), "seed": seed, "excluded": 0}
-
-
-def rebn_copy(model: nn.Module, x_cal: torch.Tensor, batch_size: int = 100, device=None,
-              progress: bool = True, seed: int = 0) -> tuple[nn.Module, RebnReport]:
-    """A deep copy of ``model`` with Re-BN (the registered defense ``rebn``) applied on ``x_cal``
-    (``model`` itself is untouched)."""
-    out = apply_defense("rebn", model, CleanSet(x_cal, None, "", seed=seed), device=device, progress=progress,
-                        batch_size=batch_size)
-    return out.model, RebnReport.from_dict(out.info["report"])
 
 
 def format_table(rows: dict[str, dict[str, Any]], by: str = "model", columns: dict[str, str] | None = None,
@@ -248,13 +239,15 @@ def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x
     ref, pred = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
                                                     device=device, progress=progress, with_predictions=True)
     out = []
-    for size in parse_sizes(sizes):
+    for size in parse_sizes(sizes):  # the one defense loop, once per calibration size
         x_cal, info = calibration(params, size, seed=seed, data_root=data_root)
-        fixed, report = rebn_copy(model, x_cal, batch_size=batch_size, device=device, progress=progress)
-        m = evaluate_attack(fixed, clean_model, params, x, y, batch_size=batch_size, device=device,
-                            clean_expl=ref, clean_pred=pred, progress=progress)
-        out.append({"size": size, "calibration_images": info["images"], "rebn_batches": report.batches, **m})
-        del fixed
+        reports: list[RebnReport] = []
+        cal = CleanSet(x_cal, None, params.dataset, seed=seed)
+        rec = evaluate_defenses(params, clean_model, model, x, y, clean=cal, defenses=REBN_ONLY, batch_size=batch_size, seed=seed, device=device,
+                                reference=(ref, pred), progress=progress,
+                                on_outcome=lambda _, o: reports.append(RebnReport.from_dict(o.info["report"])))["rebn"]
+        m = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
+        out.append({"size": size, "calibration_images": info["images"], "rebn_batches": reports[0].batches, **m})
     return out
 
 
