@@ -516,37 +516,38 @@ def compact_ids(ids: Iterable[str]) -> str:
     return ", ".join(parts)
 
 
-def resolve_attack(attackid: str | int, gs_id: int | None = None, root: str | Path = ".") -> AttackParams:
-    """The concrete parameters for an attack id.
-
-    Order: ``root/manipulated_models/<id>/parameters.json`` (the stored run), then
-    ``root/experimentsettings/<id>.json`` (grid point ``gs_id``, default 0), then ``attackid`` as a path (relative
-    to ``root``) to a JSON file of either form. Numeric ids may be zero-padded (``054`` finds ``54``).
-    """
+def attack_file(attackid: str | int, root: str | Path = ".", grid_first: bool = False) -> Path:
+    """The JSON file that defines an attack id: ``root/manipulated_models/<id>/parameters.json`` (the stored run),
+    then ``root/experimentsettings/<id>.json`` (its grid) - the other way round with ``grid_first`` (a sweep means
+    the grid) -, then ``attackid`` as a path (relative to ``root``) to a JSON file or to a run folder holding
+    ``parameters.json``. Numeric ids may be zero-padded (``054`` finds ``54``). Anything else: a one-line error."""
     root = Path(root)
     attackid = str(attackid).strip()
     if not attackid:
         raise UserError("empty attack id; give a name such as 154 or a path to a JSON file")
     names = _candidates(attackid)
-    for name in names:
-        stored = root / MANIPULATED_DIR / name / PARAMS_FILE
-        if stored.is_file():
-            return load_attack_file(stored, gs_id)
-    for name in names:
-        grid = root / SETTINGS_DIR / f"{name}.json"
-        if grid.is_file():
-            return load_attack_file(grid, gs_id)
+    places = [lambda n: root / MANIPULATED_DIR / n / PARAMS_FILE, lambda n: root / SETTINGS_DIR / f"{n}.json"]
+    for place in places[::-1] if grid_first else places:
+        for name in names:
+            if place(name).is_file():
+                return place(name)
     path = root / attackid
     if path.is_file():
-        return load_attack_file(path, gs_id)
+        return path
     if path.is_dir() and (path / PARAMS_FILE).is_file():  # a run folder: its concrete parameters
-        return load_attack_file(path / PARAMS_FILE, gs_id)
+        return path / PARAMS_FILE
     kind = _file_kind(path)
     if kind:
         raise UserError(f"attack id '{attackid}' is {kind}; give an attack id such as 154, a JSON file or a run "
                         f"folder holding {PARAMS_FILE}")
     known = compact_ids(known_attack_ids(root))
     raise UserError(f"unknown attack id '{attackid}'; known: {known or 'none'} (or a path to a JSON file)")
+
+
+def resolve_attack(attackid: str | int, gs_id: int | None = None, root: str | Path = ".") -> AttackParams:
+    """The concrete parameters for an attack id (the file :func:`attack_file` finds; grid point ``gs_id`` of a
+    grid, default 0)."""
+    return load_attack_file(attack_file(attackid, root), gs_id)
 
 
 def _file_kind(path: Path) -> str | None:

@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..runs import promote_run, read_run_metrics, run_attack, run_dir, write_csv
 from ..metrics import accuracy, evaluate_attack
 from ..models import MODEL_ROOT, load_model
-from ..attack.params import (MANIPULATED_DIR, SETTINGS_DIR, AttackParams, expand_grid, is_grid, load_attack_file,
+from ..attack.params import (MANIPULATED_DIR, AttackParams, attack_file, expand_grid, is_grid, load_attack_file,
                      read_json)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,21 +45,6 @@ MARKER = "[sweep]"
 
 
 # ------------------------------------------------------------------------------------------------ the grid
-def attack_file(attackid: str, root: str | Path = ".") -> Path:
-    """The file that defines ``attackid``'s grid: ``experimentsettings/<id>.json`` first (a stored run in
-    ``manipulated_models/<id>`` is one concrete point; a grid is what a sweep means), then a stored run, then a
-    path."""
-    root, name = Path(root), str(attackid).strip()
-    names = [name] + ([str(int(name))] if name.isdigit() else [])
-    for n in names:
-        for cand in (root / SETTINGS_DIR / f"{n}.json", root / MANIPULATED_DIR / n / "parameters.json"):
-            if cand.is_file():
-                return cand.resolve()
-    if (root / name).is_file():
-        return (root / name).resolve()
-    raise UserError(f"unknown attack id '{attackid}'; give an id from {SETTINGS_DIR}/ or a path to a JSON file")
-
-
 def grid_of(path: Path) -> list[AttackParams]:
     d = read_json(path)
     return expand_grid(d, str(path)) if is_grid(d) else [load_attack_file(path)]
@@ -329,7 +314,7 @@ def sweep(attackids: Sequence[str], device_spec: str, *, backend: str = "local",
     models_root = str(Path(models_root or Path(root) / MODEL_ROOT).resolve())
     results = []
     for attackid in attackids:
-        path = attack_file(attackid, root)
+        path = attack_file(attackid, root, grid_first=True).resolve()
         points = grid_of(path)
         chosen = [points[i] for i in parse_gs_ids(gs_ids, len(points))]
         tasks = [Task(str(path), p.gs_id, str(p.id), devices[0], str(Path(save_path).resolve()), models_root,
@@ -365,7 +350,7 @@ def validation_split(params: AttackParams, seed: int, size: int, data_root=None
 def finished_runs(attackid: str, save_path: str | Path, root: str | Path = ".") -> list[tuple[AttackParams, dict]]:
     """(params, metrics.json) of every finished grid point of ``attackid`` under ``save_path``, in gs_id order."""
     runs = []
-    for p in grid_of(attack_file(attackid, root)):
+    for p in grid_of(attack_file(attackid, root, grid_first=True).resolve()):
         folder = run_dir(save_path, p)
         if (folder / "metrics.json").is_file() and (folder / "model.pth").is_file():
             m = read_run_metrics(folder)
