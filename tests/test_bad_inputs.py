@@ -33,13 +33,7 @@ CATALOGUE = str(ROOT / "experimentsettings" / "catalogue" / "catalogue.json")
 GOOD_CSV = "epoch,step,global_step,conv.weight,bn.weight\n1,1,1,0.5,0.1\n1,2,2,0.4,0.1\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; more only wait for each other (and for anything else running)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_params():

@@ -21,13 +21,7 @@ FAST = {"finetune": {"epochs": 2}, "bn_finetune": {"epochs": 2}, "fine_pruning":
         "bnp": {}, "anp": {"iterations": 5, "batch_size": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add synchronisation (the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

@@ -17,13 +17,7 @@ FAST = {"rnp": {"unlearn_epochs": 1, "recover_epochs": 1}, "ft_sam": {"epochs": 
         "i_bau": {"rounds": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add synchronisation (the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

@@ -17,12 +17,7 @@ TARGET = 1
 P0, P1 = 24, 31  # the planted 7×7 white patch: rows/cols 24..30 (49 pixels)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Planted(nn.Module):
