@@ -159,6 +159,43 @@ def test_every_shipped_run_records_the_base_it_is_compared_with():
         assert recorded["sha256"] == shas[recorded["path"]], folder
 
 
+def test_a_resumed_run_records_the_base_it_started_from(work, tiny_data_root, monkeypatch):
+    """resume.pt records the base's checksum; resuming from another base is refused (the run would record the new
+    base for weights fine-tuned from the old one); with the base back, the run finishes and records it."""
+    import bnbackdoor.attack.finetune as ft
+    p = resolve_attack("params.json").replace(max_epochs=2)
+    kw = dict(save_path=work / "runs", data_root=tiny_data_root, models_root=work / "models", progress=False,
+              defenses={})
+    real_step, calls = ft.attack_step, []
+
+    def interrupted(*a, **k):  # 2 steps an epoch: killed in epoch 2
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(ft, "attack_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(p, torch.device("cpu"), **kw)
+    monkeypatch.setattr(ft, "attack_step", real_step)
+    run, base_path = work / "runs" / "tiny", work / "models" / "cifar10_resnet20" / "model_0.pth"
+    base_sha = weights_sha256(load_model("cifar10_resnet20", path=base_path))
+    assert torch.load(run / "resume.pt", weights_only=True)["base_model_sha256"] == base_sha
+
+    os.replace(base_path, work / "the_base.pth")
+    torch.manual_seed(1)
+    save_checkpoint(base_path, build_model("cifar10_resnet20").eval(), {})
+    before = _files(work)
+    with pytest.raises(UserError, match=rf"resume.pt was fine-tuned from a base model with weights sha256 "
+                                        rf"{base_sha[:12]}\.\.\., but the clean model now has"):
+        run_attack(p, torch.device("cpu"), **kw)
+    assert _files(work) == before  # the interrupted run stays resumable
+
+    os.replace(work / "the_base.pth", base_path)
+    m = run_attack(p, torch.device("cpu"), **kw)
+    assert m["base_model"]["sha256"] == base_sha and not (run / "resume.pt").exists()
+    assert read_checkpoint(run / "model.pth")[1]["base_model_sha256"] == base_sha
+
+
 def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(work, tiny_data_root):
     from bnbackdoor.evaluation.explanations import generate_explanations
     p = resolve_attack("params.json")
