@@ -208,6 +208,30 @@ def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(w
         assert rep.notice is None and ROW_MANIPULATED in rep.rows and rep.base_model["verified"] is True
 
 
+@pytest.mark.parametrize("listing", [False, True])
+def test_a_damaged_metrics_json_is_not_taken_for_an_unfinished_catalogue_run(tmp_path, monkeypatch, capsys, listing):
+    """The builder (and --list) name the damaged run folder to rebuild instead of redoing the run and putting its
+    numbers aside as stale."""
+    from bnbackdoor.runs import RUN_FILES
+    run = tmp_path / "cat" / "54"
+    run.mkdir(parents=True)
+    if not listing:  # complete otherwise
+        for name in RUN_FILES:
+            (run / name).write_text("")
+    (run / "metrics.json").write_bytes(b'{"seed": 0, ' if not listing else b'{"attack_name": "Caf\xe9"}')
+    before = _files(tmp_path)
+    monkeypatch.chdir(ROOT)  # the catalogue's settings files are relative to the repository
+    args = (["--list"] if listing else ["cpu"]) + ["--ids", "54", "--save_path", str(tmp_path / "cat")]
+    code, err = _main("scripts/build_catalogue.py", args, monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    cause = ("is not UTF-8 text (byte 0xe9 at offset 20)" if listing else
+             ": malformed JSON at line 1, column 13")
+    assert f"{run / 'metrics.json'}{' ' if listing else ''}{cause}" in line, err
+    assert f"it is damaged; rebuild the run folder {run}" in line, err
+    assert _files(tmp_path) == before  # not moved aside as metrics.stale.json, no claim, no log
+
+
 # --- a full disk ------------------------------------------------------------------------------------------------
 
 def _full_disk_at(monkeypatch, name: str):
