@@ -232,6 +232,21 @@ def test_a_damaged_metrics_json_is_not_taken_for_an_unfinished_catalogue_run(tmp
     assert _files(tmp_path) == before  # not moved aside as metrics.stale.json, no claim, no log
 
 
+def test_an_evaluation_above_the_test_split_records_the_images_it_used_with_a_notice(work, tiny_data_root,
+                                                                                      monkeypatch, capsys):
+    run_attack(resolve_attack("params.json"), torch.device("cpu"), save_path=work / "runs",
+               data_root=tiny_data_root, models_root=work / "models", progress=False, defenses={})
+    code, err = _main("evaluate_models.py", ["runs/tiny", "cpu", "--testing-size", "100", "--batchsize", "16",
+                                             "--data-root", str(tiny_data_root), "--save_path", "ev"],
+                      monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    notices = [line for line in err.splitlines() if line.startswith("notice: ")]
+    assert notices == ["notice: --testing-size 100 is above the cifar10 test split (48 images); evaluating on all "
+                       "48 (the JSON records \"images\": 48, \"requested\": 100)"], err
+    saved = json.loads(next((work / "ev").rglob("evaluation.json")).read_text())
+    assert saved["test"]["images"] == 48 and saved["test"]["requested"] == 100
+
+
 # --- a full disk ------------------------------------------------------------------------------------------------
 
 def _full_disk_at(monkeypatch, name: str):
