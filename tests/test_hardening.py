@@ -296,6 +296,52 @@ def test_a_full_disk_during_an_evaluation_leaves_no_folder(work, tiny_data_root,
     assert _files(work) == before
 
 
+@pytest.fixture
+def small_disk(tmp_path_factory):
+    """A real 1 MiB file system (tmpfs), where this machine lets the tests mount one (root); else skipped."""
+    import subprocess
+    disk = tmp_path_factory.mktemp("disk")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({r.stderr.decode().strip()[:80]})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> list[str]:
+    """Fill ``disk`` up to ``leave`` free bytes; returns the listing with the filler."""
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return _files(disk)
+
+
+def test_a_real_full_disk_during_an_attack_is_one_line_and_leaves_nothing(work, small_disk, tiny_data_root,
+                                                                           monkeypatch, capsys):
+    """Not a patched writer: the kernel's ENOSPC in the middle of writing resume.pt (parameters.json fitted)."""
+    before, on_disk = _files(work), _fill(small_disk, 64 * 1024)
+    code, err = _main("attack.py", ["cpu", "params.json", "--save_path", str(small_disk / "runs"), "--data-root",
+                                    str(tiny_data_root)], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"error: cannot write {small_disk}/runs/tiny/resume.pt: No space left on "
+                                         "device; free some space"), err
+    assert _files(small_disk) == on_disk and _files(work) == before
+
+
+def test_a_real_full_disk_during_an_evaluation_is_one_line_and_leaves_no_folder(work, small_disk, tiny_data_root,
+                                                                                monkeypatch, capsys):
+    run_attack(resolve_attack("params.json"), torch.device("cpu"), save_path=work / "runs",
+               data_root=tiny_data_root, models_root=work / "models", progress=False, defenses={})
+    before, on_disk = _files(work), _fill(small_disk, 4 * 1024)  # the figure does not fit
+    code, err = _main("evaluate_models.py", ["runs/tiny", "cpu", "--testing-size", "4", "--data-root",
+                                             str(tiny_data_root), "--save_path", str(small_disk / "ev")],
+                      monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and f"cannot write {small_disk}/ev/tiny@runs/evaluation.png: No space left on device" in line, err
+    assert _files(small_disk) == on_disk and _files(work) == before
+
+
 @pytest.mark.parametrize("err_no,fix", [(errno.EROFS, "the file system is read-only"),
                                         (errno.EACCES, "give a folder you may write to"),
                                         (errno.ENAMETOOLONG, "use a shorter name")])
