@@ -63,7 +63,7 @@ def _pid_alive(pid: int, proc_start: str | None) -> bool:
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

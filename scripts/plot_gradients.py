@@ -25,7 +25,7 @@ def block_name(csv_path: Path, given: str | None) -> str | None:
         return given
     side = csv_path.with_suffix(".json")
     try:
-        return json.loads(side.read_text()).get("block") if side.is_file() else None
+        return json.loads(side.read_text(encoding="utf-8")).get("block") if side.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None
 

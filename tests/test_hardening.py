@@ -154,6 +154,43 @@ def test_every_shipped_run_records_the_base_it_is_compared_with():
         assert recorded["sha256"] == shas[recorded["path"]], folder
 
 
+def test_a_resumed_run_records_the_base_it_started_from(work, tiny_data_root, monkeypatch):
+    """resume.pt records the base's checksum; resuming from another base is refused (the run would record the new
+    base for weights fine-tuned from the old one); with the base back, the run finishes and records it."""
+    import bnbackdoor.attack.finetune as ft
+    p = resolve_attack("params.json").replace(max_epochs=2)
+    kw = dict(save_path=work / "runs", data_root=tiny_data_root, models_root=work / "models", progress=False,
+              defenses={})
+    real_step, calls = ft.attack_step, []
+
+    def interrupted(*a, **k):  # 2 steps an epoch: killed in epoch 2
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(ft, "attack_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(p, torch.device("cpu"), **kw)
+    monkeypatch.setattr(ft, "attack_step", real_step)
+    run, base_path = work / "runs" / "tiny", work / "models" / "cifar10_resnet20" / "model_0.pth"
+    base_sha = weights_sha256(load_model("cifar10_resnet20", path=base_path))
+    assert torch.load(run / "resume.pt", weights_only=True)["base_model_sha256"] == base_sha
+
+    os.replace(base_path, work / "the_base.pth")
+    torch.manual_seed(1)
+    save_checkpoint(base_path, build_model("cifar10_resnet20").eval(), {})
+    before = _files(work)
+    with pytest.raises(UserError, match=rf"resume.pt was fine-tuned from a base model with weights sha256 "
+                                        rf"{base_sha[:12]}\.\.\., but the clean model now has"):
+        run_attack(p, torch.device("cpu"), **kw)
+    assert _files(work) == before  # the interrupted run stays resumable
+
+    os.replace(work / "the_base.pth", base_path)
+    m = run_attack(p, torch.device("cpu"), **kw)
+    assert m["base_model"]["sha256"] == base_sha and not (run / "resume.pt").exists()
+    assert read_checkpoint(run / "model.pth")[1]["base_model_sha256"] == base_sha
+
+
 def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(work, tiny_data_root):
     from bnbackdoor.evaluation.explanations import generate_explanations
     p = resolve_attack("params.json")
@@ -164,6 +201,45 @@ def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(w
         rep = generate_explanations(str(given), "cpu", n_images=4, batch_size=4, models_root=work / "models",
                                     data_root=tiny_data_root, save_path=work / "ex", progress=False)
         assert rep.notice is None and ROW_MANIPULATED in rep.rows and rep.base_model["verified"] is True
+
+
+@pytest.mark.parametrize("listing", [False, True])
+def test_a_damaged_metrics_json_is_not_taken_for_an_unfinished_catalogue_run(tmp_path, monkeypatch, capsys, listing):
+    """The builder (and --list) name the damaged run folder to rebuild instead of redoing the run and putting its
+    numbers aside as stale."""
+    from bnbackdoor.runs import RUN_FILES
+    run = tmp_path / "cat" / "54"
+    run.mkdir(parents=True)
+    if not listing:  # complete otherwise
+        for name in RUN_FILES:
+            (run / name).write_text("")
+    (run / "metrics.json").write_bytes(b'{"seed": 0, ' if not listing else b'{"attack_name": "Caf\xe9"}')
+    before = _files(tmp_path)
+    monkeypatch.chdir(ROOT)  # the catalogue's settings files are relative to the repository
+    args = (["--list"] if listing else ["cpu"]) + ["--ids", "54", "--save_path", str(tmp_path / "cat")]
+    code, err = _main("scripts/build_catalogue.py", args, monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    cause = ("is not UTF-8 text (byte 0xe9 at offset 20)" if listing else
+             ": malformed JSON at line 1, column 13")
+    assert f"{run / 'metrics.json'}{' ' if listing else ''}{cause}" in line, err
+    assert f"it is damaged; rebuild the run folder {run}" in line, err
+    assert _files(tmp_path) == before  # not moved aside as metrics.stale.json, no claim, no log
+
+
+def test_an_evaluation_above_the_test_split_records_the_images_it_used_with_a_notice(work, tiny_data_root,
+                                                                                      monkeypatch, capsys):
+    run_attack(resolve_attack("params.json"), torch.device("cpu"), save_path=work / "runs",
+               data_root=tiny_data_root, models_root=work / "models", progress=False, defenses={})
+    code, err = _main("evaluate_models.py", ["runs/tiny", "cpu", "--testing-size", "100", "--batchsize", "16",
+                                             "--data-root", str(tiny_data_root), "--save_path", "ev"],
+                      monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    notices = [line for line in err.splitlines() if line.startswith("notice: ")]
+    assert notices == ["notice: --testing-size 100 is above the cifar10 test split (48 images); evaluating on all "
+                       "48 (the JSON records \"images\": 48, \"requested\": 100)"], err
+    saved = json.loads(next((work / "ev").rglob("evaluation.json")).read_text())
+    assert saved["test"]["images"] == 48 and saved["test"]["requested"] == 100
 
 
 # --- a full disk ------------------------------------------------------------------------------------------------
@@ -213,6 +289,52 @@ def test_a_full_disk_during_an_evaluation_leaves_no_folder(work, tiny_data_root,
     line = _one_error_line(err)
     assert code == 2 and "cannot write out/eval/tiny@runs/evaluation.json: No space left on device" in line, err
     assert _files(work) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path_factory):
+    """A real 1 MiB file system (tmpfs), where this machine lets the tests mount one (root); else skipped."""
+    import subprocess
+    disk = tmp_path_factory.mktemp("disk")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({r.stderr.decode().strip()[:80]})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> list[str]:
+    """Fill ``disk`` up to ``leave`` free bytes; returns the listing with the filler."""
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return _files(disk)
+
+
+def test_a_real_full_disk_during_an_attack_is_one_line_and_leaves_nothing(work, small_disk, tiny_data_root,
+                                                                           monkeypatch, capsys):
+    """Not a patched writer: the kernel's ENOSPC in the middle of writing resume.pt (parameters.json fitted)."""
+    before, on_disk = _files(work), _fill(small_disk, 64 * 1024)
+    code, err = _main("attack.py", ["cpu", "params.json", "--save_path", str(small_disk / "runs"), "--data-root",
+                                    str(tiny_data_root)], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"error: cannot write {small_disk}/runs/tiny/resume.pt: No space left on "
+                                         "device; free some space"), err
+    assert _files(small_disk) == on_disk and _files(work) == before
+
+
+def test_a_real_full_disk_during_an_evaluation_is_one_line_and_leaves_no_folder(work, small_disk, tiny_data_root,
+                                                                                monkeypatch, capsys):
+    run_attack(resolve_attack("params.json"), torch.device("cpu"), save_path=work / "runs",
+               data_root=tiny_data_root, models_root=work / "models", progress=False, defenses={})
+    before, on_disk = _files(work), _fill(small_disk, 4 * 1024)  # the figure does not fit
+    code, err = _main("evaluate_models.py", ["runs/tiny", "cpu", "--testing-size", "4", "--data-root",
+                                             str(tiny_data_root), "--save_path", str(small_disk / "ev")],
+                      monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and f"cannot write {small_disk}/ev/tiny@runs/evaluation.png: No space left on device" in line, err
+    assert _files(small_disk) == on_disk and _files(work) == before
 
 
 @pytest.mark.parametrize("err_no,fix", [(errno.EROFS, "the file system is read-only"),

@@ -47,7 +47,7 @@ from ..fileio import restore_training_state, torch_save
 from .gradlog import GradLogger
 from ..losses import explanation_loss
 from ..metrics import evaluate_attack, reference_explanations
-from ..models import softplus
+from ..models import softplus, weights_sha256
 from .params import AttackParams
 from ..targets import target_explanation
 from ..triggers import apply_trigger
@@ -235,11 +235,17 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     resume = run_dir / "resume.pt"
     start, history, seconds = 0, [], 0.0
     guard = DivergenceGuard(dataset_info(params.dataset).num_classes, "fine-tuning", params.learning_rate)
+    base_sha = weights_sha256(clean_model)  # the state records its base: a resume from another one is refused
     if resume.exists():
         def same_run(state: dict) -> None:
             if not params.same_as(state["params"]) or state["seed"] != seed:
                 raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
                                 "or delete that file to start over")
+            started = state.get("base_model_sha256")  # None: a state saved before provenance
+            if started is not None and started != base_sha:
+                raise UserError(f"{resume} was fine-tuned from a base model with weights sha256 {started[:12]}..., "
+                                f"but the clean model now has {base_sha[:12]}...; put that base back, or delete "
+                                "that file to start over from this one")
 
         state = restore_training_state(resume, RESUME_KEYS, {"model": model, "opt": opt, "sched": sched},
                                        map_location=device, check=same_run)
@@ -298,7 +304,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch, "history": history, "seconds": seconds, "params": params.to_dict(),
                     "seed": seed, "global_step": logger.global_step if logger else 0,
-                    "start_loss": guard.start_loss}, resume)
+                    "start_loss": guard.start_loss, "base_model_sha256": base_sha}, resume)
         if progress:
             print(f"epoch {epoch}: loss {row['loss']:.4f}  clean acc {metrics.get('clean_accuracy', float('nan')):.4f}"
                   f"  ASR {_fmt(metrics.get('attack_success_rate'))}", file=sys.stderr)

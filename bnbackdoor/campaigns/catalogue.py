@@ -40,7 +40,7 @@ from ..report.acceptance import acceptance
 from ..claim import ClaimedElsewhere, claim_run, live_owner
 from ..device import parse_device
 from ..errors import UserError
-from ..runs import RUN_FILES, promote_run, run_attack
+from ..runs import RUN_FILES, promote_run, read_run_metrics, run_attack
 from ..fileio import write_json
 from ..models import MODEL_ROOT
 from ..attack.params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, compact_ids, grid_point, read_json
@@ -160,18 +160,18 @@ def run_folder(save_path: str | Path, run: PlannedRun) -> Path:
 
 
 def _read_json_or_none(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A finished run's ``metrics.json``, or None when there is none; a damaged one (not UTF-8, malformed, not an
+    object) is a one-line UserError naming the run folder to rebuild - never taken for an unfinished run, which
+    the builder would redo and whose old numbers it would put aside as stale."""
+    if not path.is_file():
         return None
+    return read_run_metrics(path.parent)
 
 
 def is_complete(folder: Path, params: AttackParams | None = None, seed: int | None = None) -> bool:
     """Every run file present, no ``resume.pt``, and (if given) ``metrics.json`` of these parameters and seed."""
-    if not all((folder / f).is_file() for f in RUN_FILES) or (folder / "resume.pt").exists():
-        return False
-    m = _read_json_or_none(folder / "metrics.json")
-    if not isinstance(m, dict):
+    m = _read_json_or_none(folder / "metrics.json")  # a damaged one is refused, whatever else is there
+    if m is None or not all((folder / f).is_file() for f in RUN_FILES) or (folder / "resume.pt").exists():
         return False
     return ((params is None or params.same_as(m.get("parameters")))
             and (seed is None or m.get("seed") == seed))
@@ -312,7 +312,7 @@ def promote(run: PlannedRun, save_path: str | Path, root: str | Path = ".", seed
     src = run_folder(save_path, run)
     if not is_complete(src, run.params, seed):
         return None
-    readme = provenance_readme(run, json.loads((src / "metrics.json").read_text(encoding="utf-8")))
+    readme = provenance_readme(run, read_run_metrics(src))
     return promote_run(src, Path(root) / MANIPULATED_DIR / run.id, readme=readme, readme_mark=README_MARK)
 
 

@@ -21,6 +21,7 @@ Every Re-BN runs on a fresh copy of the manipulated model; the stored model is n
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,7 +31,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from ..data import clean_set as data_clean_set
-from ..data import test_images
+from ..data import load_cache, test_images
 from ..errors import UserError
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
@@ -94,11 +95,19 @@ def parse_sizes(text: str | Iterable[int]) -> list[int]:
     return sorted(set(sizes))
 
 
-def eval_images(params: AttackParams, size: int | None = None, seed: int = 0,
-                data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The evaluation images: ``size`` (default ``params.testing_size``) images of the TEST split."""
+def eval_images(params: AttackParams, size: int | None = None, seed: int = 0, data_root=None,
+                on_notice=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation images: ``size`` (default ``params.testing_size``) images of the TEST split. More than the
+    split holds: all of it, with a notice (``on_notice``, default one stderr line) saying so - the caller records
+    ``len(y)``, the number really used."""
+    what = "the attack's testing_size" if size is None else "--testing-size"
     size = params.testing_size if size is None else size
     _positive(size, "the number of test images")
+    n = len(load_cache(params.dataset, data_root)["y_test"])
+    if size > n:
+        line = (f"{what} {size} is above the {params.dataset} test split ({n} images); evaluating on all {n} "
+                f"(the JSON records \"images\": {n}, \"requested\": {size})")
+        (on_notice or (lambda text: print(f"notice: {text}", file=sys.stderr)))(line)
     return test_images(params.dataset, size, seed=seed, data_root=data_root)
 
 

@@ -48,7 +48,7 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     check_output_dir(Path(save_path) / name, "evaluation folder")  # before any work, not after minutes of it
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model, on_notice=on_notice)
-    x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
+    x, y = eval_images(params, testing_size, seed=seed, data_root=data_root, on_notice=on_notice)
     chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
     cleanset = cal_info = None
     if chosen:
@@ -58,7 +58,8 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
                                          batch_size=batch_size, device=device, progress=progress, seed=seed)
     check_finite_numbers(rows, f"the metrics of {name}")
     ev = Evaluation(name=name, params=params, device=str(device), seed=seed,
-                    test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
+                    test={"split": "test", "images": len(x), "requested": testing_size or params.testing_size,
+                          "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report, base_model=model.base_model)
     with undo_writes():
         _write_evaluation(ev, params, clean, model, fixed, cleanset, x, y, Path(save_path) / name, defenses,
