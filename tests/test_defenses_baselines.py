@@ -283,3 +283,14 @@ def test_merge_keeps_the_rows_it_does_not_recompute(tmp_path):
     assert merged_rows(tmp_path / "none.json", new, seed=0, images=8, base_model=None) == new
     with pytest.raises(UserError, match="other test images, seed or base model"):
         merged_rows(path, new, seed=1, images=8, base_model=None)
+
+
+def test_a_diverged_defense_keeps_its_row_without_non_finite_numbers(capsys):
+    from bnbackdoor.evaluation.compare_defenses import diverged_as_none
+
+    ok = {"clean_accuracy": 0.9, "attack_success_rate": 0.1}
+    assert diverged_as_none(ok, "x") is ok
+    row = diverged_as_none({"clean_accuracy": 0.1, "expl_mse_to_target": float("nan"),
+                            "expl_dssim_to_target": float("inf")}, "finetune on 500 clean images")
+    assert row == {"clean_accuracy": 0.1, "expl_mse_to_target": None, "expl_dssim_to_target": None, "diverged": True}
+    assert "finetune on 500 clean images: the defended model diverged" in capsys.readouterr().err

@@ -20,6 +20,8 @@ Rows: ``clean model`` and ``no defense`` (references), then ``<defense>`` × cle
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
 from .common import eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
-from ..fileio import write_json
+from ..fileio import check_finite_numbers, write_json
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..plots import defense_scatter
@@ -92,6 +94,18 @@ def parse_clean_images(text: str | Iterable[int]) -> list[int]:
 def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
     """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
     return {size: clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
+
+
+def diverged_as_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
+    """A defended model whose numbers are not finite (it diverged: a result, not a failure of the comparison) keeps
+    its row: the non-finite numbers become None and ``diverged`` is True, with a notice - nothing non-finite is
+    stored, and the other rows are not lost."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return metrics
+    print(f"notice: {what}: the defended model diverged ({', '.join(bad[:3])} not finite); its row records "
+          "diverged: true", file=sys.stderr)
+    return {**{k: (None if k in bad else v) for k, v in metrics.items()}, "diverged": True}
 
 
 def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: int,
@@ -200,8 +214,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                                     batch_size=batch_size, device=device, reference=(ref, pred), progress=progress,
                                     on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
             metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
-            rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"], **metrics,
-                         "info": infos})
+            rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"],
+                         **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"), "info": infos})
     if merge:
         rows = merged_rows(Path(save_path) / f"defenses_{name}.json", rows, seed=seed, images=len(x),
                            base_model=model.base_model)
@@ -209,6 +223,7 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                             test={"split": "test", "images": len(x), "seed": seed}, rows=rows,
                             base_model=model.base_model)
     out_dir = Path(save_path)
+    check_finite_numbers(cmp.to_dict(), f"the comparison of {name}")  # before any file: nothing half-written
     write_csv(out_dir / f"defenses_{name}.csv", cmp.flat_rows())
     points = [{"group": r["defense"], "size": r["clean_images"], **r} for r in rows]
     defense_scatter(points, out_dir / f"defenses_{name}.png",
