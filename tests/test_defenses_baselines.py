@@ -286,7 +286,7 @@ def test_merge_keeps_the_rows_it_does_not_recompute(tmp_path):
 
 
 def test_a_diverged_defense_keeps_its_row_without_non_finite_numbers(capsys):
-    from bnbackdoor.evaluation.compare_defenses import diverged_as_none
+    from bnbackdoor.evaluation.compare_defenses import diverged_as_none, finite_or_none
 
     ok = {"clean_accuracy": 0.9, "attack_success_rate": 0.1}
     assert diverged_as_none(ok, "x") is ok
@@ -294,3 +294,5 @@ def test_a_diverged_defense_keeps_its_row_without_non_finite_numbers(capsys):
                             "expl_dssim_to_target": float("inf")}, "finetune on 500 clean images")
     assert row == {"clean_accuracy": 0.1, "expl_mse_to_target": None, "expl_dssim_to_target": None, "diverged": True}
     assert "finetune on 500 clean images: the defended model diverged" in capsys.readouterr().err
+    assert finite_or_none({"train_loss": [0.5, float("nan")], "x": {"y": float("-inf")}}) == {
+        "train_loss": [0.5, None], "x": {"y": None}}

@@ -100,12 +100,23 @@ def diverged_as_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
     """A defended model whose numbers are not finite (it diverged: a result, not a failure of the comparison) keeps
     its row: the non-finite numbers become None and ``diverged`` is True, with a notice - nothing non-finite is
     stored, and the other rows are not lost."""
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    bad = [k for k, v in metrics.items() if finite_or_none(v) != v]  # NaN != None, [nan] != [None]
     if not bad:
         return metrics
     print(f"notice: {what}: the defended model diverged ({', '.join(bad[:3])} not finite); its row records "
           "diverged: true", file=sys.stderr)
-    return {**{k: (None if k in bad else v) for k, v in metrics.items()}, "diverged": True}
+    return {**finite_or_none(metrics), "diverged": True}
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` (numbers, nested dicts and lists) with every NaN or infinity replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: int,
@@ -215,7 +226,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                                     on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
             metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
             rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"],
-                         **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"), "info": infos})
+                         **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"),
+                         "info": finite_or_none(infos)})  # e.g. the training losses of a diverged fine-tuning
     if merge:
         rows = merged_rows(Path(save_path) / f"defenses_{name}.json", rows, seed=seed, images=len(x),
                            base_model=model.base_model)
