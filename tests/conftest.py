@@ -69,3 +69,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def toy_clean_set(n: int = 48, seed: int = 0):
+    """A defender's learnable toy clean set: 8×8 images, class k brightens colour channel k."""
+    from bnbackdoor.data import CleanSet
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.rand(n, 3, 8, 8, generator=g) * 0.5
+    x[torch.arange(n), y] += 0.5
+    return CleanSet(x, y, "cifar10", seed)
+
+
+def state_copy(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a model's state dict (to compare before and after)."""
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from conftest import state_copy, toy_clean_set
 
 from bnbackdoor.evaluation.compare_defenses import default_defenses, parse_clean_images, parse_defenses
-from bnbackdoor.defenses import CleanSet, apply_defense
+from bnbackdoor.defenses import apply_defense
 from bnbackdoor.defenses.bnp import gaussian_kl, outliers
 from bnbackdoor.defenses.common import clean_loss
 from bnbackdoor.defenses.fine_pruning import last_feature_stage
@@ -49,17 +49,6 @@ def _model(bn: bool = True, seed: int = 0) -> nn.Module:
     return m.eval()
 
 
-def _clean(n: int = 48, seed: int = 0) -> CleanSet:
-    """Learnable toy data: class k brightens colour channel k."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.rand(n, 3, 8, 8, generator=g) * 0.5
-    x[torch.arange(n), y] += 0.5
-    return CleanSet(x, y, "cifar10", seed)
-
-
-def _state(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 def _outputs(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +62,8 @@ def _outputs(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_no_defense_changes_the_input_model(name):
-    model, clean = _model(), _clean()
-    before = _state(model)
+    model, clean = _model(), toy_clean_set()
+    before = state_copy(model)
     out = apply_defense(name, model, clean, device="cpu", progress=False, **FAST[name])
     assert out.model is not model
     after = model.state_dict()
@@ -86,17 +75,17 @@ def test_no_defense_changes_the_input_model(name):
 @pytest.mark.parametrize("name", BASELINES)
 def test_option_typo_is_a_user_error(name):
     with pytest.raises(UserError, match="has no option"):
-        apply_defense(name, _model(), _clean(), device="cpu", progress=False, epochz=3)
+        apply_defense(name, _model(), toy_clean_set(), device="cpu", progress=False, epochz=3)
 
 
 @pytest.mark.parametrize("name", ["bn_finetune", "bnp", "anp"])
 def test_bn_defenses_refuse_a_model_without_batchnorm(name):
     with pytest.raises(UserError, match="BatchNorm"):
-        apply_defense(name, _model(bn=False), _clean(), device="cpu", progress=False)
+        apply_defense(name, _model(bn=False), toy_clean_set(), device="cpu", progress=False)
 
 
 def test_finetune_reduces_the_clean_set_loss():
-    model, clean = _model(), _clean()
+    model, clean = _model(), toy_clean_set()
     out = apply_defense("finetune", model, clean, device="cpu", progress=False, epochs=8, lr=0.05)
     before, after = clean_loss(model, clean), clean_loss(out.model, clean)
     assert after < before - 0.05
@@ -104,8 +93,8 @@ def test_finetune_reduces_the_clean_set_loss():
 
 
 def test_bn_finetune_changes_only_affine_and_running_statistics():
-    model, clean = _model(), _clean()
-    before = _state(model)
+    model, clean = _model(), toy_clean_set()
+    before = state_copy(model)
     out = apply_defense("bn_finetune", model, clean, device="cpu", progress=False, epochs=3, lr=0.05,
                         rebn_batch_size=len(clean))
     after = out.model.state_dict()
@@ -134,7 +123,7 @@ def test_gaussian_kl_matches_torch_distributions():
 
 
 def test_bnp_prunes_the_channel_whose_stored_statistics_are_off_and_its_output_is_zero():
-    model, clean = _model(), _clean()
+    model, clean = _model(), toy_clean_set()
     bn = model.features[4]
     # Plant a 'backdoor neuron': the stored statistics of channel 5 are far from what clean data produce there.
     with torch.no_grad():
@@ -152,7 +141,7 @@ def test_bnp_prunes_the_channel_whose_stored_statistics_are_off_and_its_output_i
 
 
 def test_fine_pruning_zeroes_the_least_active_channels_of_the_last_stage():
-    model, clean = _model(), _clean()
+    model, clean = _model(), toy_clean_set()
     assert last_feature_stage(model, clean.x[:2]) == "features"
     acts = _outputs(model, model.features, clean.x).mean((0, 2, 3))
     out = apply_defense("fine_pruning", model, clean, device="cpu", progress=False, epochs=1,
@@ -175,8 +164,8 @@ def test_fine_pruning_finds_resnet20s_last_stage():
 
 
 def test_anp_prunes_by_mask_and_changes_nothing_else():
-    model, clean = _model(), _clean()
-    before = _state(model)
+    model, clean = _model(), toy_clean_set()
+    before = state_copy(model)
     out = apply_defense("anp", model, clean, device="cpu", progress=False, iterations=10, batch_size=16,
                         threshold=0.999)
     pruned = out.info["pruned"]

@@ -2,12 +2,12 @@
 property on tiny constructed networks and synthetic tensors, against hand computations."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import state_copy, toy_clean_set
 from bnbackdoor.defenses import CleanSet, apply_defense
 from bnbackdoor.defenses.common import clean_loss
 from bnbackdoor.errors import UserError
@@ -37,23 +37,12 @@ def _model(bn: bool = True, seed: int = 0) -> nn.Module:
     return Tiny(bn).eval()
 
 
-def _clean(n: int = 48, seed: int = 0) -> CleanSet:
-    """Learnable toy data: class k brightens colour channel k."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.rand(n, 3, 8, 8, generator=g) * 0.5
-    x[torch.arange(n), y] += 0.5
-    return CleanSet(x, y, "cifar10", seed)
-
-
-def _state(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", STRONG)
 def test_strong_defenses_leave_the_input_model_alone_and_run_without_bn(name):
-    model, clean = _model(), _clean()
-    before = _state(model)
+    model, clean = _model(), toy_clean_set()
+    before = state_copy(model)
     out = apply_defense(name, model, clean, device="cpu", progress=False, **FAST[name])
     assert out.model is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -71,8 +60,8 @@ def test_strong_defenses_leave_the_input_model_alone_and_run_without_bn(name):
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_finetune_freeze_bn_stats_keeps_running_statistics_bit_identical(freeze):
-    model, clean = _model(), _clean()
-    before = _state(model)
+    model, clean = _model(), toy_clean_set()
+    before = state_copy(model)
     out = apply_defense("finetune", model, clean, device="cpu", progress=False, epochs=2, freeze_bn_stats=freeze)
     after = out.model.state_dict()
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
@@ -159,7 +148,7 @@ def _accuracy(model, x, y) -> float:
 
 
 def test_rnp_prunes_exactly_the_planted_backdoor_channel_and_keeps_clean_accuracy():
-    clean = _clean(60)
+    clean = toy_clean_set(60)
     model = Planted().eval()
     x_trig = clean.x.clone()
     x_trig[:, :, :4, :4] = 1.0                                   # the planted pattern
@@ -215,7 +204,7 @@ def _attention_distance(student, teacher, x, stage="layer2") -> float:
 def test_nad_with_a_huge_beta_moves_the_students_attention_to_the_teachers():
     from bnbackdoor.defenses.nad import attention_stages
 
-    model, clean = _model(bn=False), _clean()      # no BatchNorm: eval-mode maps move only with the weights
+    model, clean = _model(bn=False), toy_clean_set()      # no BatchNorm: eval-mode maps move only with the weights
     assert attention_stages(model, clean.x[:2]) == ["layer1", "layer2"]
     # the teacher is exactly `finetune` with the same epochs (same loop, same seed)
     teacher = apply_defense("finetune", model, clean, device="cpu", progress=False, epochs=3).model
@@ -249,7 +238,7 @@ def test_i_bau_perturbation_raises_the_loss_and_unlearning_lowers_it_again():
 
     from bnbackdoor.defenses.i_bau import hypergradient, universal_perturbation
 
-    model, clean = ColourNet().eval(), _clean(60)
+    model, clean = ColourNet().eval(), toy_clean_set(60)
     base = float(F.cross_entropy(model(clean.x), clean.y).detach())
     delta = universal_perturbation(model, clean.x, clean.y, lr=1e4, radius=4.0)     # one batch: one big step
     assert float(delta.norm()) == pytest.approx(4.0, rel=1e-5)          # the bound is active

@@ -166,6 +166,17 @@ def split_clean(clean_x: Tensor, minimum: int = 4) -> tuple[Tensor, Tensor]:
     return clean_x[:half], clean_x[half:]
 
 
+def draw_reference(clean_x: Tensor, n: int, seed: int, what: str) -> tuple[Tensor, Tensor]:
+    """(``n`` seeded images of the reference half, the held-out half): what STRIP blends with and SentiNet pastes
+    onto; ``what`` names that use in the error when the reference half is too small."""
+    ref, held = split_clean(clean_x)
+    if len(ref) < n:
+        raise UserError(f"{what} {n} clean images but the reference half has {len(ref)}; "
+                        f"give at least {2 * n} clean images (--clean-images)")
+    g = torch.Generator().manual_seed(seed)
+    return ref[torch.randperm(len(ref), generator=g)[:n]], held
+
+
 def threshold_at_fpr(clean_scores: Tensor, fpr: float = FPR) -> float:
     """The (1 - fpr) quantile of clean suspicion scores, an observed value ("higher"), so that flagging
     ``score > threshold`` flags at most ``fpr`` of those clean images."""

@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import UserError
-from . import Detection, register, split_clean, threshold_at_fpr
+from . import Detection, draw_reference, register, threshold_at_fpr
 from .cam_region import REGION_AREA, cam_region
 
 __all__ = ["N_PASTE", "sentinet_scores", "fit", "score"]
@@ -60,13 +59,8 @@ def sentinet_scores(model: nn.Module, x: Tensor, targets: Tensor, noise: Tensor,
 
 def fit(model: nn.Module, clean_x: Tensor, *, device, seed: int = 0, n_paste: int = N_PASTE,
         area: float = REGION_AREA, layer: str | None = None) -> dict:
-    ref, held = split_clean(clean_x)
-    if len(ref) < n_paste:
-        raise UserError(f"SentiNet pastes onto {n_paste} clean images but the reference half has {len(ref)}; "
-                        f"give at least {2 * n_paste} clean images (--clean-images)")
-    g = torch.Generator().manual_seed(seed)
-    targets = ref[torch.randperm(len(ref), generator=g)[:n_paste]]
-    noise = torch.rand((1,) + tuple(ref.shape[1:]), generator=torch.Generator().manual_seed(NOISE_SEED))
+    targets, held = draw_reference(clean_x, n_paste, seed, "SentiNet pastes onto")
+    noise = torch.rand((1,) + tuple(held.shape[1:]), generator=torch.Generator().manual_seed(NOISE_SEED))
     with torch.no_grad():
         target_pred = model(targets.to(device)).argmax(1).cpu()
     fooled = torch.cat([sentinet_scores(model, held[i:i + CHUNK], targets, noise, area, layer, device,

@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import UserError
-from . import Detection, register, split_clean, threshold_at_fpr
+from . import Detection, draw_reference, register, threshold_at_fpr
 
 __all__ = ["N_PERTURB", "ALPHA", "strip_entropy", "fit", "score"]
 
@@ -43,12 +42,7 @@ def strip_entropy(model: nn.Module, x: Tensor, backgrounds: Tensor, alpha: float
 
 def fit(model: nn.Module, clean_x: Tensor, *, device, seed: int = 0, n_perturb: int = N_PERTURB,
         alpha: float = ALPHA) -> dict:
-    ref, held = split_clean(clean_x)
-    if len(ref) < n_perturb:
-        raise UserError(f"STRIP blends with {n_perturb} clean images but the reference half has {len(ref)}; "
-                        f"give at least {2 * n_perturb} clean images (--clean-images)")
-    g = torch.Generator().manual_seed(seed)
-    bg = ref[torch.randperm(len(ref), generator=g)[:n_perturb]]
+    bg, held = draw_reference(clean_x, n_perturb, seed, "STRIP blends with")
     ent = torch.cat([strip_entropy(model, held[i:i + CHUNK], bg, alpha, device) for i in range(0, len(held), CHUNK)])
     thr = threshold_at_fpr(-ent)
     return {"backgrounds": bg, "threshold": thr, "entropy_threshold": -thr, "held_out": len(held),
