@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
-from .results import (CLEAN, DETECTOR_HEADERS, MANIPULATED, Model, _comparison_rows, comparison_winner,
+from .results import (CLEAN, DETECTOR_HEADERS, MANIPULATED, Model, comparison_rows, comparison_winner,
                       detector_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
@@ -193,7 +193,7 @@ def poisoning(root: Path) -> list[str]:
             missing.append(mid)
             continue
         cmp = _read(root / "results" / f"defenses_{mid}.json")
-        win = comparison_winner(_comparison_rows(cmp["rows"], m)) if cmp else None
+        win = comparison_winner(comparison_rows(cmp["rows"], m)) if cmp else None
         ana = _read(root / "results" / "anatomy" / f"{mid}_anatomy.json")
         restored = {r["group"]: r for r in (ana or {}).get("rows", []) if r.get("variant") == "restore"}
         best = ("not run" if cmp is None else "none keeps accuracy" if win is None else

@@ -427,7 +427,7 @@ def load_defense_files(root: str | Path = ".") -> list[tuple[str, list[dict]]]:
 WIN_ACCURACY_DROP = MAX_ACCURACY_DROP  # a defense "wins" only among rows that keep clean accuracy within 3 points
 
 
-def _comparison_rows(rows: list[dict], model: Model | None) -> list[dict]:
+def comparison_rows(rows: list[dict], model: Model | None) -> list[dict]:
     """The comparison file's rows, then the defenses of the model's own metrics.json (Re-BN on 5,000 images, Re-BN
     augmented, test-batch BN) that the file does not hold, so that one table has every row the paper discusses."""
     out = [dict(r) for r in rows]
@@ -474,7 +474,7 @@ def defense_comparison_section(root: str | Path = ".", models: list[Model] | Non
     summary = []
     for attack_id, rows in files:
         m = by_id.get(attack_id)
-        rows = _comparison_rows(rows, m)
+        rows = comparison_rows(rows, m)
         rows_out = []
         for r in rows:
             cells = []
