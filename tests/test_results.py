@@ -100,6 +100,23 @@ def test_acceptance_full_disguise_uses_the_absolute_bound():
     assert acceptance(metrics(clean=state(acc=0.928, asr=0.0, t=0.03),
                               manip=state(acc=0.92, asr=1.0, utr=0.02, t=0.02))).failed == ["explanation"]
 
+def test_acceptance_of_a_loss_weight_0_control_skips_only_the_explanation_check():
+    def control(manip, loss_weight=0):
+        m = metrics(manip=manip)
+        m["parameters"]["loss_weight"] = loss_weight
+        return m
+    unmoved = state(acc=0.913, asr=1.0, utr=0.02, t=0.45)  # the explanation stayed the clean model's
+    v = acceptance(control(unmoved))
+    assert v.accepted and v.checks[1].passed is None and v.checks[1].note.startswith("control")
+    assert acceptance(control(unmoved, loss_weight=0.9)).failed == ["explanation"]  # the attack itself must move it
+    assert acceptance(control(state(acc=0.897, asr=1.0, utr=0.02, t=0.45))).failed == ["clean accuracy"]
+    assert acceptance(control(state(acc=0.913, asr=0.89, utr=0.02, t=0.45))).failed == ["attack success"]
+    assert acceptance(control(state(acc=0.913, asr=1.0, utr=0.21, t=0.45))).failed == ["no collapse"]
+    scratch = control(unmoved)
+    scratch["parameters"]["regime"] = "scratch"  # loss_weight 0 as well, but its own regime and rule
+    assert Model("c", control(unmoved)).regime == "control" and Model("s", scratch).regime == "scratch"
+
+
 def test_acceptance_missing_numbers_fail():
     m = metrics()
     del m["manipulated_model"]["expl_dssim_to_target"]
@@ -194,6 +211,7 @@ def test_claims_are_judged_per_regime_and_scratch_models_have_no_explanation_cla
     assert rows[(cut, "poisoning from scratch")] == [
         "rebn: mean 0.925, 2/2 pass; rebn+augment: mean 0.925, 2/2 pass", "holds"]
     assert ("Re-BN restores explanations", "poisoning from scratch") not in rows  # no target explanation
+    # every claim in each regime that has models (no controls here), the explanation claim in fine-tuning only
     assert len(rows) == 2 * len(CLAIMS) - 1
 
 

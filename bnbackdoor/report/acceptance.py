@@ -22,6 +22,11 @@ A model **trained from scratch on a poisoned set** (``regime`` "scratch", classi
 target: the explanation check does not apply, and its clean accuracy may be at most
 :data:`MAX_ACCURACY_DROP_SCRATCH` (2 points) below the clean model's (trained with the same recipe on the clean set).
 
+A **control** (``loss_weight`` 0 in the fine-tuning regime: the same attack, trigger, target class and budget
+without the explanation term) is judged as a backdoor only: it has no explanation to move, so the explanation check
+does not apply; the other checks are the fine-tuning ones. Controls exist to ask what the explanation term buys the
+attacker (against explanation-based detectors) and costs (accuracy), so they are counted apart from the attacks.
+
 A check whose number is missing from ``metrics.json`` fails (a run that cannot show it worked is not accepted).
 """
 from __future__ import annotations
@@ -46,6 +51,7 @@ RULES = (
     "poisoned set)",
     f"untriggered target rate <= {MAX_UNTRIGGERED_TARGET_RATE:g} (label-changing attacks only: no collapse to the "
     "target class)",
+    "a control (loss_weight 0: the same fine-tuning without the explanation term) has no explanation check",
 )
 
 
@@ -106,6 +112,12 @@ def is_scratch(parameters: Mapping[str, Any]) -> bool:
     return parameters.get("regime") == "scratch"
 
 
+def is_control(parameters: Mapping[str, Any]) -> bool:
+    """A fine-tuning run without the explanation term (``loss_weight`` 0): the control of an explanation-aware
+    attack. (A model trained from scratch has ``loss_weight`` 0 too, but it is its own regime.)"""
+    return not is_scratch(parameters) and parameters.get("loss_weight") == 0
+
+
 def acceptance(metrics: Mapping[str, Any]) -> Verdict:
     """The verdict for one run's ``metrics.json`` content (keys ``clean_model``, ``manipulated_model``,
     ``parameters``)."""
@@ -121,6 +133,9 @@ def acceptance(metrics: Mapping[str, Any]) -> Verdict:
     if scratch:
         checks.append(Check("explanation", _num(manip, "expl_dssim_to_target"), None, None,
                             "trained from scratch on a poisoned set: no explanation target"))
+    elif is_control(metrics.get("parameters") or {}):
+        checks.append(Check("explanation", _num(manip, "expl_dssim_to_target"), None, None,
+                            "control (loss_weight 0): no explanation term"))
     elif is_full_disguise(metrics.get("parameters") or {}):
         checks.append(_at_most("explanation", _num(manip, "expl_dssim_to_target"), FULL_DISGUISE_MAX_DSSIM,
                                "full disguise: absolute bound (the clean model is the target)"))

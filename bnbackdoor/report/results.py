@@ -29,12 +29,15 @@ from tabulate import tabulate
 
 from .acceptance import RULES as ACCEPTANCE_RULES
 from .labels import CLEAN_MODEL, MANIPULATED, NO_DEFENSE
-from .acceptance import MAX_ACCURACY_DROP, Verdict, acceptance, is_full_disguise, is_label_changing, is_scratch
+from .acceptance import (MAX_ACCURACY_DROP, Verdict, acceptance, is_control, is_full_disguise, is_label_changing,
+                         is_scratch)
 
 CLEAN = CLEAN_MODEL
-# The two regimes a claim is judged in separately: BatchNorm statistics can only carry a backdoor where they were
-# learned from poisoned data (from scratch); explanation-aware fine-tuning mostly runs with them frozen.
-REGIMES = {"finetune": "explanation-aware fine-tuning", "scratch": "poisoning from scratch"}
+# The regimes a claim is judged in separately: BatchNorm statistics can only carry a backdoor where they were
+# learned from poisoned data (from scratch); explanation-aware fine-tuning mostly runs with them frozen; its
+# loss_weight 0 controls are the same fine-tuning without the explanation term.
+REGIMES = {"finetune": "explanation-aware fine-tuning", "scratch": "poisoning from scratch",
+           "control": "fine-tuning without the explanation term (loss_weight 0 controls)"}
 # The default defenses of metrics.json, in report order; other labels found follow, sorted.
 DEFENSE_LABELS = ("rebn", "rebn+augment", "batchstats B=100 f=1", "batchstats B=100 f=1/B")
 REBN = ("rebn", "rebn+augment")
@@ -95,7 +98,7 @@ class Model:
 
     @property
     def regime(self) -> str:
-        return "scratch" if is_scratch(self.params) else "finetune"
+        return "scratch" if is_scratch(self.params) else "control" if is_control(self.params) else "finetune"
 
     @property
     def label_changing(self) -> bool:
@@ -284,11 +287,13 @@ def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
 
 
 def claims_table(models: list[Model]) -> list[list[str]]:
-    """One row per claim and regime (fine-tuning first): a claim may hold in one regime and not in the other."""
+    """One row per claim and regime (fine-tuning first) that has shipped models: a claim may hold in one regime and
+    not in the other."""
     accepted = [m for m in models if m.verdict.accepted]
+    present = {m.regime for m in models}
     out = []
     for c in CLAIMS:
-        for regime in c.regimes:
+        for regime in (r for r in c.regimes if r in present):
             name = REGIMES[regime]
             rows = c.rows(m for m in accepted if m.regime == regime)
             out.append([c.name, name, claim_number(rows, c.defenses), claim_verdict(rows)])
