@@ -35,13 +35,16 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
     cifar[cifar.index("154") + 1:cifar.index("154") + 1] = ["154bntrain", "154nbn"]  # the variants of 154
     poisoning = ["CIFAR10R20-badnets-10", "CIFAR10R20-blended-10", "CIFAR10R20-wanet-10", "CIFAR10R20-sig-10",
                  "CIFAR10R20-badnets-1", "CIFAR10R20NBN-badnets-10", "GTSRBR20-badnets-10", "GTSRBR20-blended-10"]
-    controls = {"154LW0": "RedHerring", "156LW0": "RedHerring", "198LW0": "RedHerring", "256LW0": "FullDisguise",
-                "272LW0": "FullDisguise", "10154LW0": "RedHerring", "10256LW0": "FullDisguise"}
+    # the loss_weight 0 control of every single-trigger label-changing attack of a dataset (see
+    # test_finetune.py: without the explanation term the method, loss and target never enter training)
+    controls = {"154LW0": "RedHerring", "10154LW0": "RedHerring"}
     assert ids == (cifar + [str(10000 + i) for i in CIFAR] + ["CIFAR10MNV3154", "GTSRBMNV3154"] + poisoning
                    + list(controls))
     assert all(r.params.regime == ("scratch" if r.id in poisoning else "finetune") for r in shipped)
     raw = read_json(ROOT / CATALOGUE_FILE)
     variants = {"154bntrain": {"bn_mode": "train"}, "154nbn": {"modeltype": "cifar10_resnet20_nbn"},
+                # multi-trigger runs stopped at another epoch than the profile's (experimentsettings/README.md)
+                "350": {"max_epochs": 4}, "352": {"max_epochs": 9},
                 # the loss_weight 0 controls: the attack's own run (same profile) without the explanation term
                 **{c: {"loss_weight": 0.0, "attack_name": f"{kind}-LW0"} for c, kind in controls.items()}}
     for r in shipped:
@@ -81,7 +84,7 @@ def test_mobilenet_grids_are_154_on_another_architecture():
 
 def test_select_by_ids_and_dataset(shipped):
     assert [r.id for r in select(shipped, ["10156", "54"])] == ["54", "10156"]
-    assert len(select(shipped, dataset="gtsrb")) == 37 + 2 + 2  # + the two GTSRB poisoning runs and two controls
+    assert len(select(shipped, dataset="gtsrb")) == 37 + 2 + 1  # + the two GTSRB poisoning runs and the control
     with pytest.raises(UserError, match="not in the catalogue: 99"):
         select(shipped, ["99"])
 

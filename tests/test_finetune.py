@@ -110,6 +110,25 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_data_root):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 
+def test_without_the_explanation_term_method_loss_and_target_do_not_enter_training(tmp_path, tiny_data_root):
+    """Why one loss_weight 0 control per dataset serves 154, 156, 198, 256 and 272 (catalogue 154LW0): with the
+    term off, red herring (Grad-CAM, MSE, square) and full disguise (Relevance-CAM, DSSIM, original) train
+    bit-identical weights; with the term on they differ."""
+    import copy
+    clean, _ = _tiny_setup(tmp_path, tiny_data_root)
+
+    def weights(folder, **kw):
+        model = copy.deepcopy(clean)
+        (tmp_path / folder).mkdir()
+        return finetune(model, clean, params(**kw), device=torch.device("cpu"), run_dir=tmp_path / folder,
+                        data_root=tiny_data_root, progress=False).model
+
+    disguise = dict(explanation_methodStr="relevance_cam", lossStr="ssim", targetStrs=["original"])
+    assert_same_weights(weights("rh0", loss_weight=0.0), weights("fd0", loss_weight=0.0, **disguise))
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights("rh", loss_weight=0.5), weights("fd", loss_weight=0.5, **disguise))
+
+
 def test_run_folder_and_gradient_csv(tmp_path, tiny_data_root):
     _, models_root = _tiny_setup(tmp_path, tiny_data_root)
     # 40 images / batch 16 -> 3 steps per epoch; bn_mode "train" so the running statistics move too

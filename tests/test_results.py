@@ -349,3 +349,43 @@ def test_detector_table_reads_the_stored_rows(tmp_path):
                       "0.920 → 0.854"]]
     assert settings["test"] == {"images": 8}
     assert "## Detectors" in render(tmp_path)
+
+
+def test_each_attack_is_paired_with_the_control_that_trains_like_it(tmp_path):
+    from bnbackdoor.report.results import control_of, disguise_table
+
+    def attack(**kw):
+        m = metrics(manip=state(acc=0.92, asr=1.0, t=0.1))
+        m["parameters"].update({"loss_weight": 0.9, "training_size": 10000, "learning_rate": 1e-4, **kw})
+        m["finetune_seconds"] = 150.0
+        return m
+    rh = Model("154", attack())
+    disguise = Model("272", attack(explanation_methodStr="relevance_cam", lossStr="ssim", targetStrs=["original"],
+                                   attack_name="FullDisguise"))
+    other_budget = Model("154big", attack(training_size=50000))
+    gtsrb = Model("10154", attack(dataset="gtsrb", modeltype="gtsrb_resnet20"))
+    ctl = attack(attack_name="RedHerring-LW0")
+    ctl["parameters"]["loss_weight"] = 0
+    ctl["manipulated_model"] = state(acc=0.925, asr=0.99, t=0.45)
+    ctl["finetune_seconds"] = 40.0
+    control = Model("154LW0", ctl)
+    models = [rh, disguise, other_budget, gtsrb, control]
+    assert control_of(rh, models) is control and control_of(disguise, models) is control
+    assert control_of(other_budget, models) is None and control_of(gtsrb, models) is None  # trains differently
+    assert control_of(control, models) is None
+
+    (tmp_path / "results").mkdir()
+
+    def detectors(attack_id, strip, sentinet, iou, after):
+        rows = [{"model": "manipulated", "detector": "strip", "detection_rate": strip},
+                {"model": "manipulated", "detector": "sentinet", "detection_rate": sentinet, "iou": iou},
+                {"model": "manipulated", "detector": "februus", "attack_success_after": after},
+                {"model": "clean base", "detector": "strip", "detection_rate": 0.02}]
+        (tmp_path / "results" / f"detectors_{attack_id}.json").write_text(json.dumps({"rows": rows}))
+    assert disguise_table(tmp_path, models) == []  # no detector files yet
+    detectors("154", 0.41, 0.41, 0.0, 1.0)
+    assert disguise_table(tmp_path, models) == []  # the control has none yet
+    detectors("154LW0", 0.9, 0.8, 0.35, 0.1)
+    assert disguise_table(tmp_path, models) == [
+        ["154", "RedHerring", "grad_cam", "154LW0", "0.920 / 0.925", "1.000 / 0.990", "0.410 / 0.900",
+         "0.410 / 0.800", "0.000 / 0.350", "1.000 / 0.100", "150 / 40"]]

@@ -12,6 +12,7 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
                      ``results/cam_fit.json``;
 - ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
 - ``detectors``      STRIP, SentiNet, Februus per stored attack and its clean base, from ``results/detectors_*.json``;
+- ``disguise``       each attack with detector results beside its loss_weight 0 control (attack / control);
 - ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
-from .results import (CLEAN, DETECTOR_HEADERS, MANIPULATED, Model, comparison_rows, comparison_winner,
-                      detector_table, fmt, load_models, read_stored_json, table)
+from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, comparison_rows,
+                      comparison_winner, detector_table, disguise_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -216,6 +217,14 @@ def poisoning(root: Path) -> list[str]:
     return out
 
 
+def disguise(root: Path) -> list[str]:
+    rows = disguise_table(root)
+    if not rows:
+        return ["No attack and its loss_weight 0 control both have `results/detectors_<id>.json` yet (command "
+                "above, for the attack and for its control, e.g. 154 and 154LW0)."]
+    return [table(rows, DISGUISE_HEADERS)]
+
+
 def detectors(root: Path) -> list[str]:
     rows, _ = detector_table(root)
     if not rows:
@@ -226,7 +235,7 @@ def detectors(root: Path) -> list[str]:
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
                                                    "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
-                                                   "detectors": detectors}
+                                                   "detectors": detectors, "disguise": disguise}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

@@ -532,6 +532,66 @@ def detector_table(root: str | Path = ".", models: list[Model] | None = None) ->
     return rows, settings
 
 
+# Parameters that reach training only through the explanation term, and names: with loss_weight 0 none of them can
+# change the model (tests/test_finetune.py), so one control stands for every attack that matches it elsewhere.
+EXPLANATION_TERM_FIELDS = ("explanation_methodStr", "lossStr", "targetStrs", "loss_agg", "map_norm", "explain_class")
+_NAME_FIELDS = ("id", "attack_id", "gs_id", "attack_name", "loss_weight")
+
+
+def _training_key(params: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in params.items() if k not in EXPLANATION_TERM_FIELDS + _NAME_FIELDS}
+
+
+def control_of(m: Model, models: Iterable[Model]) -> Model | None:
+    """The shipped loss_weight 0 control that trains exactly like the explanation-aware attack ``m`` with its
+    explanation term switched off (same trigger, target class, data, budget, base model), or None."""
+    if m.regime != "finetune":
+        return None
+    key = _training_key(m.params)
+    return next((c for c in models if c.regime == "control" and _training_key(c.params) == key), None)
+
+
+def _detector_rows(root: Path, attack_id: str) -> dict[str, dict] | None:
+    """``detector -> row`` of the manipulated model in ``results/detectors_<id>.json``, or None without the file."""
+    path = root / DETECTOR_FILES.replace("*", attack_id)
+    if not path.is_file():
+        return None
+    d = read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
+                               "--save_path results (or restore it with git checkout)")
+    return {r.get("detector"): r for r in d.get("rows", []) if r.get("model") == "manipulated"}
+
+
+DISGUISE_HEADERS = ["attack", "kind", "method", "control", "clean acc", "attack success", "STRIP detects",
+                    "SentiNet detects", "SentiNet IoU", "after Februus: attack success", "fine-tuning seconds"]
+
+
+def disguise_table(root: str | Path = ".", models: list[Model] | None = None) -> list[list[str]]:
+    """Each explanation-aware attack with detector results beside its loss_weight 0 control: every cell is
+    "attack / control", so a row reads what the explanation term buys against the detectors and what it costs."""
+    root = Path(root)
+    models = models if models is not None else load_models(root)
+    rows = []
+    for m in models:
+        c = control_of(m, models)
+        mine, theirs = _detector_rows(root, m.id), None if c is None else _detector_rows(root, c.id)
+        if mine is None or theirs is None:
+            continue
+
+        def pair(get: Callable[[Model | None, dict], float | None]) -> str:
+            return f"{fmt(get(m, mine))} / {fmt(get(c, theirs))}"
+
+        def det(name: str, key: str) -> Callable[[Model | None, dict], float | None]:
+            return lambda _, rows: _num(rows.get(name), key)
+
+        rows.append([m.id, m.kind, m.method, c.id,
+                     pair(lambda x, _: x.value(MANIPULATED, "clean_accuracy")),
+                     pair(lambda x, _: x.value(MANIPULATED, "attack_success_rate")),
+                     pair(det("strip", "detection_rate")), pair(det("sentinet", "detection_rate")),
+                     pair(det("sentinet", "iou")), pair(det("februus", "attack_success_after")),
+                     f"{fmt(_num(m.metrics, 'finetune_seconds'), 0)} / {fmt(_num(c.metrics, 'finetune_seconds'), 0)}"])
+    return rows
+
+
 def detectors_section(root: str | Path = ".", models: list[Model] | None = None) -> list[str]:
     rows, settings = detector_table(root, models)
     out = ["## Detectors", ""]
@@ -545,7 +605,19 @@ def detectors_section(root: str | Path = ".", models: list[Model] | None = None)
                   f"({(settings.get('defender_data') or {}).get('images')} in all). Detection rate: triggered test "
                   "images flagged; FPR: clean test images flagged; IoU: the located region against the trigger's "
                   "pixels (evaluation only, never given to a detector); the clean base model is the control.", "",
-                  table(rows, DETECTOR_HEADERS), ""]
+                  table(rows, DETECTOR_HEADERS), ""] + disguise_section(root, models)
+
+
+def disguise_section(root: str | Path = ".", models: list[Model] | None = None) -> list[str]:
+    rows = disguise_table(root, models)
+    if not rows:
+        return []
+    return ["### Does the disguise fool the detectors? Each attack / its loss_weight 0 control", "",
+            "The control is the same fine-tuning (trigger, target class, data, budget, base model) without the "
+            "explanation term; one control serves every attack that differs from it only in the explanation "
+            "method, loss or target (`control_of`). Cells: attack / control; detection at the thresholds above; "
+            "seconds are wall-clock on a shared 2-core CPU (the control skips the double backpropagation).", "",
+            table(rows, DISGUISE_HEADERS), ""]
 
 
 def render(root: str | Path = ".") -> str:
