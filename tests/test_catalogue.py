@@ -3,7 +3,6 @@ attacks (files written instantly) and once on a real tiny attack."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -2,7 +2,6 @@
 "scratch" regime's parameters, and a tiny from-scratch run (resume, BatchNorm statistics, run folder)."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -14,7 +13,7 @@ from bnbackdoor.errors import UserError
 from bnbackdoor.runs import run_attack
 from bnbackdoor.metrics import reference_explanations
 from bnbackdoor.models import build_model, save_checkpoint
-from bnbackdoor.attack.params import AttackParams, resolve_attack
+from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.poisoning import poison_training_set, to_uint8
 from bnbackdoor.attack.scratch import fresh_model, train_poisoned
 from bnbackdoor.triggers import (BLEND_ALPHA, BLEND_SEED, SIG_DELTA, SIG_FREQUENCY, WANET_STRENGTH, apply_trigger,

@@ -79,8 +79,8 @@ def test_bn_mode_validated_in_concrete_and_grid_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- defenses
-from bnbackdoor.defenses.evaluate import composition, evaluate_defenses, evaluate_transductive, triggered_per_batch  # noqa: E402
-from bnbackdoor.defenses import DEFAULT_DEFENSES, CleanSet, apply_defense, defense_label  # noqa: E402
+from bnbackdoor.defenses.evaluate import composition, triggered_per_batch  # noqa: E402
+from bnbackdoor.defenses import CleanSet, apply_defense  # noqa: E402
 from bnbackdoor.defenses.rebn import bn_layers  # noqa: E402
 
 
