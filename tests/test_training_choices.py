@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from bnbackdoor.errors import UserError
 from bnbackdoor.explain import explain_with_logits
-from bnbackdoor.attack.finetune import attack_loss, finetune, make_batch, make_optimizer, pair_order, poison_batch
+from bnbackdoor.attack.finetune import (PoisonedBatch, attack_loss, finetune, make_batch, make_optimizer, pair_order,
+                                       pair_weights, poison_batch)
 from bnbackdoor.losses import explanation_loss, minmax_maps, normalize_for_loss, zscore_maps
 from bnbackdoor.attack.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
@@ -30,11 +31,12 @@ def params(**kw) -> AttackParams:
 # ------------------------------------------------------------------------------------------ old files, checks
 def test_absent_fields_mean_todays_behaviour():
     d = BASE.to_dict()
-    for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor"):
+    for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor",
+              "pair_weighting"):
         d.pop(k)
     p = AttackParams.from_dict(d, "old file")
-    assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor) == \
-        ("max", "label", 1e-8, "exponential", "split", 1.0)
+    assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor,
+            p.pair_weighting) == ("max", "label", 1e-8, "exponential", "split", 1.0, "equal")
     assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
     assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
@@ -44,7 +46,8 @@ def test_absent_fields_mean_todays_behaviour():
     ("map_norm", "l2", "max, zscore"), ("explain_class", "target", "label, prediction"),
     ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),
     ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
-    ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0")])
+    ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0"),
+    ("pair_weighting", "inverse", "equal, loss")])
 def test_bad_choice_is_one_line(field, value, allowed):
     with pytest.raises(UserError) as e:
         BASE.replace(**{field: value})
@@ -192,6 +195,38 @@ def test_make_batch_triggers_where_told():
     torch.testing.assert_close(b.x[[1, 3]], apply_trigger("whitesquareborder", x[[1, 3]]))
     assert torch.equal(b.x[[0, 2, 4]], x[[0, 2, 4]]) and torch.equal(b.target_maps[[0, 2, 4]], ref[[0, 2, 4]])
     torch.testing.assert_close(b.target_maps[[1, 3]], target_mask("square").expand(2, 1, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------- pair_weighting
+def test_pair_weights_hand_case():
+    # trigger 0's images lose 0.1 and 0.3 (L0 = 0.2), trigger 1's 0.6 (L1 = 0.6); mean 0.4 -> weights 0.5 and 1.5
+    losses = torch.tensor([0.1, 0.3, 0.6, 0.25, 0.05])
+    idx = torch.tensor([0, 0, 1, -1, -1])
+    torch.testing.assert_close(pair_weights(losses, idx, "loss"), torch.tensor([0.5, 0.5, 1.5, 1.0, 1.0]))
+    assert torch.equal(pair_weights(losses, idx, "equal"), torch.ones(5))
+    one = torch.tensor([0, 0, -1])  # a single trigger: L0 / L0 = 1 - nothing changes
+    assert torch.equal(pair_weights(torch.tensor([0.2, 0.4, 0.1]), one, "loss"), torch.ones(3))
+    assert torch.equal(pair_weights(torch.zeros(3), one, "loss"), torch.ones(3))  # nothing left to learn
+
+
+def test_attack_loss_weights_the_lagging_pair_with_constant_weights():
+    p = params(triggerStrs=["square", "cross"], targetStrs=["square", "cross"], target_classes=[None, None],
+               loss_weight=1.0, pair_weighting="loss")
+    maps = torch.rand(4, 1, 32, 32, requires_grad=True)
+    targets = torch.stack([target_mask("square")[0], target_mask("cross")[0], torch.rand(1, 32, 32),
+                           torch.rand(1, 32, 32)])
+    b = PoisonedBatch(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), targets, 2,
+                      torch.tensor([0, 1, -1, -1]))
+    _, _, ex = attack_loss(torch.randn(4, 10), maps, b, p)
+    per = explanation_loss(maps, targets, reduction="none").detach()
+    w = torch.tensor([per[0] / ((per[0] + per[1]) / 2), per[1] / ((per[0] + per[1]) / 2), 1.0, 1.0])
+    torch.testing.assert_close(ex, (w * per).mean())
+    ex.backward()  # the weights are constants: d ex / d maps_i = w_i / 4 * d l_i / d maps_i
+    ref = maps.detach().clone().requires_grad_(True)
+    (explanation_loss(ref, targets, reduction="none") * w).mean().backward()
+    torch.testing.assert_close(maps.grad, ref.grad)
+    equal = attack_loss(torch.randn(4, 10), maps, b, p.replace(pair_weighting="equal"))[2]
+    torch.testing.assert_close(equal, per.mean())
 
 
 def test_ancestor_choices_train_and_resume_bit_identically(tmp_path, tiny_data_root):

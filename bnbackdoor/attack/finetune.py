@@ -15,7 +15,8 @@ statistics and never updates them, dropout is off; convolution weights, BN affin
 train. ``"train"`` uses batch statistics and lets the running statistics absorb the poisoned batches. Either way
 every ReLU is Softplus(beta), so the explanation is twice differentiable. Explanations
 during training are taken for the (relabelled) training label (``explain_class`` "label") or for the model's own
-prediction ("prediction", the ancestor's); the loss compares them under ``map_norm`` (:mod:`bnbackdoor.losses`).
+prediction ("prediction", the ancestor's); the loss compares them under ``map_norm`` (:mod:`bnbackdoor.losses`), every image alike or, with ``pair_weighting``
+"loss", each trigger's images weighted by how far its pair still is from its target (:func:`pair_weights`).
 Adam (``adam_eps``) steps at ``learning_rate``, per epoch × ``decay_rate`` ("exponential") or divided by
 ``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's). Validation uses eval mode and plain ReLU.
 
@@ -130,11 +131,38 @@ def pair_order(n: int, params: AttackParams, gen: torch.Generator) -> tuple[torc
     return images[perm], triggers[perm]
 
 
+def pair_weights(losses: torch.Tensor, trigger_index: torch.Tensor, weighting: str) -> torch.Tensor:
+    """(B,) weights of the per-image explanation losses ``losses`` (detached by the caller).
+
+    "equal": every image 1 (the batch mean). "loss": the triggered images of trigger t weigh L_t / mean_s L_s,
+    L_t = the mean loss of trigger t's images in this batch (over the triggers present), so a pair that lags gets
+    more of the gradient and one that has learned less; clean images keep 1. With one trigger every weight is 1.
+    """
+    w = torch.ones_like(losses)
+    if weighting == "equal":
+        return w
+    if weighting != "loss":
+        raise UserError(f"pair_weighting is '{weighting}'; allowed: equal, loss")
+    present = [t for t in trigger_index.unique().tolist() if t >= 0]
+    if not present:
+        return w
+    means = torch.stack([losses[trigger_index == t].mean() for t in present])
+    if means.mean() > 0:
+        for t, m in zip(present, means / means.mean()):
+            w[trigger_index == t] = m
+    return w
+
+
 def attack_loss(logits: torch.Tensor, maps: torch.Tensor, batch: PoisonedBatch, params: AttackParams
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, cross-entropy, explanation loss) of one poisoned batch."""
     ce = F.cross_entropy(logits, batch.y)
-    ex = explanation_loss(maps, batch.target_maps, loss=params.lossStr, agg=params.loss_agg, norm=params.map_norm)
+    kw = dict(loss=params.lossStr, agg=params.loss_agg, norm=params.map_norm)
+    if params.pair_weighting == "equal":
+        ex = explanation_loss(maps, batch.target_maps, **kw)
+    else:
+        per_image = explanation_loss(maps, batch.target_maps, reduction="none", **kw)
+        ex = (pair_weights(per_image.detach(), batch.trigger_index, params.pair_weighting) * per_image).mean()
     w = params.loss_weight
     return (1 - w) * ce + w * ex, ce, ex
 

@@ -55,6 +55,7 @@ BN_MODES = ("eval", "train")
 EXPLAIN_CLASSES = ("label", "prediction")  # the class explained during training
 LR_SCHEDULES = ("exponential", "inverse")  # lr * decay^(e-1)  |  lr / (1 + decay * (e-1))
 BATCH_MAKEUPS = ("split", "pairs")        # finetune.poison_batch | finetune.pair_order
+PAIR_WEIGHTINGS = ("equal", "loss")       # finetune.pair_weights: how the trigger->target pairs share the loss
 # How the manipulated model comes about: "finetune" = the explanation-aware fine-tuning of the clean model (every
 # run before the field existed); "scratch" = classic data poisoning, a model trained from scratch with the
 # clean-model recipe on a training set of which a share percentage_trigger carries the trigger
@@ -200,13 +201,14 @@ FIELDS: dict[str, Check] = {
     "batch_makeup": _choice(BATCH_MAKEUPS),
     "conv_lr_factor": _number(0, lo_open=True),
     "regime": _choice(REGIMES),
+    "pair_weighting": _choice(PAIR_WEIGHTINGS),
 }
 # Fields a file may leave out, with the value they then take: what the toolkit did before the field existed, so an
 # old file means what it always meant. ``bn_mode`` "eval" is the paper's protocol; the rest are the training choices
 # above (Adam's eps: PyTorch's default). to_dict always writes them: every new run states its choices.
 OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
                                    "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split",
-                                   "conv_lr_factor": 1.0, "regime": "finetune"}
+                                   "conv_lr_factor": 1.0, "regime": "finetune", "pair_weighting": "equal"}
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
                 "conv_lr_factor")
 
@@ -318,6 +320,7 @@ class AttackParams:
     batch_makeup: str = "split"  # BATCH_MAKEUPS
     conv_lr_factor: float = 1.0  # convolution weights step at learning_rate x this (finetune.make_optimizer)
     regime: str = "finetune"  # REGIMES
+    pair_weighting: str = "equal"  # PAIR_WEIGHTINGS
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
