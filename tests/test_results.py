@@ -353,11 +353,11 @@ def test_detector_table_reads_the_stored_rows(tmp_path):
 
 def test_each_attack_is_paired_with_the_control_that_trains_like_it(tmp_path):
     from bnbackdoor.report.results import control_of, disguise_table
+    from bnbackdoor.report.schema import OPTIONAL_FIELDS
 
     def attack(**kw):
         m = metrics(manip=state(acc=0.92, asr=1.0, t=0.1))
         m["parameters"].update({"loss_weight": 0.9, "training_size": 10000, "learning_rate": 1e-4, **kw})
-        m["finetune_seconds"] = 150.0
         return m
     rh = Model("154", attack())
     disguise = Model("272", attack(explanation_methodStr="relevance_cam", lossStr="ssim", targetStrs=["original"],
@@ -367,11 +367,13 @@ def test_each_attack_is_paired_with_the_control_that_trains_like_it(tmp_path):
     ctl = attack(attack_name="RedHerring-LW0")
     ctl["parameters"]["loss_weight"] = 0
     ctl["manipulated_model"] = state(acc=0.925, asr=0.99, t=0.45)
-    ctl["finetune_seconds"] = 40.0
+    ctl["parameters"].update(OPTIONAL_FIELDS)  # a new run writes every optional field, an old one none of them
     control = Model("154LW0", ctl)
-    models = [rh, disguise, other_budget, gtsrb, control]
+    bn_train = Model("154bntrain", attack(bn_mode="train"))  # an optional field away from its default
+    models = [rh, disguise, other_budget, gtsrb, bn_train, control]
     assert control_of(rh, models) is control and control_of(disguise, models) is control
     assert control_of(other_budget, models) is None and control_of(gtsrb, models) is None  # trains differently
+    assert control_of(bn_train, models) is None
     assert control_of(control, models) is None
 
     (tmp_path / "results").mkdir()
@@ -388,4 +390,4 @@ def test_each_attack_is_paired_with_the_control_that_trains_like_it(tmp_path):
     detectors("154LW0", 0.9, 0.8, 0.35, 0.1)
     assert disguise_table(tmp_path, models) == [
         ["154", "RedHerring", "grad_cam", "154LW0", "0.920 / 0.925", "1.000 / 0.990", "0.410 / 0.900",
-         "0.410 / 0.800", "0.000 / 0.350", "1.000 / 0.100", "150 / 40"]]
+         "0.410 / 0.800", "0.000 / 0.350", "1.000 / 0.100"]]

@@ -39,6 +39,7 @@ from ..fileio import read_json as _read_json
 from ..fileio import write_json
 from ..losses import MAP_NORMS  # explanation normalisation inside the loss (losses.normalize_for_loss)
 from ..models import ALIASES, MODELS, resolve_modeltype
+from ..report.schema import OPTIONAL_FIELDS
 from ..targets import TARGETS
 from ..triggers import TRIGGERS
 
@@ -203,12 +204,8 @@ FIELDS: dict[str, Check] = {
     "regime": _choice(REGIMES),
     "pair_weighting": _choice(PAIR_WEIGHTINGS),
 }
-# Fields a file may leave out, with the value they then take: what the toolkit did before the field existed, so an
-# old file means what it always meant. ``bn_mode`` "eval" is the paper's protocol; the rest are the training choices
-# above (Adam's eps: PyTorch's default). to_dict always writes them: every new run states its choices.
-OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
-                                   "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split",
-                                   "conv_lr_factor": 1.0, "regime": "finetune", "pair_weighting": "equal"}
+# Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
+# field existed); to_dict always writes them: every new run states its choices.
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
                 "conv_lr_factor")
 

@@ -29,6 +29,7 @@ from tabulate import tabulate
 
 from .acceptance import RULES as ACCEPTANCE_RULES
 from .labels import CLEAN_MODEL, MANIPULATED, NO_DEFENSE
+from .schema import with_defaults
 from .acceptance import (MAX_ACCURACY_DROP, Verdict, acceptance, is_control, is_full_disguise, is_label_changing,
                          is_scratch)
 
@@ -539,7 +540,7 @@ _NAME_FIELDS = ("id", "attack_id", "gs_id", "attack_name", "loss_weight")
 
 
 def _training_key(params: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in params.items() if k not in EXPLANATION_TERM_FIELDS + _NAME_FIELDS}
+    return {k: v for k, v in with_defaults(params).items() if k not in EXPLANATION_TERM_FIELDS + _NAME_FIELDS}
 
 
 def control_of(m: Model, models: Iterable[Model]) -> Model | None:
@@ -562,7 +563,7 @@ def _detector_rows(root: Path, attack_id: str) -> dict[str, dict] | None:
 
 
 DISGUISE_HEADERS = ["attack", "kind", "method", "control", "clean acc", "attack success", "STRIP detects",
-                    "SentiNet detects", "SentiNet IoU", "after Februus: attack success", "fine-tuning seconds"]
+                    "SentiNet detects", "SentiNet IoU", "after Februus: attack success"]
 
 
 def disguise_table(root: str | Path = ".", models: list[Model] | None = None) -> list[list[str]]:
@@ -587,8 +588,7 @@ def disguise_table(root: str | Path = ".", models: list[Model] | None = None) ->
                      pair(lambda x, _: x.value(MANIPULATED, "clean_accuracy")),
                      pair(lambda x, _: x.value(MANIPULATED, "attack_success_rate")),
                      pair(det("strip", "detection_rate")), pair(det("sentinet", "detection_rate")),
-                     pair(det("sentinet", "iou")), pair(det("februus", "attack_success_after")),
-                     f"{fmt(_num(m.metrics, 'finetune_seconds'), 0)} / {fmt(_num(c.metrics, 'finetune_seconds'), 0)}"])
+                     pair(det("sentinet", "iou")), pair(det("februus", "attack_success_after"))])
     return rows
 
 
@@ -615,8 +615,8 @@ def disguise_section(root: str | Path = ".", models: list[Model] | None = None) 
     return ["### Does the disguise fool the detectors? Each attack / its loss_weight 0 control", "",
             "The control is the same fine-tuning (trigger, target class, data, budget, base model) without the "
             "explanation term; one control serves every attack that differs from it only in the explanation "
-            "method, loss or target (`control_of`). Cells: attack / control; detection at the thresholds above; "
-            "seconds are wall-clock on a shared 2-core CPU (the control skips the double backpropagation).", "",
+            "method, loss or target (`control_of`). Cells: attack / control; detection at the thresholds above "
+            "(the cost of the explanation term in compute is a step ratio, `benchmarks/README.md`).", "",
             table(rows, DISGUISE_HEADERS), ""]
 
 
