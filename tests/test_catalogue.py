@@ -43,7 +43,7 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
     raw = read_json(ROOT / CATALOGUE_FILE)
     variants = {"154bntrain": {"bn_mode": "train"}, "154nbn": {"modeltype": "cifar10_resnet20_nbn"},
                 # multi-trigger runs stopped at another epoch than the profile's (experimentsettings/README.md)
-                "350": {"max_epochs": 4}, "352": {"pair_weighting": "loss"}, "10352": {"pair_weighting": "loss"},
+                "350": {"max_epochs": 4}, "352": {"pair_weighting": "loss", "loss_weight": 0.938}, "10352": {"pair_weighting": "loss"},
                 # the loss_weight 0 controls: the attack's own run (same profile) without the explanation term
                 **{c: {"loss_weight": 0.0, "attack_name": f"{kind}-LW0"} for c, kind in controls.items()}}
     for r in shipped:
