@@ -391,3 +391,29 @@ def test_each_attack_is_paired_with_the_control_that_trains_like_it(tmp_path):
     assert disguise_table(tmp_path, models) == [
         ["154", "RedHerring", "grad_cam", "154LW0", "0.920 / 0.925", "1.000 / 0.990", "0.410 / 0.900",
          "0.410 / 0.800", "0.000 / 0.350", "1.000 / 0.100"]]
+
+
+def test_defense_control_tables_put_each_attack_beside_its_control(tmp_path):
+    from bnbackdoor.report.results import defense_control_tables
+
+    def run(attack_id, loss_weight, name, acc=0.92):
+        m = metrics(name=name, manip=state(acc=acc, asr=1.0, t=0.1))
+        m["parameters"].update({"loss_weight": loss_weight, "training_size": 10000})
+        return Model(attack_id, m)
+    rh, ctl, lonely = run("154", 0.9, "RedHerring"), run("154LW0", 0, "RedHerring-LW0"), run("256", 0.9, "FullDisguise")
+    (tmp_path / "results").mkdir()
+
+    def defenses(attack_id, rows):
+        (tmp_path / "results" / f"defenses_{attack_id}.json").write_text(json.dumps({"rows": rows}))
+    defenses("154", [{"defense": "clean model", "clean_accuracy": 0.93, "attack_success_rate": 0.0},
+                     {"defense": "finetune", "clean_images": 500, "clean_accuracy": 0.89, "attack_success_rate": 0.53},
+                     {"defense": "finetune", "clean_images": 2000, "clean_accuracy": 0.9, "attack_success_rate": 0.1},
+                     {"defense": "finetune freeze_bn_stats=True", "clean_images": 500, "diverged": True,
+                      "clean_accuracy": None, "attack_success_rate": None}])
+    assert defense_control_tables(tmp_path, [rh, ctl, lonely]) == []  # the control has no comparison yet
+    defenses("154LW0", [{"defense": "finetune", "clean_images": 500, "clean_accuracy": 0.895,
+                         "attack_success_rate": 0.374}])
+    (headers, rows), = defense_control_tables(tmp_path, [rh, ctl, lonely])  # 256 has no file: not a column
+    assert headers == ["defense", "154 (RedHerring)", "154LW0 (RedHerring-LW0)"]
+    assert rows == [["finetune", "0.530 (0.890)", "0.374 (0.895)"],  # 500 clean images only
+                    ["finetune freeze_bn_stats=True", "diverged", "n/a"]]

@@ -13,6 +13,7 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
 - ``detectors``      STRIP, SentiNet, Februus per stored attack and its clean base, from ``results/detectors_*.json``;
 - ``disguise``       each attack with detector results beside its loss_weight 0 control (attack / control);
+- ``disguise-defenses`` every defense at 500 clean images on the attacks a control stands for and on the control;
 - ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
@@ -29,7 +30,8 @@ from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, comparison_rows,
-                      comparison_winner, detector_table, disguise_table, fmt, load_models, read_stored_json, table)
+                      comparison_winner, defense_control_tables, detector_table, disguise_table, fmt, load_models,
+                      read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -225,6 +227,17 @@ def disguise(root: Path) -> list[str]:
     return [table(rows, DISGUISE_HEADERS)]
 
 
+def disguise_defenses(root: Path) -> list[str]:
+    tables = defense_control_tables(root)
+    if not tables:
+        return ["No loss_weight 0 control and an attack it controls both have `results/defenses_<id>.json` yet "
+                "(`python scripts/compare_defenses.py 154LW0 cpu --clean-images 500 --save_path results`)."]
+    out = []
+    for headers, rows in tables:
+        out += [table(rows, headers), ""]
+    return out
+
+
 def detectors(root: Path) -> list[str]:
     rows, _ = detector_table(root)
     if not rows:
@@ -235,7 +248,8 @@ def detectors(root: Path) -> list[str]:
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
                                                    "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
-                                                   "detectors": detectors, "disguise": disguise}
+                                                   "detectors": detectors, "disguise": disguise,
+                                                   "disguise-defenses": disguise_defenses}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

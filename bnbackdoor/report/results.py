@@ -592,6 +592,33 @@ def disguise_table(root: str | Path = ".", models: list[Model] | None = None) ->
     return rows
 
 
+def defense_control_tables(root: str | Path = ".", models: list[Model] | None = None, clean_images: int = 500
+                           ) -> list[tuple[list[str], list[list[str]]]]:
+    """Per control with a defense comparison: (headers, rows) of every defense at ``clean_images`` clean images on
+    the attacks it controls (those with a comparison too) and on the control itself; cells "attack success (clean
+    accuracy)", so a row reads whether the explanation term also changes what a defense removes."""
+    root = Path(root)
+    models = models if models is not None else load_models(root)
+    files = dict(load_defense_files(root))
+    out = []
+    for c in (m for m in models if m.regime == "control" and m.id in files):
+        attacks = [m for m in models if m.id in files and control_of(m, models) is c]
+        if not attacks:
+            continue
+        cols = attacks + [c]
+        cells: dict[str, dict[str, str]] = {}
+        for m in cols:
+            for r in files[m.id]:
+                if r.get("defense") == CLEAN or r.get("clean_images") not in (None, clean_images):
+                    continue
+                asr, acc = _num(r, "attack_success_rate"), _num(r, "clean_accuracy")
+                cells.setdefault(str(r.get("defense")), {})[m.id] = (
+                    "diverged" if r.get("diverged") else f"{fmt(asr)} ({fmt(acc)})")
+        rows = [[d] + [cells[d].get(m.id, "n/a") for m in cols] for d in cells]
+        out.append((["defense"] + [f"{m.id} ({m.kind})" for m in cols], rows))
+    return out
+
+
 def detectors_section(root: str | Path = ".", models: list[Model] | None = None) -> list[str]:
     rows, settings = detector_table(root, models)
     out = ["## Detectors", ""]
