@@ -417,3 +417,19 @@ def test_defense_control_tables_put_each_attack_beside_its_control(tmp_path):
     assert headers == ["defense", "154 (RedHerring)", "154LW0 (RedHerring-LW0)"]
     assert rows == [["finetune", "0.530 (0.890)", "0.374 (0.895)"],  # 500 clean images only
                     ["finetune freeze_bn_stats=True", "diverged", "n/a"]]
+
+
+def test_finetune_bn_table_needs_all_four_rows(tmp_path):
+    from bnbackdoor.report.results import finetune_bn_table
+
+    (tmp_path / "results").mkdir()
+
+    def row(label, asr, acc, **kw):
+        return {"defense": label, "clean_images": 500, "attack_success_rate": asr, "clean_accuracy": acc, **kw}
+    four = [row("finetune", 0.5, 0.89), row("finetune freeze_bn_stats=True", None, None, diverged=True),
+            row("finetune lr=0.001", 0.03, 0.95), row("finetune lr=0.001 freeze_bn_stats=True", 0.4, 0.94),
+            {**row("finetune", 0.0, 0.9), "clean_images": 2000}]  # another size: not read
+    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": four}))
+    (tmp_path / "results" / "defenses_256.json").write_text(json.dumps({"rows": four[:3]}))  # one row missing
+    assert finetune_bn_table(tmp_path, models=[]) == [
+        ["154", "?", "0.01", "0.500 (0.890)", "diverged"], ["154", "?", "0.001", "0.030 (0.950)", "0.400 (0.940)"]]

@@ -13,6 +13,7 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``probes``         the issue-27 attack probes (experimentsettings/README.md), from ``results/probes/*.json``.
 - ``detectors``      STRIP, SentiNet, Februus per stored attack and its clean base, from ``results/detectors_*.json``;
 - ``disguise``       each attack with detector results beside its loss_weight 0 control (attack / control);
+- ``finetune-bn``    plain fine-tuning with BN statistics following or frozen, at lr 0.01 and 0.001;
 - ``disguise-defenses`` every defense at 500 clean images on the attacks a control stands for and on the control;
 - ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
@@ -30,8 +31,8 @@ from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, comparison_rows,
-                      comparison_winner, defense_control_tables, detector_table, disguise_table, fmt, load_models,
-                      read_stored_json, table)
+                      comparison_winner, defense_control_tables, detector_table, disguise_table, finetune_bn_table,
+                      fmt, load_models, read_stored_json, table, FINETUNE_BN_HEADERS)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -238,6 +239,14 @@ def disguise_defenses(root: Path) -> list[str]:
     return out
 
 
+def finetune_bn(root: Path) -> list[str]:
+    rows = finetune_bn_table(root)
+    if not rows:
+        return ["No `results/defenses_<id>.json` holds all four fine-tuning rows yet (`--defenses "
+                "finetune,finetune:freeze_bn_stats=true,finetune:lr=0.001,finetune:freeze_bn_stats=true:lr=0.001`)."]
+    return [table(rows, FINETUNE_BN_HEADERS)]
+
+
 def detectors(root: Path) -> list[str]:
     rows, _ = detector_table(root)
     if not rows:
@@ -249,7 +258,8 @@ BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, 
                                                    "update-shares": update_shares, "composition": composition,
                                                    "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
                                                    "detectors": detectors, "disguise": disguise,
-                                                   "disguise-defenses": disguise_defenses}
+                                                   "disguise-defenses": disguise_defenses,
+                                                   "finetune-bn": finetune_bn}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

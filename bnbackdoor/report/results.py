@@ -619,6 +619,33 @@ def defense_control_tables(root: str | Path = ".", models: list[Model] | None = 
     return out
 
 
+# Weights vs statistics: plain fine-tuning with BatchNorm statistics following the clean batches or frozen, at the
+# baselines' learning rate and a tenth of it (the row labels compare_defenses.py stores for these specs).
+FINETUNE_BN_GRID = (("0.01", "finetune", "finetune freeze_bn_stats=True"),
+                    ("0.001", "finetune lr=0.001", "finetune lr=0.001 freeze_bn_stats=True"))
+FINETUNE_BN_HEADERS = ["id", "attack", "lr", "statistics follow the clean batches", "statistics frozen"]
+
+
+def finetune_bn_table(root: str | Path = ".", models: list[Model] | None = None, clean_images: int = 500
+                      ) -> list[list[str]]:
+    """Per stored comparison with all four fine-tuning rows at ``clean_images``: attack success (clean accuracy) with
+    the statistics following and frozen, per learning rate."""
+    by_id = {m.id: m for m in (models if models is not None else load_models(root))}
+    out = []
+    for attack_id, rows in load_defense_files(root):
+        got = {r.get("defense"): r for r in rows if r.get("clean_images") == clean_images}
+        if not all(label in got for _, *labels in FINETUNE_BN_GRID for label in labels):
+            continue
+
+        def cell(r: dict) -> str:
+            if r.get("diverged"):
+                return "diverged"
+            return f"{fmt(_num(r, 'attack_success_rate'))} ({fmt(_num(r, 'clean_accuracy'))})"
+        kind = by_id[attack_id].kind if attack_id in by_id else "?"
+        out += [[attack_id, kind, lr, cell(got[follow]), cell(got[frozen])] for lr, follow, frozen in FINETUNE_BN_GRID]
+    return out
+
+
 def detectors_section(root: str | Path = ".", models: list[Model] | None = None) -> list[str]:
     rows, settings = detector_table(root, models)
     out = ["## Detectors", ""]
