@@ -1,2 +1,3 @@
 """Reports: read the stored JSON, write Markdown; no torch (:mod:`.acceptance`, :mod:`.results` - RESULTS.md -,
-:mod:`.readme_blocks` - the README's generated tables -, :mod:`.labels` - names shared with the figures)."""
+:mod:`.readme_blocks` - the README's generated tables -, :mod:`.labels` - names shared with the figures -,
+:mod:`.schema` - what a stored parameters.json means where it leaves a field out, shared with the validator)."""

@@ -510,6 +510,11 @@ DETECTOR_HEADERS = ["id", "attack", "model", "detector", "attack success", "dete
                     "FPR (clean test)", "IoU with trigger", "after Februus: attack success", "clean acc (before → after)"]
 
 
+def _read_detector_file(path: Path, attack_id: str) -> Any:
+    return read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
+                                  "--save_path results (or restore it with git checkout)")
+
+
 def detector_table(root: str | Path = ".", models: list[Model] | None = None) -> tuple[list[list[str]], dict]:
     """One row per (stored attack, model, detector) of ``results/detectors_<id>.json`` (written by
     ``scripts/compare_detectors.py``), and the first file's settings (test images, defender data, FPR target)."""
@@ -517,8 +522,7 @@ def detector_table(root: str | Path = ".", models: list[Model] | None = None) ->
     rows, settings = [], {}
     for path in sorted(Path(root).glob(DETECTOR_FILES), key=lambda p: _id_key(p.stem[len("detectors_"):])):
         attack_id = path.stem[len("detectors_"):]
-        d = read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
-                                   "--save_path results (or restore it with git checkout)")
+        d = _read_detector_file(path, attack_id)
         settings = settings or {k: d.get(k) for k in ("test", "defender_data", "fpr_target")}
         m = by_id.get(attack_id)
         for r in d.get("rows", []):
@@ -557,8 +561,7 @@ def _detector_rows(root: Path, attack_id: str) -> dict[str, dict] | None:
     path = root / DETECTOR_FILES.replace("*", attack_id)
     if not path.is_file():
         return None
-    d = read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
-                               "--save_path results (or restore it with git checkout)")
+    d = _read_detector_file(path, attack_id)
     return {r.get("detector"): r for r in d.get("rows", []) if r.get("model") == "manipulated"}
 
 
