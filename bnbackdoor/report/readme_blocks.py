@@ -220,12 +220,15 @@ def poisoning(root: Path) -> list[str]:
     return out
 
 
+def _table_or(rows: list[list[str]], headers: list[str], missing: str) -> list[str]:
+    """The table, or the one line saying which files are missing and what makes them."""
+    return [table(rows, headers)] if rows else [missing]
+
+
 def disguise(root: Path) -> list[str]:
-    rows = disguise_table(root)
-    if not rows:
-        return ["No attack and its loss_weight 0 control both have `results/detectors_<id>.json` yet (command "
-                "above, for the attack and for its control, e.g. 154 and 154LW0)."]
-    return [table(rows, DISGUISE_HEADERS)]
+    return _table_or(disguise_table(root), DISGUISE_HEADERS,
+                     "No attack and its loss_weight 0 control both have `results/detectors_<id>.json` yet (command "
+                     "above, for the attack and for its control, e.g. 154 and 154LW0).")
 
 
 def disguise_defenses(root: Path) -> list[str]:
@@ -240,18 +243,13 @@ def disguise_defenses(root: Path) -> list[str]:
 
 
 def finetune_bn(root: Path) -> list[str]:
-    rows = finetune_bn_table(root)
-    if not rows:
-        return ["No `results/defenses_<id>.json` holds all four fine-tuning rows yet (`--defenses "
-                "finetune,finetune:freeze_bn_stats=true,finetune:lr=0.001,finetune:freeze_bn_stats=true:lr=0.001`)."]
-    return [table(rows, FINETUNE_BN_HEADERS)]
+    return _table_or(finetune_bn_table(root), FINETUNE_BN_HEADERS,
+                     "No `results/defenses_<id>.json` holds all four fine-tuning rows yet (`--defenses finetune,"
+                     "finetune:freeze_bn_stats=true,finetune:lr=0.001,finetune:freeze_bn_stats=true:lr=0.001`).")
 
 
 def detectors(root: Path) -> list[str]:
-    rows, _ = detector_table(root)
-    if not rows:
-        return ["No `results/detectors_<id>.json` yet (command above)."]
-    return [table(rows, DETECTOR_HEADERS)]
+    return _table_or(detector_table(root)[0], DETECTOR_HEADERS, "No `results/detectors_<id>.json` yet (command above).")
 
 
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
