@@ -15,8 +15,9 @@ statistics and never updates them, dropout is off; convolution weights, BN affin
 train. ``"train"`` uses batch statistics and lets the running statistics absorb the poisoned batches. Either way
 every ReLU is Softplus(beta), so the explanation is twice differentiable. Explanations
 during training are taken for the (relabelled) training label (``explain_class`` "label") or for the model's own
-prediction ("prediction", the ancestor's); the loss compares them under ``map_norm`` (:mod:`bnbackdoor.losses`), every image alike or, with ``pair_weighting``
-"loss", each trigger's images weighted by how far its pair still is from its target (:func:`pair_weights`).
+prediction ("prediction", the ancestor's); the loss compares them under ``map_norm`` (:mod:`bnbackdoor.losses`),
+every image alike or, with ``pair_weighting`` "loss", each trigger's images weighted by how far its pair still is
+from its target (:func:`pair_weights`).
 Adam (``adam_eps``) steps at ``learning_rate``, per epoch × ``decay_rate`` ("exponential") or divided by
 ``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's). Validation uses eval mode and plain ReLU.
 
@@ -136,7 +137,7 @@ def pair_weights(losses: torch.Tensor, trigger_index: torch.Tensor, weighting: s
 
     "equal": every image 1 (the batch mean). "loss": the triggered images of trigger t weigh L_t / mean_s L_s,
     L_t = the mean loss of trigger t's images in this batch (over the triggers present), so a pair that lags gets
-    more of the gradient and one that has learned less; clean images keep 1. With one trigger every weight is 1.
+    more of the gradient and one that is ahead less; clean images keep 1. With one trigger every weight is 1.
     """
     w = torch.ones_like(losses)
     if weighting == "equal":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
-from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, comparison_rows,
+from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, asr_acc, comparison_rows,
                       comparison_winner, defense_control_tables, detector_table, disguise_table, finetune_bn_table,
                       fmt, load_models, read_stored_json, table, FINETUNE_BN_HEADERS)
 
@@ -182,12 +182,6 @@ def _scratch_ids(root: Path) -> list[str]:
     return ids
 
 
-def _acc_asr(state: dict | None) -> str:
-    if not state:
-        return "n/a"
-    return f"{fmt(state.get('attack_success_rate'))} ({fmt(state.get('clean_accuracy'))})"
-
-
 def poisoning(root: Path) -> list[str]:
     models = {m.id: m for m in load_models(root)}
     rows, missing = [], []
@@ -201,12 +195,12 @@ def poisoning(root: Path) -> list[str]:
         ana = _read(root / "results" / "anatomy" / f"{mid}_anatomy.json")
         restored = {r["group"]: r for r in (ana or {}).get("rows", []) if r.get("variant") == "restore"}
         best = ("not run" if cmp is None else "none keeps accuracy" if win is None else
-                f"{win['defense']} ({win.get('clean_images')}): {_acc_asr(win)}")
-        rows.append([mid, m.arch, fmt(m.value(CLEAN, "clean_accuracy")), _acc_asr(m.state(MANIPULATED)),
-                     "yes" if m.verdict.accepted else "no", _acc_asr(m.state("rebn")),
-                     _acc_asr(m.state("rebn+augment")), _acc_asr(m.state("batchstats B=100 f=1")),
-                     _acc_asr(m.state("batchstats B=100 f=1/B")), best,
-                     *[("not run" if ana is None else _acc_asr(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
+                f"{win['defense']} ({win.get('clean_images')}): {asr_acc(win)}")
+        rows.append([mid, m.arch, fmt(m.value(CLEAN, "clean_accuracy")), asr_acc(m.state(MANIPULATED)),
+                     "yes" if m.verdict.accepted else "no", asr_acc(m.state("rebn")),
+                     asr_acc(m.state("rebn+augment")), asr_acc(m.state("batchstats B=100 f=1")),
+                     asr_acc(m.state("batchstats B=100 f=1/B")), best,
+                     *[("not run" if ana is None else asr_acc(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
     out = ["Attack success (clean accuracy) per model trained from scratch on a poisoned set; `accepted`: clean "
            "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner of "
            "`results/defenses_<id>.json` (rule in RESULTS.md). Restore G: the ablation of `results/anatomy/` (the "

@@ -510,6 +510,15 @@ DETECTOR_HEADERS = ["id", "attack", "model", "detector", "attack success", "dete
                     "FPR (clean test)", "IoU with trigger", "after Februus: attack success", "clean acc (before → after)"]
 
 
+def asr_acc(state: Mapping[str, Any] | None) -> str:
+    """"attack success (clean accuracy)" of one stored state or defense row; "diverged" for a row that diverged."""
+    if not state:
+        return "n/a"
+    if state.get("diverged"):
+        return "diverged"
+    return f"{fmt(_num(state, 'attack_success_rate'))} ({fmt(_num(state, 'clean_accuracy'))})"
+
+
 def _read_detector_file(path: Path, attack_id: str) -> Any:
     return read_stored_json(path, f"rebuild it with python scripts/compare_detectors.py {attack_id} cpu "
                                   "--save_path results (or restore it with git checkout)")
@@ -574,24 +583,19 @@ def disguise_table(root: str | Path = ".", models: list[Model] | None = None) ->
     "attack / control", so a row reads what the explanation term buys against the detectors and what it costs."""
     root = Path(root)
     models = models if models is not None else load_models(root)
+    dets = {m.id: d for m in models if (d := _detector_rows(root, m.id)) is not None}  # each file read once
+
+    def values(x: Model) -> list[float | None]:
+        d = dets[x.id]
+        return [x.value(MANIPULATED, "clean_accuracy"), x.value(MANIPULATED, "attack_success_rate"),
+                _num(d.get("strip"), "detection_rate"), _num(d.get("sentinet"), "detection_rate"),
+                _num(d.get("sentinet"), "iou"), _num(d.get("februus"), "attack_success_after")]
     rows = []
     for m in models:
         c = control_of(m, models)
-        mine, theirs = _detector_rows(root, m.id), None if c is None else _detector_rows(root, c.id)
-        if mine is None or theirs is None:
-            continue
-
-        def pair(get: Callable[[Model | None, dict], float | None]) -> str:
-            return f"{fmt(get(m, mine))} / {fmt(get(c, theirs))}"
-
-        def det(name: str, key: str) -> Callable[[Model | None, dict], float | None]:
-            return lambda _, rows: _num(rows.get(name), key)
-
-        rows.append([m.id, m.kind, m.method, c.id,
-                     pair(lambda x, _: x.value(MANIPULATED, "clean_accuracy")),
-                     pair(lambda x, _: x.value(MANIPULATED, "attack_success_rate")),
-                     pair(det("strip", "detection_rate")), pair(det("sentinet", "detection_rate")),
-                     pair(det("sentinet", "iou")), pair(det("februus", "attack_success_after"))])
+        if m.id in dets and c is not None and c.id in dets:
+            rows.append([m.id, m.kind, m.method, c.id]
+                        + [f"{fmt(a)} / {fmt(b)}" for a, b in zip(values(m), values(c))])
     return rows
 
 
@@ -614,9 +618,7 @@ def defense_control_tables(root: str | Path = ".", models: list[Model] | None = 
             for r in files[m.id]:
                 if r.get("defense") == CLEAN or r.get("clean_images") not in (None, clean_images):
                     continue
-                asr, acc = _num(r, "attack_success_rate"), _num(r, "clean_accuracy")
-                cells.setdefault(str(r.get("defense")), {})[m.id] = (
-                    "diverged" if r.get("diverged") else f"{fmt(asr)} ({fmt(acc)})")
+                cells.setdefault(str(r.get("defense")), {})[m.id] = asr_acc(r)
         rows = [[d] + [cells[d].get(m.id, "n/a") for m in cols] for d in cells]
         out.append((["defense"] + [f"{m.id} ({m.kind})" for m in cols], rows))
     return out
@@ -639,13 +641,9 @@ def finetune_bn_table(root: str | Path = ".", models: list[Model] | None = None,
         got = {r.get("defense"): r for r in rows if r.get("clean_images") == clean_images}
         if not all(label in got for _, *labels in FINETUNE_BN_GRID for label in labels):
             continue
-
-        def cell(r: dict) -> str:
-            if r.get("diverged"):
-                return "diverged"
-            return f"{fmt(_num(r, 'attack_success_rate'))} ({fmt(_num(r, 'clean_accuracy'))})"
         kind = by_id[attack_id].kind if attack_id in by_id else "?"
-        out += [[attack_id, kind, lr, cell(got[follow]), cell(got[frozen])] for lr, follow, frozen in FINETUNE_BN_GRID]
+        out += [[attack_id, kind, lr, asr_acc(got[follow]), asr_acc(got[frozen])]
+                for lr, follow, frozen in FINETUNE_BN_GRID]
     return out
 
 
