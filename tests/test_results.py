@@ -433,3 +433,26 @@ def test_finetune_bn_table_needs_all_four_rows(tmp_path):
     (tmp_path / "results" / "defenses_256.json").write_text(json.dumps({"rows": four[:3]}))  # one row missing
     assert finetune_bn_table(tmp_path, models=[]) == [
         ["154", "?", "0.01", "0.500 (0.890)", "diverged"], ["154", "?", "0.001", "0.030 (0.950)", "0.400 (0.940)"]]
+
+
+def test_budget_table_names_the_winner_per_budget_only_for_like_with_like(tmp_path):
+    from bnbackdoor.report.results import budget_table
+
+    (tmp_path / "results").mkdir()
+
+    def row(label, n, asr, acc):
+        return {"defense": label, "clean_images": n, "attack_success_rate": asr, "clean_accuracy": acc}
+    clean = {"defense": "clean model", "clean_accuracy": 0.93, "attack_success_rate": 0.0}
+    rows = [clean, row("finetune", 100, 0.9, 0.92), row("nad", 100, 0.0, 0.5),  # nad loses too much accuracy
+            row("finetune", 500, 0.5, 0.91), row("nad", 500, 0.2, 0.905),
+            row("finetune lr=0.001", 500, 0.0, 0.93),  # an option variant: not a plain defense, not a candidate
+            row("finetune", 2000, 0.1, 0.905), row("nad", 2000, 0.3, 0.92),
+            row("finetune", 1000, 0.0, 0.93)]  # a size not asked for: not read
+    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "results" / "defenses_256.json").write_text(json.dumps({"rows": rows[:-3]}))  # nothing at 2000
+    (tmp_path / "results" / "defenses_272.json").write_text(json.dumps({"rows": rows[:5] + rows[6:7]}))  # no nad at 2000
+    assert budget_table(tmp_path, models=[]) == [
+        ["154", "?", "0.930", "finetune: 0.900 (0.920)", "nad: 0.200 (0.905)", "finetune: 0.100 (0.905)"]]
+    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": [clean] + [
+        row("nad", n, 0.0, 0.5) for n in (100, 500, 2000)]}))
+    assert budget_table(tmp_path, models=[])[0][3:] == ["none keeps accuracy"] * 3

@@ -15,6 +15,7 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
 - ``disguise``       each attack with detector results beside its loss_weight 0 control (attack / control);
 - ``finetune-bn``    plain fine-tuning with BN statistics following or frozen, at lr 0.01 and 0.001;
 - ``disguise-defenses`` every defense at 500 clean images on the attacks a control stands for and on the control;
+- ``budget``         the winning defense per stored comparison at 100, 500 and 2,000 clean images;
 - ``poisoning``      every catalogue model poisoned from scratch: no defense, Re-BN, test-batch BN, the best
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
-from .results import (CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, MANIPULATED, Model, asr_acc, comparison_rows,
-                      comparison_winner, defense_control_tables, detector_table, disguise_table, finetune_bn_table,
-                      fmt, load_models, read_stored_json, table, FINETUNE_BN_HEADERS)
+from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, MANIPULATED,
+                      Model, asr_acc, budget_table, comparison_rows, comparison_winner, defense_control_tables,
+                      detector_table, disguise_table, finetune_bn_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -242,6 +243,12 @@ def finetune_bn(root: Path) -> list[str]:
                      "finetune:freeze_bn_stats=true,finetune:lr=0.001,finetune:freeze_bn_stats=true:lr=0.001`).")
 
 
+def budget(root: Path) -> list[str]:
+    return _table_or(budget_table(root), BUDGET_HEADERS,
+                     "No `results/defenses_<id>.json` has the same defenses at 100, 500 and 2,000 clean images yet "
+                     "(`python scripts/compare_defenses.py <id> cpu --clean-images 100,500,2000 --save_path results`).")
+
+
 def detectors(root: Path) -> list[str]:
     return _table_or(detector_table(root)[0], DETECTOR_HEADERS, "No `results/detectors_<id>.json` yet (command above).")
 
@@ -251,7 +258,7 @@ BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, 
                                                    "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
                                                    "detectors": detectors, "disguise": disguise,
                                                    "disguise-defenses": disguise_defenses,
-                                                   "finetune-bn": finetune_bn}
+                                                   "finetune-bn": finetune_bn, "budget": budget}
 
 
 def fill(text: str, root: str | Path = ".") -> str:

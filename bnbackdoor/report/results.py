@@ -624,6 +624,35 @@ def defense_control_tables(root: str | Path = ".", models: list[Model] | None = 
     return out
 
 
+BUDGET_SIZES = (100, 500, 2000)  # the clean-image budgets issue 25 asks every defense at
+
+
+def budget_table(root: str | Path = ".", models: list[Model] | None = None, sizes: tuple[int, ...] = BUDGET_SIZES
+                 ) -> list[list[str]]:
+    """Per stored comparison: the winner (:func:`comparison_winner`) at each clean-image budget, among the plain
+    defenses (registry names, no options), "defense: attack success (clean accuracy)". A comparison is listed only
+    when the same plain defenses ran at every budget, so the budgets compare like with like."""
+    by_id = {m.id: m for m in (models if models is not None else load_models(root))}
+    out = []
+    for attack_id, rows in load_defense_files(root):
+        ref = [r for r in rows if r.get("defense") == CLEAN]
+        plain = {n: [r for r in rows if r.get("clean_images") == n and " " not in str(r.get("defense"))]
+                 for n in sizes}
+        names = [{r.get("defense") for r in plain[n]} for n in sizes]
+        if not names[0] or any(x != names[0] for x in names):
+            continue
+        cells = []
+        for n in sizes:
+            win = comparison_winner(ref + plain[n])
+            cells.append("none keeps accuracy" if win is None else f"{win['defense']}: {asr_acc(win)}")
+        m = by_id.get(attack_id)
+        out.append([attack_id, m.kind if m else "?", fmt(_num(ref[0] if ref else None, "clean_accuracy"))] + cells)
+    return out
+
+
+BUDGET_HEADERS = ["id", "attack", "clean model acc"] + [f"winner at {n} clean images" for n in BUDGET_SIZES]
+
+
 # Weights vs statistics: plain fine-tuning with BatchNorm statistics following the clean batches or frozen, at the
 # baselines' learning rate and a tenth of it (the row labels compare_defenses.py stores for these specs).
 FINETUNE_BN_GRID = (("0.01", "finetune", "finetune freeze_bn_stats=True"),
