@@ -36,6 +36,12 @@ ANCESTOR = dict(training_size=2500, testing_size=1000, max_epochs=5, batch_size=
                 explain_class="prediction", batch_makeup="pairs", bn_mode="eval")
 
 
+def clean_record(clean: torch.nn.Module) -> dict:
+    """Where the probe's clean model came from (its checkpoint's meta): the command, seed and test accuracy."""
+    meta = getattr(clean, "meta", None) or {}
+    return {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
+
+
 def main() -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="probe name: results/probes/<name>.json")
@@ -74,6 +80,7 @@ def main() -> int:
     rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.history if r["batch"] == ""]
     write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
                      "cfg": {**settings, "scale": a.scale, "attack": a.attack, "models_root": a.models_root},
+                     "clean_model": clean_record(clean),
                      "examples_per_epoch": examples_per_epoch(p.training_size, p),
                      "seconds": time.time() - t0, "epochs": rows})
     last = rows[-1]

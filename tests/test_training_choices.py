@@ -10,8 +10,9 @@ import torch.nn as nn
 
 from bnbackdoor.errors import UserError
 from bnbackdoor.explain import explain_with_logits
+import bnbackdoor.attack.finetune as finetune_module
 from bnbackdoor.attack.finetune import (PoisonedBatch, attack_loss, finetune, make_batch, make_optimizer, pair_order,
-                                       pair_weights, poison_batch)
+                                       pair_weights, poison_batch, warmup_factor)
 from bnbackdoor.losses import explanation_loss, minmax_maps, normalize_for_loss, zscore_maps
 from bnbackdoor.attack.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
@@ -32,11 +33,11 @@ def params(**kw) -> AttackParams:
 def test_absent_fields_mean_todays_behaviour():
     d = BASE.to_dict()
     for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor",
-              "pair_weighting"):
+              "pair_weighting", "warmup_steps"):
         d.pop(k)
     p = AttackParams.from_dict(d, "old file")
     assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor,
-            p.pair_weighting) == ("max", "label", 1e-8, "exponential", "split", 1.0, "equal")
+            p.pair_weighting, p.warmup_steps) == ("max", "label", 1e-8, "exponential", "split", 1.0, "equal", 0)
     assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
     assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
@@ -47,7 +48,8 @@ def test_absent_fields_mean_todays_behaviour():
     ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),
     ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
     ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0"),
-    ("pair_weighting", "inverse", "equal, loss")])
+    ("pair_weighting", "inverse", "equal, loss"), ("warmup_steps", -1, "an integer >= 0"),
+    ("warmup_steps", 2.5, "an integer >= 0")])
 def test_bad_choice_is_one_line(field, value, allowed):
     with pytest.raises(UserError) as e:
         BASE.replace(**{field: value})
@@ -249,3 +251,40 @@ def test_ancestor_choices_train_and_resume_bit_identically(tmp_path, tiny_data_r
     resumed = run(tmp_path / "part")
     assert_same_weights(full.model, resumed.model)
     assert [r["lr"] for r in full.history] == pytest.approx([1e-3 / 2, 1e-3 / 3, 1e-3 / 4])  # after each epoch
+
+
+# ------------------------------------------------------------------------------------------- warmup_steps
+def test_warmup_factor_hand_case():
+    assert [warmup_factor(k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_warmup_ramps_each_step_across_epochs_and_resumes_bit_identically(tmp_path, tiny_data_root, monkeypatch):
+    clean, _ = _tiny_setup(tmp_path, tiny_data_root)
+    seen = []
+    real_step = finetune_module.attack_step
+
+    def spy(model, opt, *a, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return real_step(model, opt, *a, **kw)
+    monkeypatch.setattr(finetune_module, "attack_step", spy)
+
+    def run(folder, stop_after=None):
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def stop(epoch, row, m):
+            if epoch == stop_after:
+                raise KeyboardInterrupt
+        return finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=folder,
+                        data_root=tiny_data_root, on_epoch=stop, progress=False)
+    p = params(max_epochs=3, decay_rate=0.5, warmup_steps=4)  # 32 images, batch 16: 2 steps per epoch
+    full = run(tmp_path / "full")
+    ramp = [1e-3 / 4, 1e-3 / 2, 5e-4 * 3 / 4, 5e-4, 2.5e-4, 2.5e-4]  # the ramp spans epochs 1 and 2
+    assert seen == pytest.approx(ramp)
+    assert [r["lr"] for r in full.history] == pytest.approx([5e-4, 2.5e-4, 1.25e-4])  # the schedule is unchanged
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "part", stop_after=2)  # only epoch 1 is saved: the rerun resumes inside the warm-up
+    resumed = run(tmp_path / "part")
+    assert seen == pytest.approx(ramp[:4] + ramp[2:])
+    assert_same_weights(full.model, resumed.model)

@@ -19,7 +19,8 @@ prediction ("prediction", the ancestor's); the loss compares them under ``map_no
 every image alike or, with ``pair_weighting`` "loss", each trigger's images weighted by how far its pair still is
 from its target (:func:`pair_weights`).
 Adam (``adam_eps``) steps at ``learning_rate``, per epoch × ``decay_rate`` ("exponential") or divided by
-``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's). Validation uses eval mode and plain ReLU.
+``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's), the run's first ``warmup_steps`` steps ramped up linearly
+(:func:`warmup_factor`). Validation uses eval mode and plain ReLU.
 
 Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
 continues from there and, with the same seed, ends with the same weights as an uninterrupted run.
@@ -204,6 +205,15 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, float], torch.optim.lr_sch
 }
 
 
+def warmup_factor(global_step: int, warmup_steps: int) -> float:
+    """The share of the epoch's learning rate that step ``global_step`` (0-based, counted over the whole run) trains
+    at: ``(global_step + 1) / warmup_steps`` during the warm-up, then 1.
+
+    Why: the collapse of issue 27 happens in the first steps, while Adam's second-moment estimates are still
+    small and every weight moves by about the full ``lr``; a ramp lets them settle first."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (global_step + 1) / warmup_steps)
+
+
 def make_optimizer(model: nn.Module, params: AttackParams
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam at ``learning_rate`` with ``adam_eps`` (convolution weights at ``learning_rate x conv_lr_factor``), and
@@ -297,7 +307,12 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
         steps = math.ceil(len(order) / bs)
         sums = torch.zeros(3)
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{params.max_epochs}", disable=not progress, leave=False)
+        epoch_lrs = [g["lr"] for g in opt.param_groups]  # what the scheduler set for this epoch
         for step in bar:
+            if params.warmup_steps:
+                f = warmup_factor((epoch - 1) * steps + step, params.warmup_steps)
+                for g, lr in zip(opt.param_groups, epoch_lrs):
+                    g["lr"] = lr * f
             sl = slice(step * bs, (step + 1) * bs)
             idx = order[sl]
             xb, yb, mb = x_train[idx].to(device), y_train[idx].to(device), train_ref[idx].to(device)
@@ -314,6 +329,8 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
             if params.log_per_batch:
                 history.append({"epoch": epoch, "batch": step + 1, "loss": losses[0], "ce": losses[1],
                                 "expl_loss": losses[2]})
+        for g, lr in zip(opt.param_groups, epoch_lrs):
+            g["lr"] = lr  # the scheduler (ExponentialLR multiplies the group's lr) steps from the epoch's own
         sched.step()
         seconds += time.time() - t0
         # the last step's loss was finite, but its update may not be: check before anything is measured or saved

@@ -203,6 +203,7 @@ FIELDS: dict[str, Check] = {
     "conv_lr_factor": _number(0, lo_open=True),
     "regime": _choice(REGIMES),
     "pair_weighting": _choice(PAIR_WEIGHTINGS),
+    "warmup_steps": _int(0),
 }
 # Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
 # field existed); to_dict always writes them: every new run states its choices.
@@ -318,6 +319,7 @@ class AttackParams:
     conv_lr_factor: float = 1.0  # convolution weights step at learning_rate x this (finetune.make_optimizer)
     regime: str = "finetune"  # REGIMES
     pair_weighting: str = "equal"  # PAIR_WEIGHTINGS
+    warmup_steps: int = 0  # linear learning-rate warm-up over the run's first steps (finetune.warmup_factor)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
