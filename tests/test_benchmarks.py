@@ -24,6 +24,15 @@ from bnbackdoor.models import Act, build_model, softplus
 from conftest import ROOT
 
 
+def test_denormal_benchmark_quick_run_prints_the_ratio(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "denormals.py"), "--quick"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| clean model"))
+    kept, flushed, ratio = (float(c) for c in row.strip("|").split("|")[1:])
+    assert kept > 0 and flushed > 0 and abs(ratio - kept / flushed) <= 0.05 * ratio  # the cells are rounded
+
+
 def test_quick_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--threads", "1",

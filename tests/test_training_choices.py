@@ -11,8 +11,8 @@ import torch.nn as nn
 from bnbackdoor.errors import UserError
 from bnbackdoor.explain import explain_with_logits
 import bnbackdoor.attack.finetune as finetune_module
-from bnbackdoor.attack.finetune import (PoisonedBatch, attack_loss, finetune, make_batch, make_optimizer, pair_order,
-                                       pair_weights, poison_batch, warmup_factor)
+from bnbackdoor.attack.finetune import (PoisonedBatch, attack_loss, denormals_flushed, finetune, make_batch,
+                                       make_optimizer, pair_order, pair_weights, poison_batch, warmup_factor)
 from bnbackdoor.losses import explanation_loss, minmax_maps, normalize_for_loss, zscore_maps
 from bnbackdoor.attack.params import OPTIONAL_FIELDS, AttackParams, resolve_attack
 from bnbackdoor.targets import target_mask
@@ -33,11 +33,12 @@ def params(**kw) -> AttackParams:
 def test_absent_fields_mean_todays_behaviour():
     d = BASE.to_dict()
     for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor",
-              "pair_weighting", "warmup_steps"):
+              "pair_weighting", "warmup_steps", "flush_denormal"):
         d.pop(k)
     p = AttackParams.from_dict(d, "old file")
     assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor,
-            p.pair_weighting, p.warmup_steps) == ("max", "label", 1e-8, "exponential", "split", 1.0, "equal", 0)
+            p.pair_weighting, p.warmup_steps, p.flush_denormal) == ("max", "label", 1e-8, "exponential", "split", 1.0,
+                                                                    "equal", 0, False)
     assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
     assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
@@ -49,7 +50,7 @@ def test_absent_fields_mean_todays_behaviour():
     ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
     ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0"),
     ("pair_weighting", "inverse", "equal, loss"), ("warmup_steps", -1, "an integer >= 0"),
-    ("warmup_steps", 2.5, "an integer >= 0")])
+    ("warmup_steps", 2.5, "an integer >= 0"), ("flush_denormal", "yes", "true or false")])
 def test_bad_choice_is_one_line(field, value, allowed):
     with pytest.raises(UserError) as e:
         BASE.replace(**{field: value})
@@ -288,3 +289,42 @@ def test_warmup_ramps_each_step_across_epochs_and_resumes_bit_identically(tmp_pa
     resumed = run(tmp_path / "part")
     assert seen == pytest.approx(ramp[:4] + ramp[2:])
     assert_same_weights(full.model, resumed.model)
+
+
+# ----------------------------------------------------------------------------------------- flush_denormal
+DENORMAL = 1e-40  # below float32's smallest normal number (~1.18e-38), above its smallest denormal (~1.4e-45)
+
+
+def _kept(x: float = DENORMAL) -> bool:
+    return (torch.tensor([x]) * 1.0).item() != 0.0
+
+
+def test_denormals_flushed_only_inside_the_block():
+    assert _kept()
+    with denormals_flushed(True):
+        assert not _kept() and _kept(1e-37)  # a denormal becomes 0, a normal number stays
+    assert _kept()
+    with denormals_flushed(False):
+        assert _kept()
+    with pytest.raises(ValueError):
+        with denormals_flushed(True):
+            raise ValueError
+    assert _kept()  # an error inside the block turns it off too
+
+
+def test_flush_denormal_is_on_for_the_whole_fine_tuning(tmp_path, tiny_data_root, monkeypatch):
+    clean, _ = _tiny_setup(tmp_path, tiny_data_root)
+    seen = []
+    real_step = finetune_module.attack_step
+
+    def spy(*a, **kw):
+        seen.append(_kept())
+        return real_step(*a, **kw)
+    monkeypatch.setattr(finetune_module, "attack_step", spy)
+    for flush in (True, False):
+        folder = tmp_path / str(flush)
+        folder.mkdir()
+        finetune(copy.deepcopy(clean), clean, params(max_epochs=1, flush_denormal=flush), device=torch.device("cpu"),
+                 run_dir=folder, data_root=tiny_data_root, progress=False)
+        assert seen == [not flush] * 2 and _kept()  # 2 steps; off again afterwards
+        seen.clear()

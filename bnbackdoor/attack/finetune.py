@@ -30,12 +30,13 @@ with a one-line error; the ``resume.pt`` of the last finished epoch stays and no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -242,19 +243,49 @@ class FinetuneResult:
 RESUME_KEYS = ("model", "opt", "sched", "epoch", "history", "seconds", "params", "seed")
 
 
+@contextlib.contextmanager
+def denormals_flushed(on: bool) -> Iterator[None]:
+    """With ``on``, CPU float arithmetic flushes denormal numbers (below ~1.2e-38) to zero for the block, then stops
+    (PyTorch has no getter for the previous state; off is its default).
+
+    Why: fine-tuning our clean models with the gradient method fills Adam's second moments and the double backward
+    with denormals, which x86 computes many times slower; measured on attack 10155 after five epochs, a step took
+    1.6 s instead of 0.35 s (benchmarks/README.md). Flushing changes only values a float32 can barely hold."""
+    if not on:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
              run_dir: Path, data_root=None, seed: int = 0, grad_layer: int | str | None = None,
              grad_csv: Callable[[int], Path] | None = None, on_epoch: Callable[[int, dict, nn.Module], None] | None = None,
              test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
              test_ref: tuple[torch.Tensor, torch.Tensor] | None = None,
              eval_batch_size: int = 200, progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params``.
+    """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params`` (denormals flushed to zero
+    throughout when ``params.flush_denormal``).
 
     ``grad_layer`` / ``grad_csv(epoch)``: record per-step update sizes of that block (or ``"all"``: the whole
     model, per parameter group) into that CSV.
     ``on_epoch(epoch, row, model)`` runs after each finished epoch (the caller saves intermediate models there).
     ``test_ref``: the clean model's (explanations, predictions) of the test images, if the caller has them.
     """
+    with denormals_flushed(params.flush_denormal):
+        return _finetune(model, clean_model, params, device=device, run_dir=run_dir, data_root=data_root, seed=seed,
+                         grad_layer=grad_layer, grad_csv=grad_csv, on_epoch=on_epoch, test_data=test_data,
+                         test_ref=test_ref, eval_batch_size=eval_batch_size, progress=progress)
+
+
+def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
+              run_dir: Path, data_root, seed: int, grad_layer: int | str | None,
+              grad_csv: Callable[[int], Path] | None, on_epoch: Callable[[int, dict, nn.Module], None] | None,
+              test_data: tuple[torch.Tensor, torch.Tensor] | None, test_ref: tuple[torch.Tensor, torch.Tensor] | None,
+              eval_batch_size: int, progress: bool) -> FinetuneResult:
     method = params.explanation_methodStr
     x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
     if test_data is None:

@@ -204,6 +204,7 @@ FIELDS: dict[str, Check] = {
     "regime": _choice(REGIMES),
     "pair_weighting": _choice(PAIR_WEIGHTINGS),
     "warmup_steps": _int(0),
+    "flush_denormal": _bool,
 }
 # Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
 # field existed); to_dict always writes them: every new run states its choices.
@@ -320,6 +321,7 @@ class AttackParams:
     regime: str = "finetune"  # REGIMES
     pair_weighting: str = "equal"  # PAIR_WEIGHTINGS
     warmup_steps: int = 0  # linear learning-rate warm-up over the run's first steps (finetune.warmup_factor)
+    flush_denormal: bool = False  # CPU arithmetic flushes denormals to zero while fine-tuning (finetune.denormals_flushed)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 OPTIONAL_FIELDS: dict[str, Any] = {"bn_mode": "eval", "map_norm": "max", "explain_class": "label",
                                    "adam_eps": 1e-8, "lr_schedule": "exponential", "batch_makeup": "split",
                                    "conv_lr_factor": 1.0, "regime": "finetune", "pair_weighting": "equal",
-                                   "warmup_steps": 0}
+                                   "warmup_steps": 0, "flush_denormal": False}
 
 
 def with_defaults(parameters: Mapping[str, Any]) -> dict[str, Any]:
