@@ -448,14 +448,19 @@ def test_budget_table_names_the_winner_per_budget_only_for_like_with_like(tmp_pa
             row("finetune lr=0.001", 500, 0.0, 0.93),  # an option variant: not a plain defense, not a candidate
             row("finetune", 2000, 0.1, 0.905), row("nad", 2000, 0.3, 0.92),
             row("finetune", 1000, 0.0, 0.93)]  # a size not asked for: not read
-    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": rows}))
-    (tmp_path / "results" / "defenses_256.json").write_text(json.dumps({"rows": rows[:-3]}))  # nothing at 2000
-    (tmp_path / "results" / "defenses_272.json").write_text(json.dumps({"rows": rows[:5] + rows[6:7]}))  # no nad at 2000
+
+    def write(attack_id, rs):
+        (tmp_path / "results" / f"defenses_{attack_id}.json").write_text(json.dumps({"rows": rs}))
+    write("154", rows)
+    write("256", rows[:-3])  # nothing at 2000
+    write("272", rows[:5] + rows[6:7])  # nad missing at 2000
+    write("198", [clean, row("finetune", 2000, 0.1, 0.9)] + [row("nad", 500, 0.0, 0.9)])  # no budget complete
     assert budget_table(tmp_path, models=[]) == [
-        ["154", "?", "0.930", "finetune: 0.900 (0.920)", "nad: 0.200 (0.905)", "finetune: 0.100 (0.905)"]]
-    (tmp_path / "results" / "defenses_154.json").write_text(json.dumps({"rows": [clean] + [
-        row("nad", n, 0.0, 0.5) for n in (100, 500, 2000)]}))
-    assert budget_table(tmp_path, models=[])[0][3:] == ["none keeps accuracy"] * 3
+        ["154", "?", "0.930", "2", "finetune: 0.900 (0.920)", "nad: 0.200 (0.905)", "finetune: 0.100 (0.905)"],
+        ["256", "?", "0.930", "2", "finetune: 0.900 (0.920)", "nad: 0.200 (0.905)", "not run"],
+        ["272", "?", "0.930", "2", "finetune: 0.900 (0.920)", "nad: 0.200 (0.905)", "1 of 2 defenses run"]]
+    write("154", [clean] + [row("nad", n, 0.0, 0.5) for n in (100, 500, 2000)])
+    assert budget_table(tmp_path, models=[])[0][4:] == ["none keeps accuracy"] * 3
 
 
 def test_probes_block_reads_every_epoch_and_the_clean_models_accuracy(tmp_path):

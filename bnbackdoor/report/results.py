@@ -629,28 +629,34 @@ BUDGET_SIZES = (100, 500, 2000)  # the clean-image budgets issue 25 asks every d
 
 def budget_table(root: str | Path = ".", models: list[Model] | None = None, sizes: tuple[int, ...] = BUDGET_SIZES
                  ) -> list[list[str]]:
-    """Per stored comparison: the winner (:func:`comparison_winner`) at each clean-image budget, among the plain
-    defenses (registry names, no options), "defense: attack success (clean accuracy)". A comparison is listed only
-    when the same plain defenses ran at every budget, so the budgets compare like with like."""
+    """Per stored comparison: the winner (:func:`comparison_winner`) at each clean-image budget among the plain
+    defenses (registry names, no options), "defense: attack success (clean accuracy)". Like with like: a budget
+    counts only when every plain defense the file holds at any budget ran at it; otherwise its cell says how many
+    did ("not run" for none). A comparison with no complete budget is left out."""
     by_id = {m.id: m for m in (models if models is not None else load_models(root))}
     out = []
     for attack_id, rows in load_defense_files(root):
         ref = [r for r in rows if r.get("defense") == CLEAN]
         plain = {n: [r for r in rows if r.get("clean_images") == n and " " not in str(r.get("defense"))]
                  for n in sizes}
-        names = [{r.get("defense") for r in plain[n]} for n in sizes]
-        if not names[0] or any(x != names[0] for x in names):
-            continue
+        every = set().union(*({r.get("defense") for r in plain[n]} for n in sizes))
         cells = []
         for n in sizes:
+            ran = {r.get("defense") for r in plain[n]}
+            if ran != every:
+                cells.append(f"{len(ran)} of {len(every)} defenses run" if ran else "not run")
+                continue
             win = comparison_winner(ref + plain[n])
             cells.append("none keeps accuracy" if win is None else f"{win['defense']}: {asr_acc(win)}")
+        if not every or all(c == "not run" or c.endswith("defenses run") for c in cells):
+            continue
         m = by_id.get(attack_id)
-        out.append([attack_id, m.kind if m else "?", fmt(_num(ref[0] if ref else None, "clean_accuracy"))] + cells)
+        out.append([attack_id, m.kind if m else "?", fmt(_num(ref[0] if ref else None, "clean_accuracy")),
+                    str(len(every))] + cells)
     return out
 
 
-BUDGET_HEADERS = ["id", "attack", "clean model acc"] + [f"winner at {n} clean images" for n in BUDGET_SIZES]
+BUDGET_HEADERS = ["id", "attack", "clean model acc", "defenses"] + [f"winner at {n} clean images" for n in BUDGET_SIZES]
 
 
 # Weights vs statistics: plain fine-tuning with BatchNorm statistics following the clean batches or frozen, at the
