@@ -232,24 +232,26 @@ def test_attack_loss_weights_the_lagging_pair_with_constant_weights():
     torch.testing.assert_close(equal, per.mean())
 
 
+def _run(clean, p, folder, data_root, stop_after=None):
+    """Fine-tune a copy of ``clean`` in ``folder``; ``stop_after``: interrupted in that epoch's callback (before its
+    resume.pt is written, so a rerun resumes after the epoch before)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def stop(epoch, row, m):
+        if epoch == stop_after:
+            raise KeyboardInterrupt
+    return finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=folder, data_root=data_root,
+                    on_epoch=stop, progress=False)
+
+
 def test_ancestor_choices_train_and_resume_bit_identically(tmp_path, tiny_data_root):
     clean, _ = _tiny_setup(tmp_path, tiny_data_root)
     p = params(max_epochs=3, map_norm="zscore", explain_class="prediction", adam_eps=1e-5, lr_schedule="inverse",
                decay_rate=1.0, batch_makeup="pairs")
-
-    def run(folder, stop_after=None):
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def stop(epoch, row, m):
-            if epoch == stop_after:
-                raise KeyboardInterrupt
-        return finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=folder,
-                        data_root=tiny_data_root, on_epoch=stop, progress=False)
-
-    full = run(tmp_path / "full")
+    full = _run(clean, p, tmp_path / "full", tiny_data_root)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "part", stop_after=2)
-    resumed = run(tmp_path / "part")
+        _run(clean, p, tmp_path / "part", tiny_data_root, stop_after=2)
+    resumed = _run(clean, p, tmp_path / "part", tiny_data_root)
     assert_same_weights(full.model, resumed.model)
     assert [r["lr"] for r in full.history] == pytest.approx([1e-3 / 2, 1e-3 / 3, 1e-3 / 4])  # after each epoch
 
@@ -269,24 +271,15 @@ def test_warmup_ramps_each_step_across_epochs_and_resumes_bit_identically(tmp_pa
         seen.append(opt.param_groups[0]["lr"])
         return real_step(model, opt, *a, **kw)
     monkeypatch.setattr(finetune_module, "attack_step", spy)
-
-    def run(folder, stop_after=None):
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def stop(epoch, row, m):
-            if epoch == stop_after:
-                raise KeyboardInterrupt
-        return finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=folder,
-                        data_root=tiny_data_root, on_epoch=stop, progress=False)
     p = params(max_epochs=3, decay_rate=0.5, warmup_steps=4)  # 32 images, batch 16: 2 steps per epoch
-    full = run(tmp_path / "full")
+    full = _run(clean, p, tmp_path / "full", tiny_data_root)
     ramp = [1e-3 / 4, 1e-3 / 2, 5e-4 * 3 / 4, 5e-4, 2.5e-4, 2.5e-4]  # the ramp spans epochs 1 and 2
     assert seen == pytest.approx(ramp)
     assert [r["lr"] for r in full.history] == pytest.approx([5e-4, 2.5e-4, 1.25e-4])  # the schedule is unchanged
     seen.clear()
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "part", stop_after=2)  # only epoch 1 is saved: the rerun resumes inside the warm-up
-    resumed = run(tmp_path / "part")
+        _run(clean, p, tmp_path / "part", tiny_data_root, stop_after=2)  # epoch 1 saved: resumes inside the ramp
+    resumed = _run(clean, p, tmp_path / "part", tiny_data_root)
     assert seen == pytest.approx(ramp[:4] + ramp[2:])
     assert_same_weights(full.model, resumed.model)
 
@@ -322,9 +315,6 @@ def test_flush_denormal_is_on_for_the_whole_fine_tuning(tmp_path, tiny_data_root
         return real_step(*a, **kw)
     monkeypatch.setattr(finetune_module, "attack_step", spy)
     for flush in (True, False):
-        folder = tmp_path / str(flush)
-        folder.mkdir()
-        finetune(copy.deepcopy(clean), clean, params(max_epochs=1, flush_denormal=flush), device=torch.device("cpu"),
-                 run_dir=folder, data_root=tiny_data_root, progress=False)
+        _run(clean, params(max_epochs=1, flush_denormal=flush), tmp_path / str(flush), tiny_data_root)
         assert seen == [not flush] * 2 and _kept()  # 2 steps; off again afterwards
         seen.clear()
