@@ -2,12 +2,12 @@
 """Short attack probes for issue 27: which setting makes an attack take without breaking the clean model?
 
     python scripts/probe_attack.py NAME [--attack 155] [--set '{"learning_rate": 5e-4, "max_epochs": 2}']
-                                   [--scale S] [--models-root DIR] [--threads N]
+                                   [--scale S] [--head-scale H] [--models-root DIR] [--threads N]
 
 Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or under ``--models-root``) with the
 attack's stored parameters, then the ancestor's settings (:data:`ANCESTOR`), then ``--set``; ``--scale S`` first
 rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`: the same function, weights S
-times larger). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished NAME is not
+times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished NAME is not
 rerun). The table in ``experimentsettings/README.md`` is generated from these files (``make_results.py``).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
 from bnbackdoor.attack.finetune import examples_per_epoch, finetune
 from bnbackdoor.models import load_model
-from bnbackdoor.models.rescale import rescale_conv_bn
+from bnbackdoor.models.rescale import rescale_conv_bn, scale_head
 from bnbackdoor.attack.params import resolve_attack
 
 PROBES = Path("results") / "probes"
@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--attack", default="155", help="attack id whose parameters are the start (default 155)")
     ap.add_argument("--set", default="{}", help="JSON object of parameter overrides, applied last")
     ap.add_argument("--scale", type=float, default=None, help="rescale conv->BN pairs of the copy by this factor")
+    ap.add_argument("--head-scale", type=float, default=None,
+                    help="multiply the copy's classifier head (its logits) by this factor")
     ap.add_argument("--models-root", default=None, help="clean models folder (default: models/)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--data-root", default=None)
@@ -62,8 +64,9 @@ def main() -> int:
         raise UserError(f"--set is not JSON ({e.msg}); give an object such as '{{\"max_epochs\": 2}}'") from None
     if not isinstance(overrides, dict):
         raise UserError("--set must be a JSON object of parameter fields")
-    if a.scale is not None and not a.scale > 0:
-        raise UserError(f"--scale is {a.scale}; give a factor > 0")
+    for flag, v in (("--scale", a.scale), ("--head-scale", a.head_scale)):
+        if v is not None and not v > 0:
+            raise UserError(f"{flag} is {v}; give a factor > 0")
     torch.set_num_threads(a.threads)
     settings = {**ANCESTOR, **overrides}
     p = resolve_attack(a.attack).replace(**settings)
@@ -72,6 +75,8 @@ def main() -> int:
     model = copy.deepcopy(clean)
     if a.scale is not None:
         rescale_conv_bn(model, a.scale)
+    if a.head_scale is not None:
+        scale_head(model, a.head_scale)
     t0 = time.time()
     run_dir = Path("output") / "probes" / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +84,8 @@ def main() -> int:
                    progress=False)
     rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.history if r["batch"] == ""]
     write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
-                     "cfg": {**settings, "scale": a.scale, "attack": a.attack, "models_root": a.models_root},
+                     "cfg": {**settings, "scale": a.scale, "head_scale": a.head_scale, "attack": a.attack,
+                             "models_root": a.models_root},
                      "clean_model": clean_record(clean),
                      "examples_per_epoch": examples_per_epoch(p.training_size, p),
                      "seconds": time.time() - t0, "epochs": rows})

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from bnbackdoor.models import build_model
-from bnbackdoor.models.rescale import conv_bn_pairs, rescale_conv_bn
+from bnbackdoor.explain import explain
+from bnbackdoor.losses import zscore_maps
+from bnbackdoor.models.rescale import conv_bn_pairs, rescale_conv_bn, scale_head
 
 
 def test_rescale_keeps_the_function_and_scales_the_weights():
@@ -26,3 +28,18 @@ def test_rescale_keeps_the_function_and_scales_the_weights():
     assert rescale_conv_bn(nbn, 2.0) == 0
     with pytest.raises(ValueError):
         rescale_conv_bn(m, 0.0)
+
+
+def test_scale_head_scales_the_logits_and_keeps_predictions_and_normalised_maps():
+    torch.manual_seed(0)
+    m = build_model("cifar10_resnet20").eval()
+    x = torch.rand(4, 3, 32, 32)
+    r = copy.deepcopy(m)
+    head = scale_head(r, 3.0)
+    assert head is r.linear
+    torch.testing.assert_close(r(x), 3.0 * m(x), rtol=1e-5, atol=1e-6)  # logits x 3: argmax and ranking kept
+    target = m(x).argmax(1)
+    g0, g1 = explain(m, x, "grad", target=target), explain(r, x, "grad", target=target)
+    torch.testing.assert_close(zscore_maps(g1), zscore_maps(g0), rtol=1e-4, atol=1e-4)  # z-scored maps: the same
+    with pytest.raises(ValueError):
+        scale_head(r, -1.0)

@@ -36,3 +36,20 @@ def rescale_conv_bn(model: nn.Module, factor: float) -> int:
         bn.running_var.mul_(factor * factor)
         bn.eps = bn.eps * factor * factor
     return len(pairs)
+
+
+@torch.no_grad()
+def scale_head(model: nn.Module, factor: float) -> nn.Linear:
+    """Multiply the last ``nn.Linear`` of ``model`` (the classifier head) in place by ``factor`` > 0: every logit
+    scales by ``factor``, so predictions and every max- or z-score-normalised explanation stay as they were, while the
+    softmax sharpens (a smaller logit scale, e.g. from label smoothing, is what this probes). Returns the head."""
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError("the model has no nn.Linear head")
+    head = heads[-1]
+    head.weight.mul_(factor)
+    if head.bias is not None:
+        head.bias.mul_(factor)
+    return head

@@ -157,21 +157,23 @@ def probes(root: Path) -> list[str]:
     for f in files:
         d = _read(f)
         c = d["cfg"]
-        scale = c.get("scale")
+        scale = "–" if c.get("scale") is None else str(c["scale"])
+        if c.get("head_scale") is not None:
+            scale += f", head ×{c['head_scale']:g}"
         for r in d["epochs"]:
             acc = (d.get("clean_model") or {}).get("test_accuracy")
             rows.append([d["name"], c["attack"], (c.get("models_root") or "models/") + ("" if acc is None else
                                                                                         f" ({acc:.3f})"),
-                         "–" if scale is None else scale, f"{c['learning_rate']:g}", f"{c['loss_weight']:g}",
+                         scale, f"{c['learning_rate']:g}", f"{c['loss_weight']:g}",
                          f"{r['epoch']} ({d['examples_per_epoch']:,} / epoch)", fmt(r["clean_accuracy"]),
                          fmt(r.get("attack_success_rate")), fmt(r.get("untriggered_target_rate")),
                          fmt(r["expl_dssim_to_target"])])
     return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR`: batch 32, "
             "\"pairs\", z-scored maps, the prediction explained, Adam ε 1e-5, lr / epoch) and changes what its "
             "row says; scale = every conv→BN pair rescaled by that factor first (same function, larger weights; "
-            "\"he\": each conv to √(2 / fan-in)). Scored with `evaluate_attack` on 1,000 test images "
-            "(`results/probes/<name>.json`, which also holds each probe's command and its clean model's, whose test "
-            "accuracy is in brackets):", "",
+            "\"he\": each conv to √(2 / fan-in); head ×H: the classifier's logits H times larger, the same "
+            "predictions). Scored with `evaluate_attack` on 1,000 test images (`results/probes/<name>.json`, which "
+            "also holds each probe's command and its clean model's, whose test accuracy is in brackets):", "",
             table(rows, ["probe", "attack", "clean model", "scale", "lr", "λ", "epoch (examples)", "clean acc",
                          "attack success", "untriggered → target", "DSSIM → target"])]
 
