@@ -399,6 +399,8 @@ CASES = [
     ("probe-set-not-json", "scripts/probe_attack.py", ["p1", "--set", "{max_epochs: 2}"], "--set is not JSON"),
     ("probe-set-not-object", "scripts/probe_attack.py", ["p1", "--set", "[1, 2]"], "--set must be a JSON object"),
     ("probe-scale-zero", "scripts/probe_attack.py", ["p1", "--scale", "0"], "give a factor > 0"),
+    ("probe-head-scale-negative", "scripts/probe_attack.py", ["p1", "--head-scale", "-2"],
+     "--head-scale is -2.0; give a factor > 0"),
     ("probe-unknown-attack", "scripts/probe_attack.py", ["p1", "--attack", "99999"], "unknown attack id '99999'"),
     # scripts/cam_fit.py
     ("camfit-resolutions-zero", "scripts/cam_fit.py", ["--resolutions", "0,8"], "must list map sizes from 1 to 32"),
