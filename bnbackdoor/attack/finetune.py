@@ -250,7 +250,8 @@ def denormals_flushed(on: bool) -> Iterator[None]:
 
     Why: fine-tuning our clean models with the gradient method fills Adam's second moments and the double backward
     with denormals, which x86 computes many times slower; measured on attack 10155 after five epochs, a step took
-    1.62 s instead of 0.38 s (benchmarks/README.md, "Denormal numbers"). Flushing changes only values a float32 can barely hold."""
+    1.62 s instead of 0.38 s (benchmarks/README.md, "Denormal numbers"). Flushing changes only values a float32
+    can barely hold."""
     if not on:
         yield
         return
