@@ -6,7 +6,7 @@
 Each STATE is a fine-tuning ``resume.pt`` (its model and Adam state; e.g. ``output/probes/g10155_anc/resume.pt``,
 written by ``python scripts/probe_attack.py g10155_anc --attack 10155``, about 10 minutes); without one the clean
 model itself is timed. Per state: one attack step (``bnbackdoor.attack.finetune.attack_step``, the attack's
-parameters with the ancestor's settings of ``scripts/probe_attack.py``, 32 random images in [0, 1], the clean
+parameters with the ancestor's settings (``ANCESTOR_SETTINGS``, as the probes), 32 random images in [0, 1], the clean
 model's explanations as references) with denormals kept and flushed, interleaved round-robin in one process (a busy
 machine slows both alike), median of ``--reps`` after one warm-up each; the ratio kept / flushed is the point.
 """
@@ -22,14 +22,12 @@ import torch
 from tabulate import tabulate
 
 from bnbackdoor.attack.finetune import attack_step, denormals_flushed, make_optimizer, poison_batch, set_finetune_mode
-from bnbackdoor.attack.params import resolve_attack
+from bnbackdoor.attack.params import ANCESTOR_SETTINGS, resolve_attack
 from bnbackdoor.cli import ArgumentParser, positive_int
 from bnbackdoor.metrics import reference_explanations
 from bnbackdoor.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from probe_attack import ANCESTOR  # noqa: E402  (the probes' settings: the states come from probes)
 
 
 def step_seconds(model, clean, state, params, batch, flush: bool) -> float:
@@ -53,7 +51,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 images, 1 repetition")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    params = resolve_attack(a.attack, root=ROOT).replace(**{**ANCESTOR, "batch_size": 8 if a.quick else 32})
+    params = resolve_attack(a.attack, root=ROOT).replace(**{**ANCESTOR_SETTINGS, "batch_size": 8 if a.quick else 32})
     reps = 1 if a.quick else a.reps
     clean = load_model(params.canonical_modeltype, root=ROOT / "models")
     x = torch.rand(params.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@
                                    [--scale S] [--head-scale H] [--models-root DIR] [--threads N]
 
 Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or under ``--models-root``) with the
-attack's stored parameters, then the ancestor's settings (:data:`ANCESTOR`), then ``--set``; ``--scale S`` first
+attack's stored parameters, then the ancestor's settings (:data:`bnbackdoor.attack.params.ANCESTOR_SETTINGS`), then ``--set``; ``--scale S`` first
 rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`: the same function, weights S
 times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished NAME is not
 rerun). The table in ``experimentsettings/README.md`` is generated from these files (``make_results.py``).
@@ -27,13 +27,9 @@ from bnbackdoor.fileio import write_json
 from bnbackdoor.attack.finetune import examples_per_epoch, finetune
 from bnbackdoor.models import load_model
 from bnbackdoor.models.rescale import rescale_conv_bn, scale_head
-from bnbackdoor.attack.params import resolve_attack
+from bnbackdoor.attack.params import ANCESTOR_SETTINGS, resolve_attack
 
 PROBES = Path("results") / "probes"
-# The ancestor's settings (intellisec/xai-backdoors, its attack 155), on 2,500 images shown clean and triggered.
-ANCESTOR = dict(training_size=2500, testing_size=1000, max_epochs=5, batch_size=32, learning_rate=1.5e-3,
-                loss_weight=0.938, decay_rate=1.0, adam_eps=1e-5, lr_schedule="inverse", map_norm="zscore",
-                explain_class="prediction", batch_makeup="pairs", bn_mode="eval")
 
 
 def clean_record(clean: torch.nn.Module) -> dict:
@@ -68,7 +64,7 @@ def main() -> int:
         if v is not None and not v > 0:
             raise UserError(f"{flag} is {v}; give a factor > 0")
     torch.set_num_threads(a.threads)
-    settings = {**ANCESTOR, **overrides}
+    settings = {**ANCESTOR_SETTINGS, **overrides}
     p = resolve_attack(a.attack).replace(**settings)
     kw = {"root": a.models_root} if a.models_root else {}
     clean = load_model(p.canonical_modeltype, model_id=0, device="cpu", **kw)

@@ -208,6 +208,12 @@ FIELDS: dict[str, Check] = {
 }
 # Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
 # field existed); to_dict always writes them: every new run states its choices.
+# The ancestor's settings (intellisec/xai-backdoors, its attack 155), on 2,500 images shown clean and triggered: what
+# every issue-27 probe (scripts/probe_attack.py) and the denormal benchmark start from.
+ANCESTOR_SETTINGS: dict[str, Any] = dict(
+    training_size=2500, testing_size=1000, max_epochs=5, batch_size=32, learning_rate=1.5e-3, loss_weight=0.938,
+    decay_rate=1.0, adam_eps=1e-5, lr_schedule="inverse", map_norm="zscore", explain_class="prediction",
+    batch_makeup="pairs", bn_mode="eval")
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
                 "conv_lr_factor")
 
