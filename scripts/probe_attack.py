@@ -5,10 +5,12 @@
                                    [--scale S] [--head-scale H] [--models-root DIR] [--threads N]
 
 Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or under ``--models-root``) with the
-attack's stored parameters, then the ancestor's settings (:data:`bnbackdoor.attack.params.ANCESTOR_SETTINGS`), then ``--set``; ``--scale S`` first
-rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`: the same function, weights S
-times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished NAME is not
-rerun). The table in ``experimentsettings/README.md`` is generated from these files (``make_results.py``).
+attack's stored parameters, then the ancestor's settings (:data:`bnbackdoor.attack.params.ANCESTOR_SETTINGS`), then
+``--set``; ``--scale S`` first rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`:
+the same function, weights S times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times
+larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished
+NAME is not rerun). The table in ``experimentsettings/README.md`` is generated from these files
+(``make_results.py``).
 """
 from __future__ import annotations
 

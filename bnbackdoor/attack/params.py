@@ -327,7 +327,7 @@ class AttackParams:
     regime: str = "finetune"  # REGIMES
     pair_weighting: str = "equal"  # PAIR_WEIGHTINGS
     warmup_steps: int = 0  # linear learning-rate warm-up over the run's first steps (finetune.warmup_factor)
-    flush_denormal: bool = False  # CPU arithmetic flushes denormals to zero while fine-tuning (finetune.denormals_flushed)
+    flush_denormal: bool = False  # denormals flushed to zero while fine-tuning (finetune.denormals_flushed)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:

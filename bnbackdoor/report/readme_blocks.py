@@ -168,8 +168,8 @@ def probes(root: Path) -> list[str]:
                          f"{r['epoch']} ({d['examples_per_epoch']:,} / epoch)", fmt(r["clean_accuracy"]),
                          fmt(r.get("attack_success_rate")), fmt(r.get("untriggered_target_rate")),
                          fmt(r["expl_dssim_to_target"])])
-    return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR_SETTINGS`: batch 32, "
-            "\"pairs\", z-scored maps, the prediction explained, Adam ε 1e-5, lr / epoch) and changes what its "
+    return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR_SETTINGS`: batch "
+            "32, \"pairs\", z-scored maps, the prediction explained, Adam ε 1e-5, lr / epoch) and changes what its "
             "row says; scale = every conv→BN pair rescaled by that factor first (same function, larger weights; "
             "\"he\": each conv to √(2 / fan-in); head ×H: the classifier's logits H times larger, the same "
             "predictions). Scored with `evaluate_attack` on 1,000 test images (`results/probes/<name>.json`, which "
