@@ -30,7 +30,7 @@ from bnbackdoor.models import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_seconds(model, clean, state, params, batch, flush: bool) -> float:
+def step_seconds(model, state, params, batch, flush: bool) -> float:
     m = copy.deepcopy(model)
     opt, _ = make_optimizer(m, params)
     if state is not None:
@@ -66,10 +66,10 @@ def main() -> int:
             model.load_state_dict(state["model"])
         times = {False: [], True: []}
         for flush in (False, True):  # warm-up
-            step_seconds(model, clean, state, params, batch, flush)
+            step_seconds(model, state, params, batch, flush)
         for _ in range(reps):
             for flush in (False, True):
-                times[flush].append(step_seconds(model, clean, state, params, batch, flush))
+                times[flush].append(step_seconds(model, state, params, batch, flush))
         kept, flushed = statistics.median(times[False]), statistics.median(times[True])
         rows.append([path or "clean model", f"{kept:.3f}", f"{flushed:.3f}", f"{kept / flushed:.2f}"])
     print(f"attack {a.attack} ({params.explanation_methodStr}), batch {params.batch_size}, {a.threads} thread(s), "

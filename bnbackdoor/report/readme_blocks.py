@@ -250,8 +250,9 @@ def finetune_bn(root: Path) -> list[str]:
 
 def budget(root: Path) -> list[str]:
     return _table_or(budget_table(root), BUDGET_HEADERS,
-                     "No `results/defenses_<id>.json` has the same defenses at 100, 500 and 2,000 clean images yet "
-                     "(`python scripts/compare_defenses.py <id> cpu --clean-images 100,500,2000 --save_path results`).")
+                     "No `results/defenses_<id>.json` has every one of its defenses at one of 100, 500 or 2,000 clean "
+                     "images yet (`python scripts/compare_defenses.py <id> cpu --clean-images 100,500,2000 "
+                     "--save_path results`).")
 
 
 def detectors(root: Path) -> list[str]:
