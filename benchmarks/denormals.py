@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from tabulate import tabulate
 from bnbackdoor.attack.finetune import attack_step, denormals_flushed, make_optimizer, poison_batch, set_finetune_mode
 from bnbackdoor.attack.params import ANCESTOR_SETTINGS, resolve_attack
 from bnbackdoor.cli import ArgumentParser, positive_int
+from bnbackdoor.errors import UserError, run_cli
+from bnbackdoor.fileio import read_state
 from bnbackdoor.metrics import reference_explanations
 from bnbackdoor.models import load_model
 
@@ -50,6 +51,10 @@ def main() -> int:
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 images, 1 repetition")
     a = ap.parse_args()
+    for path in a.states:  # before any work: one line naming the file, not a traceback
+        if not Path(path).is_file():
+            raise UserError(f"no fine-tuning state at {path}; give a resume.pt (e.g. output/probes/g10155_anc/"
+                            "resume.pt, written by python scripts/probe_attack.py g10155_anc --attack 10155)")
     torch.set_num_threads(a.threads)
     params = resolve_attack(a.attack, root=ROOT).replace(**{**ANCESTOR_SETTINGS, "batch_size": 8 if a.quick else 32})
     reps = 1 if a.quick else a.reps
@@ -62,7 +67,7 @@ def main() -> int:
     for path in a.states or [None]:
         model, state = copy.deepcopy(clean), None
         if path is not None:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = read_state(path, ("model", "opt"))
             model.load_state_dict(state["model"])
         times = {False: [], True: []}
         for flush in (False, True):  # warm-up
@@ -79,4 +84,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

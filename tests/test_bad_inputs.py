@@ -402,6 +402,8 @@ CASES = [
     ("probe-head-scale-negative", "scripts/probe_attack.py", ["p1", "--head-scale", "-2"],
      "--head-scale is -2.0; give a factor > 0"),
     ("probe-unknown-attack", "scripts/probe_attack.py", ["p1", "--attack", "99999"], "unknown attack id '99999'"),
+    # benchmarks/denormals.py
+    ("denormals-no-state", "benchmarks/denormals.py", ["nosuch.pt"], "no fine-tuning state at nosuch.pt"),
     # scripts/cam_fit.py
     ("camfit-resolutions-zero", "scripts/cam_fit.py", ["--resolutions", "0,8"], "must list map sizes from 1 to 32"),
     ("camfit-resolutions-text", "scripts/cam_fit.py", ["--resolutions", "eight"], "not a comma-separated list"),
@@ -459,6 +461,7 @@ def test_the_table_covers_every_program_and_is_large_enough():
     programs = {c[1] for c in CASES}
     assert programs == {"attack.py", "evaluate_models.py", "evaluate_attack_defense_metrics.py",
                         "run_generate_explanations.py", "benchmarks/run.py", "benchmarks/bench_explain.py",
+                        "benchmarks/denormals.py",
                         *(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py"))}
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 
