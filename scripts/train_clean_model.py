@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+from pathlib import Path
 
-from bnbackdoor.cli import (ArgumentParser, existing_dir, float_at_least, float_range, non_negative_int,
-                            output_dir, positive_float, positive_int, seed_int)
+from bnbackdoor.cli import (ArgumentParser, existing_dir, existing_file, float_at_least, float_range,
+                            non_negative_int, output_dir, positive_float, positive_int, seed_int)
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import UserError, run_cli
-from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, resolve_modeltype
+from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, load_model, resolve_modeltype
 from bnbackdoor.estimate import guard, long_jobs_allowed
 from bnbackdoor.train import auto_train_config, train_estimate, train_model
 
@@ -36,6 +37,9 @@ def main() -> int:
     p.add_argument("--eval-every", type=non_negative_int, default=5, help="test accuracy every N epochs (0: only at the end)")
     p.add_argument("--data-root", type=existing_dir, help="default: $BNBACKDOOR_DATA, else ./datasets")
     p.add_argument("--models-root", type=output_dir, default=str(MODEL_ROOT))
+    p.add_argument("--init-from", type=existing_file, metavar="CHECKPOINT",
+                   help="start from this clean checkpoint of the same model type instead of a fresh initialisation "
+                        "(the recipe then fine-tunes it: e.g. another label smoothing or weight decay)")
     p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     p.add_argument("--yes", action="store_true",
                    help="start even if the measured estimate is over 15 minutes (env BNBACKDOOR_ALLOW_LONG=1 too)")
@@ -51,7 +55,10 @@ def main() -> int:
     out = checkpoint_path(modeltype, a.model_id, a.models_root)
     if out.exists() and not a.force:
         raise UserError(f"{out} exists; pass --force to retrain it")
-    model = build_model(modeltype)
+    if a.init_from is not None and Path(a.init_from).resolve() == out.resolve():
+        raise UserError(f"--init-from {a.init_from} is the checkpoint this run writes; copy it elsewhere first")
+    model = build_model(modeltype) if a.init_from is None else load_model(
+        modeltype, path=a.init_from, fix=f"give --init-from a checkpoint written by this script for {modeltype}")
     guard(train_estimate(model, modeltype, cfg, device, out, data_root=a.data_root, train_size=a.train_size),
           "--yes", allowed=a.yes or long_jobs_allowed())
     print(f"training {modeltype} -> {out}\n{dataclasses.asdict(cfg)}")

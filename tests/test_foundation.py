@@ -334,3 +334,25 @@ def test_committed_clean_model_accuracy(modeltype, minimum):
     acc = accuracy(model, x, y, batch_size=1000, progress=False)
     assert acc >= minimum, f"{modeltype}: {acc:.4f} < {minimum}"
     assert abs(acc - model.meta["test_accuracy"]) < 0.002  # the recorded number is the real one
+
+
+def test_init_from_starts_training_at_the_given_weights(tmp_path, tiny_data_root):
+    """--init-from fine-tunes the given checkpoint: at a vanishing learning rate every weight comes back (to 1e-20:
+    a zero can move by lr x gradient; BatchNorm's running statistics do move, train mode), while a fresh start with
+    the same seed does not."""
+    torch.manual_seed(123)
+    start = build_model("cifar10_resnet20").eval()
+    save_checkpoint(tmp_path / "start.pth", start, {})
+    common = ["cifar10_resnet20", "cpu", "--epochs", "1", "--train-size", "16", "--batch-size", "8", "--lr", "1e-30",
+              "--eval-every", "0", "--data-root", str(tiny_data_root)]
+    for root, extra in (("from", ["--init-from", str(tmp_path / "start.pth")]), ("fresh", [])):
+        r = subprocess.run([sys.executable, "scripts/train_clean_model.py", *common, *extra,
+                            "--models-root", str(tmp_path / root)], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    tuned = load_model("cifar10_resnet20", root=tmp_path / "from")
+    fresh = load_model("cifar10_resnet20", root=tmp_path / "fresh")
+    weights = [k for k, v in start.state_dict().items() if v.dtype.is_floating_point and "running" not in k]
+    assert all(torch.allclose(tuned.state_dict()[k], start.state_dict()[k], rtol=0, atol=1e-20) for k in weights)
+    assert not torch.equal(fresh.state_dict()["conv1.weight"], start.state_dict()["conv1.weight"])
+    assert not torch.equal(tuned.state_dict()["bn1.running_mean"], start.state_dict()["bn1.running_mean"])
+    assert "--init-from" in tuned.meta["command"]
