@@ -18,7 +18,8 @@ K = 5, batch 100, Adam lr 0.001, inner SGD lr 10, regulariser 0.001, fixed-point
 Deviations: the authors' inner and fixed-point losses use the model's own predictions and always the first batch,
 here the clean labels and the current batch (the paper's objective uses the labels); the authors leave the
 L2 projection (radius 10) commented out, here it is applied (the paper's bounded δ). At 500 images ResNet20 this is
-25 outer steps, within the two-minute CPU budget.
+25 outer steps, each with a K-step double backward: the stored comparisons took 206-249 s for it on the 2-core CPU
+(``seconds`` in ``results/defenses_154.json`` / ``_10154.json``), about twice the two minutes aimed at.
 """
 from __future__ import annotations
 
