@@ -2,8 +2,9 @@
 
 ``experimentsettings/catalogue/catalogue.json`` lists every shipped id as one run: grid point ``gs_id`` of
 ``experimentsettings/<settings>.json`` with its profile's ``overrides`` (then the run's own ``overrides``) applied
-through :meth:`AttackParams.replace`. An override naming a field that :class:`AttackParams` does not have (yet) is
-kept as *pending*: stated in the plan and the provenance, not applied.
+through :meth:`AttackParams.replace`; a profile may ``extends`` another (its overrides on top of the other's). An
+override naming a field that :class:`AttackParams` does not have (yet) is kept as *pending*: stated in the plan and
+the provenance, not applied.
 
 Building is a loop over the selected runs that is safe to interrupt and to restart in another session:
 
@@ -51,7 +52,7 @@ STATUSES = ("done", "partial", "stale", "failed", "running", "missing")
 
 _TOP_KEYS = {"about", "ancestor", "profiles", "runs"}
 _RUN_KEYS = {"id", "settings", "gs_id", "profile", "overrides", "if_not_accepted"}
-_PROFILE_KEYS = {"why", "overrides", "if_not_accepted"}
+_PROFILE_KEYS = {"why", "extends", "overrides", "if_not_accepted"}
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -122,6 +123,25 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
                       tuple(n for n in notes if n))
 
 
+def _resolve_profile(name: str, profiles: dict, source: str) -> dict:
+    """A profile with ``"extends": "<base>"`` is the base's overrides with its own on top (its own note, else the
+    base's); one level only, so a reader finds every setting in at most two places."""
+    prof = profiles[name]
+    base_name = prof.get("extends")
+    if base_name is None:
+        return prof
+    where = f"{source}: profile '{name}'"
+    if base_name not in profiles:
+        raise UserError(f"{where}: extends unknown profile '{base_name}'; known: {', '.join(profiles)}")
+    base = profiles[base_name]
+    if "extends" in base:
+        raise UserError(f"{where}: extends '{base_name}', which extends another profile; extend the first one")
+    out = {**prof, "overrides": {**base.get("overrides", {}), **prof.get("overrides", {})}}
+    if "if_not_accepted" not in prof and "if_not_accepted" in base:
+        out["if_not_accepted"] = base["if_not_accepted"]
+    return out
+
+
 def load_catalogue(path: str | Path | None = None, root: str | Path = ".") -> list[PlannedRun]:
     """Every run of the catalogue, validated, in file order."""
     root = Path(root)
@@ -130,6 +150,7 @@ def load_catalogue(path: str | Path | None = None, root: str | Path = ".") -> li
     profiles = _keys(d.get("profiles", {}), set(d.get("profiles", {})), str(path))
     for name, prof in profiles.items():
         _keys(prof, _PROFILE_KEYS, f"{path}: profile '{name}'")
+    profiles = {name: _resolve_profile(name, profiles, str(path)) for name in profiles}
     runs = [plan_run(e, profiles, d.get("ancestor", {}), root, str(path)) for e in d.get("runs", [])]
     seen: set[str] = set()
     for r in runs:
