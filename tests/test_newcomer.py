@@ -62,6 +62,17 @@ def test_ci_uses_a_fresh_venv_and_fails_on_no_tests():
 
 
 # --- long jobs: estimate, refuse, no folder ----------------------------------------------------------------------
+def test_a_step_is_timed_by_its_fastest_call_so_a_busy_moment_does_not_refuse_a_job(monkeypatch):
+    """A fake clock: the warm-up takes 9 s, then calls of 0.5, 0.16 and 0.9 s (the machine busy for two of them)."""
+    clock, durations = [0.0], iter([9.0, 0.5, 0.16, 0.9])
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: clock[0])
+
+    def step():
+        clock[0] += next(durations)
+
+    assert estimate.seconds_per_batch(step, torch.device("cpu"), batches=3, budget_s=100.0) == pytest.approx(0.16)
+
+
 @pytest.fixture
 def slow(monkeypatch):
     """Every measured batch 'takes' 30 s, instantly: the estimate is exact and the test is fast."""
