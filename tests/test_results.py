@@ -463,25 +463,28 @@ def test_budget_table_names_the_winner_per_budget_only_for_like_with_like(tmp_pa
     assert budget_table(tmp_path, models=[])[0][4:] == ["none keeps accuracy"] * 3
 
 
-def test_probes_block_reads_every_epoch_and_the_clean_models_accuracy(tmp_path):
-    from bnbackdoor.report.readme_blocks import probes
+def test_probes_block_gives_each_probes_last_and_lowest_dssim_epoch_and_its_schedule(tmp_path):
+    from bnbackdoor.report.readme_blocks import _probe_lr, probes
 
     (tmp_path / "results" / "probes").mkdir(parents=True)
     cfg = {"attack": "10155", "learning_rate": 7.5e-4, "loss_weight": 0.9125, "scale": None,
-           "models_root": "results/probes/models"}
+           "models_root": "results/probes/models", "lr_schedule": "exponential", "decay_rate": 0.9,
+           "conv_lr_factor": 0.43}
     epochs = [{"epoch": e, "clean_accuracy": a, "attack_success_rate": 1.0, "untriggered_target_rate": u,
-               "expl_dssim_to_target": t} for e, a, u, t in ((1, 0.5, 0.4, 0.3), (2, 0.9, 0.01, 0.2))]
+               "expl_dssim_to_target": t} for e, a, u, t in ((1, 0.5, 0.4, 0.3), (2, 0.8, 0.05, 0.1),
+                                                               (3, 0.9, 0.01, 0.2))]
     (tmp_path / "results" / "probes" / "p.json").write_text(json.dumps(
         {"name": "p", "cfg": cfg, "examples_per_epoch": 5000, "epochs": epochs,
          "clean_model": {"test_accuracy": 0.9602}}))
-    (tmp_path / "results" / "probes" / "q.json").write_text(json.dumps(  # before provenance was recorded
-        {"name": "q", "cfg": {**cfg, "models_root": None, "scale": 2.3}, "examples_per_epoch": 5000,
+    old = {k: v for k, v in cfg.items() if k not in ("lr_schedule", "decay_rate", "conv_lr_factor")}
+    (tmp_path / "results" / "probes" / "q.json").write_text(json.dumps(  # before provenance and schedules
+        {"name": "q", "cfg": {**old, "models_root": None, "scale": 2.3}, "examples_per_epoch": 5000,
          "epochs": epochs[:1]}))
     lines = [ln for ln in "\n".join(probes(tmp_path)).splitlines() if ln.startswith(("| p ", "| q "))]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    assert cells == [["p", "10155", "results/probes/models (0.960)", "–", "0.00075", "0.9125", "1 (5,000 / epoch)",
-                      "0.500", "1.000", "0.400", "0.300"],
-                     ["p", "10155", "results/probes/models (0.960)", "–", "0.00075", "0.9125", "2 (5,000 / epoch)",
-                      "0.900", "1.000", "0.010", "0.200"],
-                     ["q", "10155", "models/", "2.3", "0.00075", "0.9125", "1 (5,000 / epoch)", "0.500", "1.000",
-                      "0.400", "0.300"]]
+    assert cells == [["p", "10155", "results/probes/models (0.960)", "–", "0.00075 × 0.9 / epoch", "0.43", "0.9125",
+                      "3 × 5,000", "0.900", "1.000", "0.010", "0.200", "0.100 (epoch 2, acc 0.800)"],
+                     ["q", "10155", "models/", "2.3", "0.00075 / epoch", "1", "0.9125", "1 × 5,000", "0.500",
+                      "1.000", "0.400", "0.300", "0.300 (epoch 1, acc 0.500)"]]
+    assert [_probe_lr({"learning_rate": 1e-3, "lr_schedule": k, "decay_rate": d})
+            for k, d in (("exponential", 1.0), ("inverse", 0.5))] == ["0.001 const", "0.001 / (1 + 0.5(e − 1))"]

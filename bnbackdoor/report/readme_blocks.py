@@ -149,6 +149,14 @@ def cam_fit(root: Path) -> list[str]:
             table(rows, ["target", *[f"{r}×{r} map" for r in resolutions]])]
 
 
+def _probe_lr(c: dict) -> str:
+    """A probe's learning rate and schedule: '0.00075 const', '0.0015 × 0.9 / epoch', '0.0015 / epoch'."""
+    lr, d = f"{c['learning_rate']:g}", c.get("decay_rate", 1.0)
+    if c.get("lr_schedule", "inverse") == "inverse":  # lr / (1 + d (e - 1))
+        return f"{lr} / epoch" if d == 1 else f"{lr} / (1 + {d:g}(e − 1))"
+    return f"{lr} const" if d == 1 else f"{lr} × {d:g} / epoch"
+
+
 def probes(root: Path) -> list[str]:
     files = sorted((root / "results" / "probes").glob("*.json"))
     if not files:
@@ -156,26 +164,30 @@ def probes(root: Path) -> list[str]:
     rows = []
     for f in files:
         d = _read(f)
-        c = d["cfg"]
+        c, last = d["cfg"], d["epochs"][-1]
         scale = "–" if c.get("scale") is None else str(c["scale"])
         if c.get("head_scale") is not None:
             scale += f", head ×{c['head_scale']:g}"
-        for r in d["epochs"]:
-            acc = (d.get("clean_model") or {}).get("test_accuracy")
-            rows.append([d["name"], c["attack"], (c.get("models_root") or "models/") + ("" if acc is None else
-                                                                                        f" ({acc:.3f})"),
-                         scale, f"{c['learning_rate']:g}", f"{c['loss_weight']:g}",
-                         f"{r['epoch']} ({d['examples_per_epoch']:,} / epoch)", fmt(r["clean_accuracy"]),
-                         fmt(r.get("attack_success_rate")), fmt(r.get("untriggered_target_rate")),
-                         fmt(r["expl_dssim_to_target"])])
+        acc = (d.get("clean_model") or {}).get("test_accuracy")
+        best = min(d["epochs"], key=lambda r: r["expl_dssim_to_target"])
+        rows.append([d["name"], c["attack"], (c.get("models_root") or "models/") + ("" if acc is None else
+                                                                                    f" ({acc:.3f})"),
+                     scale, _probe_lr(c), f"{c.get('conv_lr_factor') or 1:g}", f"{c['loss_weight']:g}",
+                     f"{last['epoch']} × {d['examples_per_epoch']:,}", fmt(last["clean_accuracy"]),
+                     fmt(last.get("attack_success_rate")), fmt(last.get("untriggered_target_rate")),
+                     fmt(last["expl_dssim_to_target"]),
+                     f"{fmt(best['expl_dssim_to_target'])} (epoch {best['epoch']}, acc {fmt(best['clean_accuracy'])})"])
     return ["Every probe starts from the ancestor's settings (`scripts/probe_attack.py`, `ANCESTOR_SETTINGS`: batch "
             "32, \"pairs\", z-scored maps, the prediction explained, Adam ε 1e-5, lr / epoch) and changes what its "
             "row says; scale = every conv→BN pair rescaled by that factor first (same function, larger weights; "
             "\"he\": each conv to √(2 / fan-in); head ×H: the classifier's logits H times larger, the same "
-            "predictions). Scored with `evaluate_attack` on 1,000 test images (`results/probes/<name>.json`, which "
-            "also holds each probe's command and its clean model's, whose test accuracy is in brackets):", "",
-            table(rows, ["probe", "attack", "clean model", "scale", "lr", "λ", "epoch (examples)", "clean acc",
-                         "attack success", "untriggered → target", "DSSIM → target"])]
+            "predictions); conv lr × = `conv_lr_factor`. Scored with `evaluate_attack` on 1,000 test images after "
+            "every epoch; the row gives the last epoch and the epoch with the lowest DSSIM "
+            "(`results/probes/<name>.json` holds every epoch, the probe's command and its clean model's, whose "
+            "test accuracy is in brackets):", "",
+            table(rows, ["probe", "attack", "clean model", "scale", "lr", "conv lr ×", "λ", "epochs × examples",
+                         "clean acc", "attack success", "untriggered → target", "DSSIM → target",
+                         "lowest DSSIM"])]
 
 
 def _scratch_ids(root: Path) -> list[str]:
