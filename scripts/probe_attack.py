@@ -8,8 +8,9 @@ Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or und
 attack's stored parameters, then the ancestor's settings (:data:`bnbackdoor.attack.params.ANCESTOR_SETTINGS`), then
 ``--set``; ``--scale S`` first rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`:
 the same function, weights S times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times
-larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically; a finished
-NAME is not rerun). The table in ``experimentsettings/README.md`` is generated from these files
+larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically, after every
+epoch, ``"finished": false`` until the last, so a probe stopped early keeps what it measured; rerunning an unfinished
+NAME resumes it from ``output/probes/NAME/``, a finished NAME is not rerun). The table in ``experimentsettings/README.md`` is generated from these files
 (``make_results.py``).
 """
 from __future__ import annotations
@@ -40,6 +41,11 @@ def clean_record(clean: torch.nn.Module) -> dict:
     return {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
 
 
+def epoch_row(row: dict) -> dict:
+    """An epoch's numbers without the per-trigger lists and dicts."""
+    return {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
+
+
 def main() -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="probe name: results/probes/<name>.json")
@@ -53,7 +59,7 @@ def main() -> int:
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
     out = PROBES / f"{a.name}.json"
-    if out.exists():
+    if out.exists() and json.loads(out.read_text(encoding="utf-8")).get("finished", True):
         print(f"{out} exists; delete it to rerun", file=sys.stderr)
         return 0
     try:
@@ -78,15 +84,25 @@ def main() -> int:
     t0 = time.time()
     run_dir = Path("output") / "probes" / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    done = json.loads(out.read_text(encoding="utf-8"))["epochs"] if out.exists() else []  # resuming: rows so far
+
+    def record(rows: list[dict], finished: bool) -> None:
+        write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
+                         "cfg": {**settings, "scale": a.scale, "head_scale": a.head_scale, "attack": a.attack,
+                                 "models_root": a.models_root},
+                         "clean_model": clean_record(clean),
+                         "examples_per_epoch": examples_per_epoch(p.training_size, p),
+                         "seconds": time.time() - t0, "finished": finished, "epochs": rows})
+
+    def on_epoch(epoch: int, row: dict, _model) -> None:
+        # an epoch recorded before a stop but not in the resume state (saved after this call) is run again
+        done[:] = [r for r in done if r["epoch"] < epoch] + [epoch_row(row)]
+        record(done, finished=False)
+
     res = finetune(model, clean, p, device=torch.device("cpu"), run_dir=run_dir, data_root=a.data_root,
-                   progress=False)
-    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.history if r["batch"] == ""]
-    write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
-                     "cfg": {**settings, "scale": a.scale, "head_scale": a.head_scale, "attack": a.attack,
-                             "models_root": a.models_root},
-                     "clean_model": clean_record(clean),
-                     "examples_per_epoch": examples_per_epoch(p.training_size, p),
-                     "seconds": time.time() - t0, "epochs": rows})
+                   progress=False, on_epoch=on_epoch)
+    rows = [epoch_row(r) for r in res.history if r["batch"] == ""]
+    record(rows, finished=True)
     last = rows[-1]
     print(f"{a.name}: clean acc {last['clean_accuracy']:.3f}, attack success {last.get('attack_success_rate')}, "
           f"DSSIM to target {last['expl_dssim_to_target']:.3f}")

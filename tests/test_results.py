@@ -474,7 +474,7 @@ def test_probes_block_gives_each_probes_last_and_lowest_dssim_epoch_and_its_sche
                "expl_dssim_to_target": t} for e, a, u, t in ((1, 0.5, 0.4, 0.3), (2, 0.8, 0.05, 0.1),
                                                                (3, 0.9, 0.01, 0.2))]
     (tmp_path / "results" / "probes" / "p.json").write_text(json.dumps(
-        {"name": "p", "cfg": cfg, "examples_per_epoch": 5000, "epochs": epochs,
+        {"name": "p", "cfg": cfg, "examples_per_epoch": 5000, "epochs": epochs, "finished": False,
          "clean_model": {"test_accuracy": 0.9602}}))
     old = {k: v for k, v in cfg.items() if k not in ("lr_schedule", "decay_rate", "conv_lr_factor")}
     (tmp_path / "results" / "probes" / "q.json").write_text(json.dumps(  # before provenance and schedules
@@ -482,7 +482,7 @@ def test_probes_block_gives_each_probes_last_and_lowest_dssim_epoch_and_its_sche
          "epochs": epochs[:1]}))
     lines = [ln for ln in "\n".join(probes(tmp_path)).splitlines() if ln.startswith(("| p ", "| q "))]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    assert cells == [["p", "10155", "results/probes/models (0.960)", "–", "0.00075 × 0.9 / epoch", "0.43", "0.9125",
+    assert cells == [["p (stopped)", "10155", "results/probes/models (0.960)", "–", "0.00075 × 0.9 / epoch", "0.43", "0.9125",
                       "3 × 5,000", "0.900", "1.000", "0.010", "0.200", "0.100 (epoch 2, acc 0.800)"],
                      ["q", "10155", "models/", "2.3", "0.00075 / epoch", "1", "0.9125", "1 × 5,000", "0.500",
                       "1.000", "0.400", "0.300", "0.300 (epoch 1, acc 0.500)"]]

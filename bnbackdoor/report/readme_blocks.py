@@ -170,7 +170,8 @@ def probes(root: Path) -> list[str]:
             scale += f", head ×{c['head_scale']:g}"
         acc = (d.get("clean_model") or {}).get("test_accuracy")
         best = min(d["epochs"], key=lambda r: r["expl_dssim_to_target"])
-        rows.append([d["name"], c["attack"], (c.get("models_root") or "models/") + ("" if acc is None else
+        name = d["name"] if d.get("finished", True) else f"{d['name']} (stopped)"
+        rows.append([name, c["attack"], (c.get("models_root") or "models/") + ("" if acc is None else
                                                                                     f" ({acc:.3f})"),
                      scale, _probe_lr(c), f"{c.get('conv_lr_factor') or 1:g}", f"{c['loss_weight']:g}",
                      f"{last['epoch']} × {d['examples_per_epoch']:,}", fmt(last["clean_accuracy"]),
@@ -182,7 +183,8 @@ def probes(root: Path) -> list[str]:
             "row says; scale = every conv→BN pair rescaled by that factor first (same function, larger weights; "
             "\"he\": each conv to √(2 / fan-in); head ×H: the classifier's logits H times larger, the same "
             "predictions); conv lr × = `conv_lr_factor`. Scored with `evaluate_attack` on 1,000 test images after "
-            "every epoch; the row gives the last epoch and the epoch with the lowest DSSIM "
+            "every epoch; the row gives the last epoch and the epoch with the lowest DSSIM; \"stopped\": ended before "
+            "its last epoch, once its course was clear "
             "(`results/probes/<name>.json` holds every epoch, the probe's command and its clean model's, whose "
             "test accuracy is in brackets):", "",
             table(rows, ["probe", "attack", "clean model", "scale", "lr", "conv lr ×", "λ", "epochs × examples",
