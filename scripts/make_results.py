@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate RESULTS.md and the README's measured tables: python scripts/make_results.py [--check]
+"""Regenerate RESULTS.md, the README's measured tables and the promoted runs' provenance READMEs: python scripts/make_results.py [--check]
 
 Reads only the shipped metrics (manipulated_models/*/metrics.json, and results/*.json when present); the claim and
 acceptance rules are in bnbackdoor/report/results.py and bnbackdoor/report/acceptance.py and are printed in RESULTS.md; the README
@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from bnbackdoor.campaigns.catalogue import CATALOGUE_FILE, promoted_readmes
 from bnbackdoor.cli import ArgumentParser, existing_dir, output_file
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
@@ -36,6 +37,8 @@ def main() -> int:
                 wanted[page] = fill(page.read_text(), root)
     except StoredResultError as e:
         raise UserError(str(e)) from None
+    if (root / CATALOGUE_FILE).is_file():  # each promoted catalogue run's provenance README (its notes may change)
+        wanted.update(promoted_readmes(root))
     if a.check:
         stale = [str(f) for f, text in wanted.items() if not f.exists() or f.read_text() != text]
         if stale:

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT
 from bnbackdoor.campaigns.catalogue import (CATALOGUE_FILE, README_MARK, build, execute, is_complete,
-                                  load_catalogue, promote, provenance_readme, select, status)
+                                  load_catalogue, promote, promoted_readmes, provenance_readme, select, status)
 from bnbackdoor.claim import CLAIM_FILE, _proc_start
 from bnbackdoor.runs import RUN_FILES
 from bnbackdoor.errors import UserError
@@ -232,6 +232,23 @@ def test_promote_copies_complete_runs_with_provenance(tmp_path):
     (dest / "README.md").write_text("# 154, by hand\n")
     promote(run, save, root)
     assert (dest / "README.md").read_text() == "# 154, by hand\n" and (dest / "PROVENANCE.md").exists()
+
+
+def test_promoted_readmes_are_regenerated_for_runs_of_the_planned_parameters_only(tmp_path):
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    run, = load_catalogue(path, root)
+    metrics = fake_attack(run.params, "cpu", tmp_path / "out")
+    readme = promote(run, tmp_path / "out", root) / "README.md"
+    readme.write_text(README_MARK + " an older wording -->\n")
+    assert promoted_readmes(root, path) == {readme: provenance_readme(run, metrics)}
+    cat = json.loads(path.read_text())
+    cat["profiles"]["tiny"]["overrides"]["max_epochs"] = 2  # the plan moved on: this run is not rebuilt yet
+    path.write_text(json.dumps(cat))
+    assert promoted_readmes(root, path) == {}
+    cat["profiles"]["tiny"]["overrides"]["max_epochs"] = 1
+    path.write_text(json.dumps(cat))
+    readme.write_text("# by hand\n")
+    assert promoted_readmes(root, path) == {}
 
 
 def test_a_failed_run_readme_says_what_was_tried_an_accepted_one_does_not(tmp_path):

@@ -337,6 +337,23 @@ def promote(run: PlannedRun, save_path: str | Path, root: str | Path = ".", seed
     return promote_run(src, Path(root) / MANIPULATED_DIR / run.id, readme=readme, readme_mark=README_MARK)
 
 
+def promoted_readmes(root: str | Path = ".", path: str | Path | None = None) -> dict[Path, str]:
+    """The provenance README every promoted catalogue run should have now (``manipulated_models/<id>/README.md`` ->
+    text), for the runs whose stored ``metrics.json`` has the planned parameters: a note of the catalogue
+    (``if_not_accepted``, a profile's wording) changes no parameter, so its READMEs are regenerated, not rebuilt.
+    A hand-written README (no generated mark) and a run of other parameters (not yet rebuilt) are left alone."""
+    root = Path(root)
+    out = {}
+    for run in load_catalogue(path, root=root):
+        folder = root / MANIPULATED_DIR / run.id
+        readme, metrics = folder / "README.md", _read_json_or_none(folder / "metrics.json")
+        if (metrics is None or not readme.is_file() or not readme.read_text(encoding="utf-8").startswith(README_MARK)
+                or not run.params.same_as(metrics.get("parameters"))):
+            continue
+        out[readme] = provenance_readme(run, metrics)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def log_line(outcome: Outcome, run: PlannedRun) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
