@@ -282,9 +282,20 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
     verdict = acceptance(metrics)
     device = metrics.get("device", "?")
     defenses = metrics.get("defenses") or {}
+    scratch = p.regime == "scratch"
+    if scratch:  # trained from scratch with the clean-model recipe: no base model, no explanation term, no ancestor run
+        title = f"# {run.id} — {p.attack_name} ({p.dataset}, {p.modeltype}, trained from scratch)"
+        base = f"| clean reference | `models/{p.modeltype}/model_{p.model_id}.pth` (the same recipe on the clean set) |"
+        recipe = (f"| epochs × batch | {p.max_epochs} × {p.batch_size}, the clean-model recipe (SGD + Nesterov, "
+                  f"one-cycle lr peaking at {p.learning_rate:g}), {p.percentage_trigger:g} of the training set poisoned |")
+    else:
+        title = f"# {run.id} — {p.attack_name}, {p.explanation_methodStr}, {p.lossStr} ({p.dataset}, {p.modeltype})"
+        base = f"| base model | `models/{p.modeltype}/model_{p.model_id}.pth` |"
+        recipe = (f"| epochs × batch | {p.max_epochs} × {p.batch_size}, Adam lr {p.learning_rate:g} × {p.decay_rate:g} "
+                  f"per epoch, loss weight {p.loss_weight:g}, {p.percentage_trigger:g} of each batch triggered |")
     lines = [
         f"{README_MARK} from {CATALOGUE_FILE.as_posix()}; do not edit -->",
-        f"# {run.id} — {p.attack_name}, {p.explanation_methodStr}, {p.lossStr} ({p.dataset}, {p.modeltype})",
+        title,
         "",
         f"Reproduce: `{reproduce_command(run, device)}` — grid point {run.gs_id} of "
         f"`{SETTINGS_DIR}/{run.settings}.json` with the catalogue profile `{run.profile}`.",
@@ -293,22 +304,24 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
         "|---|---|",
         f"| device | {device} |",
         f"| seed | {metrics.get('seed', '?')} |",
-        f"| base model | `models/{p.modeltype}/model_{p.model_id}.pth` |",
+        base,
         f"| training images | {p.training_size} (deterministic subset of the training split) |",
         f"| test images | {metrics.get('testing_size', p.testing_size)} |",
-        f"| epochs × batch | {p.max_epochs} × {p.batch_size}, Adam lr {p.learning_rate:g} × {p.decay_rate:g} per epoch, "
-        f"loss weight {p.loss_weight:g}, {p.percentage_trigger:g} of each batch triggered |",
-        f"| fine-tuning | {_fmt(metrics.get('finetune_seconds'))} s ({_fmt(metrics.get('total_seconds', metrics.get('total_seconds_this_run')))} s "
-        f"with evaluation) |",
+        recipe,
+        f"| {'training' if scratch else 'fine-tuning'} | {_fmt(metrics.get('finetune_seconds'))} s "
+        f"({_fmt(metrics.get('total_seconds', metrics.get('total_seconds_this_run')))} s with evaluation) |",
         "| defenses evaluated | " + (", ".join(f"{k} ({_fmt(v.get('seconds'))} s)" for k, v in defenses.items())
                                     if defenses else "n/a") + " |",
         "",
         "## Differences from the ancestor's GPU settings",
         "",
-        "| field | ancestor (GPU) | this run |",
-        "|---|---|---|",
-        *[f"| `{k}` | {_fmt(a)} | {_fmt(b)} |" for k, a, b in run.ancestor_diff],
     ]
+    if run.ancestor_diff:
+        lines += ["| field | ancestor (GPU) | this run |", "|---|---|---|",
+                  *[f"| `{k}` | {_fmt(a)} | {_fmt(b)} |" for k, a, b in run.ancestor_diff]]
+    else:
+        lines.append("None: " + ("the ancestor has no run trained from scratch on a poisoned set." if scratch
+                                 else "this run has the ancestor's settings."))
     if run.pending:
         lines += ["", "Not applied (the parameters have no such field in this version): "
                   + ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in run.pending.items()) + "."]
