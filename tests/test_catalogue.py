@@ -271,6 +271,24 @@ def test_a_failed_run_readme_says_what_was_tried_an_accepted_one_does_not(tmp_pa
         load_catalogue(path, root)
 
 
+def test_a_from_scratch_run_readme_states_its_recipe_and_a_fine_tuning_one_its_ancestor_differences(shipped):
+    def readme(run_id):
+        run = next(r for r in shipped if r.id == run_id)
+        return provenance_readme(run, json.loads((ROOT / "manipulated_models" / run_id / "metrics.json").read_text()))
+    scratch = readme("GTSRBR20-badnets-10")
+    assert "# GTSRBR20-badnets-10 — PoisoningBadNets (gtsrb, gtsrb_resnet20, trained from scratch)\n" in scratch
+    assert "| clean reference | `models/gtsrb_resnet20/model_0.pth` (the same recipe on the clean set) |" in scratch
+    assert ("| epochs × batch | 30 × 128, the clean-model recipe (SGD + Nesterov, one-cycle lr peaking at 0.1), "
+            "0.1 of the training set poisoned |") in scratch
+    assert "| training | " in scratch and "| fine-tuning | " not in scratch and "Adam" not in scratch
+    assert "None: the ancestor has no run trained from scratch on a poisoned set." in scratch
+    assert "| field | ancestor (GPU) | this run |" not in scratch
+    finetuned = readme("154")
+    assert "| base model | `models/cifar10_resnet20/model_0.pth` |" in finetuned and "| fine-tuning | " in finetuned
+    assert "| field | ancestor (GPU) | this run |\n|---|---|---|\n| `training_size` | 50000 | 10000 |" in finetuned
+    assert "None:" not in finetuned
+
+
 def test_real_tiny_attack_end_to_end(tmp_path, tiny_data_root):
     """The real run_attack through the builder (tiny synthetic data, an untrained ResNet20), then promoted."""
     from bnbackdoor.models import build_model, save_checkpoint
