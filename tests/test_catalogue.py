@@ -180,6 +180,21 @@ def test_stale_run_is_redone_and_old_numbers_kept(tmp_path):
     assert status(run, save) == "partial" and not is_complete(save / "154")
 
 
+def test_unfinished_state_of_other_parameters_is_stale_and_set_aside(tmp_path):
+    root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
+    run, = load_catalogue(path, root)
+    save = tmp_path / "out"
+    (save / "154").mkdir(parents=True)
+    resume = save / "154" / "resume.pt"
+    torch.save({"params": run.params.to_dict(), "seed": 0}, resume)
+    assert status(run, save) == "partial" and status(run, save, seed=1) == "stale"
+    torch.save({"params": run.params.replace(max_epochs=2).to_dict(), "seed": 0}, resume)
+    assert status(run, save) == "stale"  # begun under other parameters: resuming it would be refused
+    assert execute(run, "cpu", save, root=root, attack=fake_attack).status == "done"
+    aside = torch.load(save / "154" / "resume.stale.pt", weights_only=True)
+    assert aside["params"]["max_epochs"] == 2 and not resume.exists() and status(run, save) == "done"
+
+
 def test_claim_blocks_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     root, path = tiny_catalogue(tmp_path, [{"id": "154", "settings": "154", "profile": "tiny"}])
     run, = load_catalogue(path, root)

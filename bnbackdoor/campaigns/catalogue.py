@@ -11,8 +11,8 @@ Building is a loop over the selected runs that is safe to interrupt and to resta
 * a run is **done** when ``<save_path>/<id>/`` holds every file of :data:`bnbackdoor.runs.RUN_FILES`, no ``resume.pt`` and a
   ``metrics.json`` whose parameters and seed are the planned ones — it is skipped;
 * **partial** (``resume.pt``), **missing** and **failed** runs are run (``run_attack`` resumes a partial one);
-* **stale** (finished with other parameters — the catalogue changed): the old ``metrics.json`` is kept as
-  ``metrics.stale.json`` and the run starts again;
+* **stale** (finished, or begun, with other parameters or seed — the catalogue changed): the old ``metrics.json`` is
+  kept as ``metrics.stale.json``, an old ``resume.pt`` as ``resume.stale.pt``, and the run starts again;
 * a run is claimed by its run folder's ``.claim`` (:mod:`bnbackdoor.claim`, the one claim every writer of a run
   folder takes), so two builders over one save path never run the same id at once; a claim whose process is gone
   (same host) is stale and taken over;
@@ -42,7 +42,7 @@ from ..claim import ClaimedElsewhere, claim_run, live_owner
 from ..device import parse_device
 from ..errors import UserError
 from ..runs import RUN_FILES, promote_run, read_run_metrics, run_attack
-from ..fileio import write_json
+from ..fileio import read_state, write_json
 from ..models import MODEL_ROOT
 from ..attack.params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, compact_ids, grid_point, read_json
 
@@ -208,10 +208,20 @@ def status(run: PlannedRun, save_path: str | Path, seed: int = 0, own_claim: boo
     if (folder / "failed.json").exists():
         return "failed"
     if (folder / "resume.pt").exists():
-        return "partial"
+        return "stale" if _resume_fits(folder / "resume.pt", run.params, seed) is False else "partial"
     if (folder / "metrics.json").exists():
         return "stale"
     return "missing"
+
+
+def _resume_fits(resume: Path, params: AttackParams, seed: int) -> bool | None:
+    """Whether ``resume`` is an unfinished state of these parameters and seed; None when it cannot be read (the
+    run itself then stops with the one-line fix, rather than the builder setting a damaged file aside)."""
+    try:
+        state = read_state(resume, ("params", "seed"))
+    except UserError:
+        return None
+    return params.same_as(state["params"]) and state["seed"] == seed
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -251,9 +261,10 @@ def _execute_claimed(run, device, save_path, folder, data_root, seed, root, prog
         st = status(run, save_path, seed, own_claim=True)
         if st == "done":
             return Outcome(run.id, "already done", metrics=_read_json_or_none(folder / "metrics.json"))
-        if st == "stale":  # finished with other parameters: keep the old numbers aside, start afresh
-            os.replace(folder / "metrics.json", folder / "metrics.stale.json")
-            (folder / "resume.pt").unlink(missing_ok=True)
+        if st == "stale":  # finished or begun with other parameters: keep the old files aside, start afresh
+            for name, aside in (("metrics.json", "metrics.stale.json"), ("resume.pt", "resume.stale.pt")):
+                if (folder / name).exists():
+                    os.replace(folder / name, folder / aside)
         (folder / "failed.json").unlink(missing_ok=True)
         models_root = MODEL_ROOT if MODEL_ROOT.is_absolute() else root / MODEL_ROOT
         metrics = attack(run.params, parse_device(device), save_path=save_path, data_root=data_root, seed=seed,
