@@ -11,7 +11,7 @@ import time
 from tabulate import tabulate
 
 from bnbackdoor.attack.ids import catalogue, catalogue_table
-from bnbackdoor.cli import ArgumentParser, command_line, common_options, non_negative_int
+from bnbackdoor.cli import ArgumentParser, command_line, common_options, non_negative_int, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.runs import run_attack, run_dir, time_summary
@@ -34,6 +34,9 @@ def main() -> int:
                         "per parameter group) to gradients_epoch<E>.csv")
     p.add_argument("--gs-id", type=non_negative_int, default=None, help="grid point of an experimentsettings grid (default 0)")
     p.add_argument("--force", action="store_true", help="redo a finished run")
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="E",
+                   help="stop once epoch E of the run's own schedule is done, the run kept unfinished (the same "
+                        "command without it finishes it): with --grad-layer, a capture of the first epochs")
     common_options(p)
     a = p.parse_args()
     if a.list:
@@ -47,7 +50,7 @@ def main() -> int:
     # without --force a finished run is returned as it is (or refused): its time is not this process's
     finished = not a.force and (run_dir(a.save_path, params) / "metrics.json").exists()
     m = run_attack(params, device, save_path=a.save_path, data_root=a.data_root, seed=a.seed,
-                   grad_layer=a.grad_layer, force=a.force, command=command_line())
+                   grad_layer=a.grad_layer, force=a.force, command=command_line(), stop_after=a.stop_after)
     rows = [[k, m["clean_model"].get(k), m["manipulated_model"].get(k)] for k in SHOWN]
     print(tabulate(rows, headers=["metric", "clean model", "manipulated"], floatfmt=".4f", missingval="n/a"))
     print(f"attack {params.id}: {time_summary(m, time.time() - t0, finished)} -> {run_dir(a.save_path, params)}")

@@ -192,7 +192,7 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
                force: bool = False, progress: bool = True, command: str | None = None,
                defenses: dict[str, tuple[str, dict]] | None = None, defense_calibration: int = 5000,
-               allow_long: bool | None = None) -> dict[str, Any]:
+               allow_long: bool | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
     The run folder is claimed first (:mod:`bnbackdoor.claim`): a run folder another live process writes is refused.
@@ -206,6 +206,11 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     attack); over 15 minutes the start is refused unless ``allow_long`` (None: ``--allow-autotrain`` /
     ``BNBACKDOOR_ALLOW_LONG``). A refused or failed start leaves no folder (the claim removes the empty folder);
     a failed run removes what it wrote (:func:`_undo_on_failure`).
+
+    ``stop_after``: train only up to that epoch of the run's own schedule, then raise
+    :class:`~bnbackdoor.errors.StoppedEarly` with the run kept unfinished (``resume.pt``), as an interruption would:
+    the way to capture the first epochs of a long run (``grad_layer``) without paying for all of it. The estimate
+    counts those epochs only.
     """
     check_sizes(params.dataset, data_root, train=params.training_size, test=params.testing_size)  # before any work
     folder = run_dir(save_path, params)
@@ -213,7 +218,7 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     try:
         with claim_run(folder, command=command or " ".join(sys.argv)), _undo_on_failure(folder):
             return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
-                                       progress, command, defenses, defense_calibration, allow_long)
+                                       progress, command, defenses, defense_calibration, allow_long, stop_after)
     except BaseException:
         for d in new_parents:  # deepest first; a folder someone else filled meanwhile stays
             try:
@@ -316,7 +321,8 @@ REGIMES: dict[str, Regime] = {
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
                         grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
                         command: str | None, defenses: dict[str, tuple[str, dict]] | None,
-                        defense_calibration: int, allow_long: bool | None = None) -> dict[str, Any]:
+                        defense_calibration: int, allow_long: bool | None = None,
+                        stop_after: int | None = None) -> dict[str, Any]:
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
     metrics_path = out / "metrics.json"
@@ -339,7 +345,8 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
                                 data_root=data_root, allow_long=allow_long)
     base = base_record(clean_model, checkpoint_path(params.modeltype, params.model_id, models_root))
     regime = REGIMES[params.regime]
-    guard(regime.estimate(clean_model, params, device, out, data_root, seed), "--allow-autotrain",
+    planned = params.replace(max_epochs=min(stop_after, params.max_epochs)) if stop_after else params
+    guard(regime.estimate(clean_model, planned, device, out, data_root, seed), "--allow-autotrain",
           allowed=allow_long)
     x_test, y_test = test_images(params.dataset, params.testing_size, seed=seed, data_root=data_root)
     test_ref = reference_explanations(clean_model, x_test, params.explanation_methodStr, batch_size=200,
@@ -355,7 +362,8 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     t0 = time.time()
     result = regime.train(clean_model, params, device=device, run_dir=out, data_root=data_root, seed=seed,
                           grad_layer=grad_layer, grad_csv=lambda e: gradient_csv(save_path, e, params),
-                          on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress)
+                          on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress,
+                          stop_after=stop_after)
     model = result.model
     after = {k: v for k, v in result.history[-1].items()
              if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
 from .divergence import DivergenceGuard, require_finite
+from .errors import check_stop
 from .estimate import Estimate, measure, probe_images
 from .fileio import read_state, restore_training_state, torch_save
 from .metrics import accuracy
@@ -125,7 +126,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
                 train_size: int | None = None, eval_every: int = 0, checkpoint_seconds: float = 120.0, *,
                 train_data: tuple[torch.Tensor, torch.Tensor] | None = None, partial_path=None,
                 save: bool = True, resume_check=None, extra_state: dict | None = None,
-                grad_logger=None, grad_csv=None, progress: bool = True) -> dict:
+                grad_logger=None, grad_csv=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``model`` on the dataset of ``modeltype`` and save ``out_path`` atomically. Returns the meta.
 
     ``checkpoint_seconds``: the longest stretch of work inside an epoch that an interruption can lose.
@@ -134,7 +135,9 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
     (default ``<out>.partial.pt``); ``save`` False leaves saving the model (and removing the state) to the caller;
     ``extra_state`` is stored in the state and ``resume_check(state)`` may refuse a state of another run;
     ``grad_logger`` (a :class:`bnbackdoor.attack.gradlog.GradLogger`) records every step and writes ``grad_csv(epoch)``
-    after each epoch (mid-epoch checkpoints are off then, so an epoch's rows are never split over a resume)."""
+    after each epoch (mid-epoch checkpoints are off then, so an epoch's rows are never split over a resume).
+    ``stop_after``: raise :class:`~bnbackdoor.errors.StoppedEarly` once that many epochs are done and saved (the
+    one-cycle schedule stays the whole run's, so a capture of the first epochs is the real run's)."""
     out_path = Path(out_path)
     dataset = dataset or MODELS[resolve_modeltype(modeltype)][0]
     torch.manual_seed(cfg.seed)
@@ -179,6 +182,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
                unit="batch", disable=not progress)
     last_save = time.time()
     for epoch in range(start_epoch, cfg.epochs):
+        check_stop(stop_after, epoch, cfg.epochs)
         t0 = time.time()
         model.train()
         gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) % 2**64)  # any seed: wraps, never overflows

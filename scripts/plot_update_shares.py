@@ -5,9 +5,11 @@ python scripts/plot_update_shares.py --clean output_clean/gradients_epoch1_clean
        --nbn output_nbn/gradients_epoch1.csv --bn output_bn/gradients_epoch1.csv --save output/update_shares.png
 
 Three panels from `python attack.py <device> <id> --grad-layer all` captures: (a) clean fine-tuning of ResNet20
-(percentage_trigger 0), (b) the attack on ResNet20 without BatchNorm, (c) the attack on ResNet20. Each option takes
-one or more CSVs of the same run (epochs, in order). Writes the PNG and, beside it, the numbers as JSON (per group:
-median / mean per-step update size and share of the total squared update).
+(percentage_trigger 0), (b) the attack on ResNet20 without BatchNorm, (c) the attack on ResNet20; with
+`--regime scratch` the same three for training from scratch on the clean set and on a poisoned one (the first epochs
+of each run: `--stop-after E`). Each option takes one or more CSVs of the same run (epochs, in order). Writes the
+PNG and, beside it, the numbers as JSON (per group: median / mean per-step update size and share of the total
+squared update).
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ from bnbackdoor.fileio import write_json
 from bnbackdoor.attack.gradlog import fold_groups, read_csvs, update_summary
 from bnbackdoor.plots import update_shares
 
-PANELS = (("clean", "(a) clean fine-tuning, ResNet20"), ("nbn", "(b) attack, ResNet20 without BatchNorm"),
-          ("bn", "(c) attack, ResNet20"))
+KEYS = ("clean", "nbn", "bn")
+# the panels' titles, by what the three captures are of (--regime)
+TITLES = {"finetune": ("(a) clean fine-tuning, ResNet20", "(b) attack, ResNet20 without BatchNorm",
+                       "(c) attack, ResNet20"),
+          "scratch": ("(a) clean training from scratch, ResNet20", "(b) poisoned from scratch, ResNet20 without BatchNorm",
+                      "(c) poisoned from scratch, ResNet20")}
 
 
 def main() -> int:
@@ -32,9 +38,12 @@ def main() -> int:
     p.add_argument("--bn", nargs="+", type=existing_file, required=True, help="capture(s) of the attack on cifar10_resnet20")
     p.add_argument("--save", type=image_file, default="output/update_shares.png", help="output PNG (the JSON goes beside it)")
     p.add_argument("--title", default="", help="figure title (e.g. the attack's BN mode)")
+    p.add_argument("--regime", choices=tuple(TITLES), default="finetune",
+                   help="what the captures are of: fine-tuning a clean model (default) or training from scratch on "
+                        "a clean / poisoned set (attack.py --grad-layer all --stop-after E on a scratch id)")
     a = p.parse_args()
     panels, numbers = [], {}
-    for key, title in PANELS:
+    for key, title in zip(KEYS, TITLES[a.regime]):
         files = getattr(a, key)
         cols = read_csvs(files)
         sizes = fold_groups(cols)
@@ -46,8 +55,8 @@ def main() -> int:
     update_shares(panels, out, title=a.title)
     write_json(out.with_suffix(".json"), {"command": command_line(), "panels": numbers})
     groups = list(dict.fromkeys(g for n in numbers.values() for g in n["groups"]))
-    rows = [[g, *[_cell(numbers[k]["groups"].get(g)) for k, _ in PANELS]] for g in groups]
-    print(tabulate(rows, headers=["group (median step / share)", *[t for _, t in PANELS]]))
+    rows = [[g, *[_cell(numbers[k]["groups"].get(g)) for k in KEYS]] for g in groups]
+    print(tabulate(rows, headers=["group (median step / share)", *TITLES[a.regime]]))
     print(f"saved {out} and {out.with_suffix('.json')}")
     return 0
 

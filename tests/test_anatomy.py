@@ -342,3 +342,12 @@ def test_plot_update_shares_script(tmp_path):
     total = (1 + 4 + 9) + 3 * 4 + 3 * 1 + 3 * 0.25
     assert data["clean"]["groups"]["BN γ"]["share"] == pytest.approx(12 / total)
     assert data["bn"]["groups"]["running var"]["share"] == 0.0
+    assert data["clean"]["title"] == "(a) clean fine-tuning, ResNet20"
+    r = subprocess.run([sys.executable, "scripts/plot_update_shares.py", "--clean", str(tmp_path / "clean.csv"),
+                        "--nbn", str(tmp_path / "nbn.csv"), "--bn", str(tmp_path / "bn1.csv"), "--regime", "scratch",
+                        "--save", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.with_suffix(".json").read_text())["panels"]
+    assert [p["title"] for p in data.values()] == ["(a) clean training from scratch, ResNet20",
+                                                   "(b) poisoned from scratch, ResNet20 without BatchNorm",
+                                                   "(c) poisoned from scratch, ResNet20"]

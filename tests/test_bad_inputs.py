@@ -149,6 +149,7 @@ CASES = [
     ("attack-gs-id-negative", "attack.py", ["cpu", "params.json", "--gs-id", "-1"], "--gs-id: -1 is out of range"),
     ("attack-gs-id-text", "attack.py", ["cpu", "params.json", "--gs-id", "x"], "'x' is not an integer"),
     ("attack-seed-negative", "attack.py", ["cpu", "params.json", "--seed", "-3"], "--seed: -3 is out of range"),
+    ("attack-stop-after-zero", "attack.py", ["cpu", "params.json", "--stop-after", "0"], "--stop-after: 0 is out of range"),
     ("attack-save-path-is-file", "attack.py", ["cpu", "params.json", "--save_path", "a_file.txt"],
      "a_file.txt is a file, not a folder"),
     ("attack-save-path-under-file", "attack.py", ["cpu", "params.json", "--save_path", "a_file.txt/runs"],
@@ -671,3 +672,15 @@ def test_a_legacy_checkpoint_without_num_batches_tracked_loads_and_predicts_the_
     torch.save({"state_dict": state}, path)
     with pytest.raises(UserError, match="1 missing key"):
         load_model("cifar10_resnet20", path=path)
+
+
+def test_a_run_stopped_where_asked_is_not_an_error(capsys):
+    from bnbackdoor.errors import StoppedEarly, run_cli
+
+    def main():
+        raise StoppedEarly(5, 60)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 0 and err.startswith("stopped after epoch 5 of 60, as asked (--stop-after)"), err

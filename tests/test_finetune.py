@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnbackdoor.errors import StoppedEarly
 from bnbackdoor.runs import run_attack
 from bnbackdoor.attack.finetune import attack_loss, finetune, poison_batch, trigger_counts
 from bnbackdoor.losses import explanation_loss
@@ -108,6 +109,16 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_data_root):
     resumed = run(tmp_path / "part")
     assert_same_weights(full.model, resumed.model)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_stop_after_saves_the_epoch_and_stops(tmp_path, tiny_data_root):
+    clean, _ = _tiny_setup(tmp_path, tiny_data_root)
+    import copy
+    p = params(max_epochs=3)
+    with pytest.raises(StoppedEarly, match="after epoch 2 of 3"):
+        finetune(copy.deepcopy(clean), clean, p, device=torch.device("cpu"), run_dir=tmp_path, data_root=tiny_data_root,
+                 progress=False, stop_after=2)
+    assert torch.load(tmp_path / "resume.pt", weights_only=False)["epoch"] == 2
 
 
 def test_without_the_explanation_term_method_loss_and_target_do_not_enter_training(tmp_path, tiny_data_root):

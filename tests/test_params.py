@@ -295,3 +295,14 @@ def test_clean_baseline_matches_its_attack(run_id, clean_id, bn_mode):
     assert run["bn_mode"] == clean["bn_mode"] == bn_mode
     assert AttackParams.from_dict(clean, clean_id).is_clean
     assert not AttackParams.from_dict(run, run_id).is_clean
+
+
+def test_clean_from_scratch_baseline_matches_its_attack():
+    """CIFAR10R20-badnets-0 (the update figure's clean panel for training from scratch) is CIFAR10R20-badnets-10
+    with nothing poisoned: the same recipe, the same network, a clean training set."""
+    grid = {i: read_json(ROOT / "experimentsettings" / f"CIFAR10R20-badnets-{i}.json") for i in ("0", "10")}
+    assert {k for k in grid["10"] if grid["10"][k] != grid["0"][k]} == {"attack_id", "percentage_trigger_options"}
+    clean, attack = (resolve_attack(f"CIFAR10R20-badnets-{i}", root=ROOT) for i in ("0", "10"))
+    assert clean.is_clean and clean.regime == "scratch" and not attack.is_clean
+    assert clean.replace(percentage_trigger=attack.percentage_trigger, id=attack.id,
+                         attack_id=attack.attack_id).to_dict() == attack.to_dict()

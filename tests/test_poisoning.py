@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnbackdoor.errors import UserError
+from bnbackdoor.errors import StoppedEarly, UserError
 from bnbackdoor.runs import run_attack
 from bnbackdoor.metrics import reference_explanations
 from bnbackdoor.models import build_model, save_checkpoint
@@ -208,6 +208,27 @@ def test_from_scratch_run_folder(tmp_path, tiny_data_root):
     trained = torch.load(folder / "model.pth", weights_only=False)["state_dict"]
     weights = [k for k, v in clean.items() if v.is_floating_point() and v.dim() == 4]
     assert weights and all(not torch.equal(clean[k], trained[k]) for k in weights)
+
+
+def test_stop_after_keeps_the_run_unfinished_with_the_whole_runs_schedule(tmp_path, tiny_data_root):
+    """--stop-after 1: epoch 1's update captures and state, no model or metrics; the rerun without it ends with the
+    weights of a run never stopped (the one-cycle schedule was the 3-epoch run's from the first step)."""
+    p, _, models_root = _tiny(tmp_path, tiny_data_root)
+    kw = dict(data_root=tiny_data_root, models_root=models_root, progress=False, defenses={}, grad_layer="all")
+    with pytest.raises(StoppedEarly, match="stopped after epoch 1 of 3"):
+        run_attack(p, torch.device("cpu"), save_path=tmp_path / "part", stop_after=1, **kw)
+    folder = tmp_path / "part" / "tinyscratch"
+    assert {f.name for f in folder.iterdir() if not f.name.startswith(".")} == {"parameters.json", "resume.pt"}
+    assert sorted(f.name for f in (tmp_path / "part").glob("gradients_epoch*.csv")) == ["gradients_epoch1.csv"]
+    with pytest.raises(StoppedEarly):  # already there: nothing more is trained
+        run_attack(p, torch.device("cpu"), save_path=tmp_path / "part", stop_after=1, **kw)
+    resumed = run_attack(p, torch.device("cpu"), save_path=tmp_path / "part", **kw)
+    full = run_attack(p, torch.device("cpu"), save_path=tmp_path / "full", **kw)
+    a, b = (torch.load(d / "tinyscratch" / "model.pth", weights_only=False)["state_dict"] for d in
+            (tmp_path / "part", tmp_path / "full"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["manipulated_model"] == full["manipulated_model"]
+    assert (tmp_path / "part" / "gradients_epoch1.csv").read_text() == (tmp_path / "full" / "gradients_epoch1.csv").read_text()
 
 
 def test_acceptance_of_a_model_trained_from_scratch():

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ..data import dataset_info, load_split, test_images
 from ..divergence import DivergenceGuard, require_finite
-from ..errors import UserError
+from ..errors import UserError, check_stop
 from ..explain import explain_with_logits
 from ..fileio import restore_training_state, torch_save
 from .gradlog import GradLogger
@@ -267,7 +267,7 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
              grad_csv: Callable[[int], Path] | None = None, on_epoch: Callable[[int, dict, nn.Module], None] | None = None,
              test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
              test_ref: tuple[torch.Tensor, torch.Tensor] | None = None,
-             eval_batch_size: int = 200, progress: bool = True) -> FinetuneResult:
+             eval_batch_size: int = 200, progress: bool = True, stop_after: int | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (a copy of ``clean_model``) in place according to ``params`` (denormals flushed to zero
     throughout when ``params.flush_denormal``).
 
@@ -275,18 +275,20 @@ def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, 
     model, per parameter group) into that CSV.
     ``on_epoch(epoch, row, model)`` runs after each finished epoch (the caller saves intermediate models there).
     ``test_ref``: the clean model's (explanations, predictions) of the test images, if the caller has them.
+    ``stop_after``: raise :class:`~bnbackdoor.errors.StoppedEarly` once that many epochs are done and saved.
     """
     with denormals_flushed(params.flush_denormal):
         return _finetune(model, clean_model, params, device=device, run_dir=run_dir, data_root=data_root, seed=seed,
                          grad_layer=grad_layer, grad_csv=grad_csv, on_epoch=on_epoch, test_data=test_data,
-                         test_ref=test_ref, eval_batch_size=eval_batch_size, progress=progress)
+                         test_ref=test_ref, eval_batch_size=eval_batch_size, progress=progress,
+                         stop_after=stop_after)
 
 
 def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
               run_dir: Path, data_root, seed: int, grad_layer: int | str | None,
               grad_csv: Callable[[int], Path] | None, on_epoch: Callable[[int, dict, nn.Module], None] | None,
               test_data: tuple[torch.Tensor, torch.Tensor] | None, test_ref: tuple[torch.Tensor, torch.Tensor] | None,
-              eval_batch_size: int, progress: bool) -> FinetuneResult:
+              eval_batch_size: int, progress: bool, stop_after: int | None) -> FinetuneResult:
     method = params.explanation_methodStr
     x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
     if test_data is None:
@@ -329,6 +331,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
     pairs = params.batch_makeup == "pairs"
     seconds_before = seconds
     for epoch in range(start + 1, params.max_epochs + 1):
+        check_stop(stop_after, epoch - 1, params.max_epochs)
         t0 = time.time()
         set_finetune_mode(model, params.bn_mode)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any seed: wraps, never overflows

@@ -58,7 +58,7 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
                    data_root=None, seed: int = 0, grad_layer: int | str | None = None,
                    grad_csv: Callable[[int], Path] | None = None,
                    test_data: tuple[torch.Tensor, torch.Tensor], test_ref: tuple[torch.Tensor, torch.Tensor],
-                   progress: bool = True, eval_batch_size: int = 200) -> FinetuneResult:
+                   progress: bool = True, eval_batch_size: int = 200, stop_after: int | None = None) -> FinetuneResult:
     """Train a fresh model on the poisoned set (module docstring); the last history row holds its metrics."""
     device = torch.device(device)
     x, y = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root,
@@ -79,7 +79,7 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
                        data_root=data_root, dataset=params.dataset,
                        train_data=(poisoned.x.to(device), poisoned.y.to(device)), partial_path=partial,
                        save=False, resume_check=same_run, extra_state={"params": params.to_dict(), "seed": seed},
-                       grad_logger=logger, grad_csv=grad_csv, progress=progress)
+                       grad_logger=logger, grad_csv=grad_csv, progress=progress, stop_after=stop_after)
     model.eval()
     x_test, y_test = test_data
     metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
