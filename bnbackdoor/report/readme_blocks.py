@@ -193,11 +193,13 @@ def probes(root: Path) -> list[str]:
 
 
 def _scratch_ids(root: Path) -> list[str]:
-    """The catalogue's poisoning-from-scratch ids (``regime`` "scratch" in experimentsettings/<id>.json)."""
+    """The catalogue's poisoning-from-scratch ids (``regime`` "scratch" in experimentsettings/<id>.json); a grid that
+    poisons nothing (the clean panel of the update figure, ``CIFAR10R20-badnets-0``) is no such model."""
     ids = []
     for path in sorted((root / "experimentsettings").glob("*.json")):
         d = _read(path)
-        if isinstance(d, dict) and d.get("regime") == "scratch":
+        if (isinstance(d, dict) and d.get("regime") == "scratch"
+                and any(r > 0 for r in d.get("percentage_trigger_options", [d.get("percentage_trigger", 1)]))):
             ids.append(str(d.get("attack_id", path.stem)))
     return ids
 
