@@ -271,6 +271,8 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
     (tmp_path / "experimentsettings").mkdir()
     for i, regime in (("GTSRBR20-badnets-10", "scratch"), ("CIFAR10R20-sig-10", "scratch"), ("154", "finetune")):
         (tmp_path / "experimentsettings" / f"{i}.json").write_text(json.dumps({"attack_id": i, "regime": regime}))
+    (tmp_path / "experimentsettings" / "CIFAR10R20-badnets-0.json").write_text(json.dumps(  # poisons nothing
+        {"attack_id": "CIFAR10R20-badnets-0", "regime": "scratch", "percentage_trigger_options": [0.0]}))
     run = tmp_path / "manipulated_models" / "GTSRBR20-badnets-10"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(scratch_metrics(0.123)))
@@ -288,6 +290,7 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
                    "0.123 (0.950)", "0.010 (0.900)", "0.990 (0.900)", "fine_pruning (500): 0.011 (0.941)",
                    "0.321 (0.050)", "0.654 (0.060)"]
     assert "Not shipped yet: CIFAR10R20-sig-10 " in out and "154" not in out.split("Not shipped yet")[1]
+    assert "badnets-0" not in out
 
 
 def test_defense_comparison_rows_winner_and_metrics_rows(tmp_path):

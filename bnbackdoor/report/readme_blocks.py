@@ -114,6 +114,9 @@ def update_shares(root: Path) -> list[str]:
                 rows.append([g, *cells])
         out += [f"`{path.relative_to(root)}` (median per-step update ‖Δ‖ / share of the total squared update):", "",
                 table(rows, ["group", *[f"{p['title']} ({p['steps']} steps)" for p in panels.values()]]), ""]
+    scratch = folder / "update_shares_scratch.json"
+    if not scratch.is_file():
+        out.append(f"Not captured yet: `{scratch.relative_to(root)}` (training from scratch; commands above).")
     return out
 
 
