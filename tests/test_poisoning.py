@@ -12,7 +12,7 @@ import torch
 from bnbackdoor.errors import StoppedEarly, UserError
 from bnbackdoor.runs import run_attack
 from bnbackdoor.metrics import reference_explanations
-from bnbackdoor.models import build_model, save_checkpoint
+from bnbackdoor.models import build_model, load_model, save_checkpoint
 from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.poisoning import poison_training_set, to_uint8
 from bnbackdoor.attack.scratch import fresh_model, train_poisoned
@@ -224,9 +224,8 @@ def test_stop_after_keeps_the_run_unfinished_with_the_whole_runs_schedule(tmp_pa
         run_attack(p, torch.device("cpu"), save_path=tmp_path / "part", stop_after=1, **kw)
     resumed = run_attack(p, torch.device("cpu"), save_path=tmp_path / "part", **kw)
     full = run_attack(p, torch.device("cpu"), save_path=tmp_path / "full", **kw)
-    a, b = (torch.load(d / "tinyscratch" / "model.pth", weights_only=False)["state_dict"] for d in
-            (tmp_path / "part", tmp_path / "full"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(*(load_model(p.modeltype, path=d / "tinyscratch" / "model.pth")
+                          for d in (tmp_path / "part", tmp_path / "full")))
     assert resumed["manipulated_model"] == full["manipulated_model"]
     assert (tmp_path / "part" / "gradients_epoch1.csv").read_text() == (tmp_path / "full" / "gradients_epoch1.csv").read_text()
 
