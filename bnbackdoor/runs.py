@@ -331,7 +331,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         print(f"removed {len(swept)} stale temp file(s) of an interrupted write from {out}", file=sys.stderr)
     if metrics_path.exists() and not force:
         done = read_run_metrics(out, device=str(device))
-        if not params.same_as(done.get("parameters")) or done.get("seed") != seed:
+        if not params.is_run(done, seed, key="parameters"):
             raise UserError(f"{out} holds a finished run with other parameters or seed; pass --force to replace "
                             "it or use another --save_path")
         if grad_layer is not None:  # the gradient CSVs are written while training: a skip would silently miss them

@@ -44,6 +44,20 @@ def test_absent_fields_mean_todays_behaviour():
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
 
 
+def test_is_run_and_check_resume_match_parameters_and_seed():
+    state = {"params": BASE.to_dict(), "seed": 3}
+    assert BASE.is_run(state, 3) and not BASE.is_run(state, 0)
+    assert not BASE.replace(learning_rate=0.5).is_run(state, 3)
+    assert BASE.is_run({"parameters": BASE.to_dict(), "seed": 3}, 3, key="parameters")  # a metrics.json
+    assert not BASE.is_run({"parameters": BASE.to_dict(), "seed": 3}, 3)  # wrong key: not this run
+    assert not BASE.is_run(None, 3) and not BASE.is_run({"seed": 3}, 3)
+    BASE.check_resume(state, 3, "run/resume.pt")  # the same run: no complaint
+    with pytest.raises(UserError) as e:
+        BASE.check_resume(state, 4, "run/resume.pt")
+    assert str(e.value).startswith("run/resume.pt belongs to a run with other parameters or seed")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("field, value, allowed", [
     ("map_norm", "l2", "max, zscore"), ("explain_class", "target", "label, prediction"),
     ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),

@@ -311,9 +311,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
     base_sha = weights_sha256(clean_model)  # the state records its base: a resume from another one is refused
     if resume.exists():
         def same_run(state: dict) -> None:
-            if not params.same_as(state["params"]) or state["seed"] != seed:
-                raise UserError(f"{resume} belongs to a run with other parameters or seed; use another --save_path "
-                                "or delete that file to start over")
+            params.check_resume(state, seed, resume)
             started = state.get("base_model_sha256")  # None: a state saved before provenance
             if started is not None and started != base_sha:
                 raise UserError(f"{resume} was fine-tuned from a base model with weights sha256 {started[:12]}..., "

@@ -358,6 +358,17 @@ class AttackParams:
         except UserError:
             return False
 
+    def is_run(self, record: Any, seed: int, key: str = "params") -> bool:
+        """Whether a stored record is this run with this seed: a resume state keeps the parameters under
+        ``"params"``, a ``metrics.json`` under ``"parameters"`` (pass ``key``)."""
+        return isinstance(record, dict) and self.same_as(record.get(key)) and record.get("seed") == seed
+
+    def check_resume(self, state: Any, seed: int, path: Any) -> None:
+        """Refuse, in one line with the fix, to resume ``path`` when it was saved by another run."""
+        if not self.is_run(state, seed):
+            raise UserError(f"{path} belongs to a run with other parameters or seed; use another --save_path "
+                            "or delete that file to start over")
+
     def replace(self, **changes: Any) -> AttackParams:
         """A validated copy with ``changes`` applied (e.g. ``p.replace(max_epochs=1)``)."""
         return AttackParams.from_dict({**self.to_dict(), **changes}, source=f"{self.id}: replace()")

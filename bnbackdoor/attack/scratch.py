@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from ..data import load_split
-from ..errors import UserError
 from ..estimate import Estimate
 from ..fileio import read_state
 from .finetune import FinetuneResult
@@ -69,16 +68,11 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
     partial = run_dir / "resume.pt"
     seconds_before = read_state(partial, PARTIAL_KEYS)["elapsed"] if partial.exists() else 0.0
 
-    def same_run(state: dict) -> None:
-        if not params.same_as(state.get("params")) or state.get("seed") != seed:
-            raise UserError(f"{partial} belongs to a run with other parameters or seed; use another --save_path "
-                            "or delete that file to start over")
-
     logger = GradLogger(model, grad_layer) if grad_layer is not None else None
     meta = train_model(model, params.modeltype, scratch_config(params, seed), device, run_dir / "model.pth",
                        data_root=data_root, dataset=params.dataset,
                        train_data=(poisoned.x.to(device), poisoned.y.to(device)), partial_path=partial,
-                       save=False, resume_check=same_run, extra_state={"params": params.to_dict(), "seed": seed},
+                       save=False, resume_check=lambda state: params.check_resume(state, seed, partial), extra_state={"params": params.to_dict(), "seed": seed},
                        grad_logger=logger, grad_csv=grad_csv, progress=progress, stop_after=stop_after)
     model.eval()
     x_test, y_test = test_data

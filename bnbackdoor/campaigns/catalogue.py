@@ -221,7 +221,7 @@ def _resume_fits(resume: Path, params: AttackParams, seed: int) -> bool | None:
         state = read_state(resume, ("params", "seed"))
     except UserError:
         return None
-    return params.same_as(state["params"]) and state["seed"] == seed
+    return params.is_run(state, seed)
 
 
 # ---------------------------------------------------------------------------------------------- one run

@@ -123,7 +123,7 @@ def finished_metrics(folder: Path, params: AttackParams, seed: int) -> dict | No
     if not path.is_file():
         return None
     done = read_run_metrics(folder)  # damaged: one line saying which folder to rebuild
-    return done if params.same_as(done.get("parameters")) and done.get("seed") == seed else None
+    return done if params.is_run(done, seed, key="parameters") else None
 
 
 # ------------------------------------------------------------------------------------------------ backends
