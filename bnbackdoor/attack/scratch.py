@@ -72,7 +72,8 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
     meta = train_model(model, params.modeltype, scratch_config(params, seed), device, run_dir / "model.pth",
                        data_root=data_root, dataset=params.dataset,
                        train_data=(poisoned.x.to(device), poisoned.y.to(device)), partial_path=partial,
-                       save=False, resume_check=lambda state: params.check_resume(state, seed, partial), extra_state={"params": params.to_dict(), "seed": seed},
+                       save=False, resume_check=lambda state: params.check_resume(state, seed, partial),
+                       extra_state={"params": params.to_dict(), "seed": seed},
                        grad_logger=logger, grad_csv=grad_csv, progress=progress, stop_after=stop_after)
     model.eval()
     x_test, y_test = test_data

@@ -189,13 +189,13 @@ def _read_json_or_none(path: Path) -> Any:
     return read_run_metrics(path.parent)
 
 
-def is_complete(folder: Path, params: AttackParams | None = None, seed: int | None = None) -> bool:
-    """Every run file present, no ``resume.pt``, and (if given) ``metrics.json`` of these parameters and seed."""
+def is_complete(folder: Path, params: AttackParams | None = None, seed: int = 0) -> bool:
+    """Every run file present, no ``resume.pt``, and (if ``params`` is given) ``metrics.json`` of these parameters
+    and seed."""
     m = _read_json_or_none(folder / "metrics.json")  # a damaged one is refused, whatever else is there
     if m is None or not all((folder / f).is_file() for f in RUN_FILES) or (folder / "resume.pt").exists():
         return False
-    return ((params is None or params.same_as(m.get("parameters")))
-            and (seed is None or m.get("seed") == seed))
+    return params is None or params.is_run(m, seed, key="parameters")
 
 
 def status(run: PlannedRun, save_path: str | Path, seed: int = 0, own_claim: bool = False) -> str:
