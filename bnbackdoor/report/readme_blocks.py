@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, MANIPULATED,
-                      Model, asr_acc, budget_table, comparison_rows, comparison_winner, defense_control_tables,
+                      Model, asr_acc, budget_table, comparison_winner, defense_control_tables,
                       detector_table, disguise_table, finetune_bn_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
@@ -216,7 +216,9 @@ def poisoning(root: Path) -> list[str]:
             missing.append(mid)
             continue
         cmp = _read(root / "results" / f"defenses_{mid}.json")
-        win = comparison_winner(comparison_rows(cmp["rows"], m)) if cmp else None
+        # the file's rows only: Re-BN and test-batch BN from metrics.json have their own columns, and test-batch BN
+        # at f = 1 (every test image triggered) is no baseline a deployed model can run
+        win = comparison_winner(cmp["rows"]) if cmp else None
         ana = _read(root / "results" / "anatomy" / f"{mid}_anatomy.json")
         restored = {r["group"]: r for r in (ana or {}).get("rows", []) if r.get("variant") == "restore"}
         best = ("not run" if cmp is None else "none keeps accuracy" if win is None else
@@ -227,8 +229,8 @@ def poisoning(root: Path) -> list[str]:
                      asr_acc(m.state("batchstats B=100 f=1/B")), best,
                      *[("not run" if ana is None else asr_acc(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
     out = ["Attack success (clean accuracy) per model trained from scratch on a poisoned set; `accepted`: clean "
-           "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner of "
-           "`results/defenses_<id>.json` (rule in RESULTS.md). Restore G: the ablation of `results/anatomy/` (the "
+           "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner (rule in RESULTS.md) "
+           "among the rows of `results/defenses_<id>.json`, the defenses run on 100 / 500 / 2,000 clean training images. Restore G: the ablation of `results/anatomy/` (the "
            "poisoned model with group G copied from the clean model - for a model trained from scratch an "
            "independently trained network, so these rows mix two networks).", "",
            table(rows, ["id", "model", "clean model acc", "no defense", "accepted", "Re-BN", "Re-BN augmented",
