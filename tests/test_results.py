@@ -275,7 +275,9 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
         {"attack_id": "CIFAR10R20-badnets-0", "regime": "scratch", "percentage_trigger_options": [0.0]}))
     run = tmp_path / "manipulated_models" / "GTSRBR20-badnets-10"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps(scratch_metrics(0.123)))
+    m = scratch_metrics(0.123)
+    m["defenses"][BS1]["clean_accuracy"] = 0.95  # within 3 points, yet no baseline: it has its own column
+    (run / "metrics.json").write_text(json.dumps(m))
     (tmp_path / "results" / "anatomy").mkdir(parents=True)
     rows = [{"defense": CLEAN_LABEL, "clean_accuracy": 0.96}, {"defense": "no defense", "attack_success_rate": 1.0},
             {"defense": "fine_pruning", "clean_images": 500, "clean_accuracy": 0.941, "attack_success_rate": 0.011},
@@ -287,7 +289,7 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
     out = fill("<!-- generated:poisoning -->\n<!-- /generated:poisoning -->\n", tmp_path)
     row, = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.splitlines() if ln.startswith("| GTSRBR20")]
     assert row == ["GTSRBR20-badnets-10", "resnet20", "0.960", "1.000 (0.950)", "yes", "0.123 (0.950)",
-                   "0.123 (0.950)", "0.010 (0.900)", "0.990 (0.900)", "fine_pruning (500): 0.011 (0.941)",
+                   "0.123 (0.950)", "0.010 (0.950)", "0.990 (0.900)", "fine_pruning (500): 0.011 (0.941)",
                    "0.321 (0.050)", "0.654 (0.060)"]
     assert "Not shipped yet: CIFAR10R20-sig-10 " in out and "154" not in out.split("Not shipped yet")[1]
     assert "badnets-0" not in out
