@@ -229,10 +229,11 @@ def poisoning(root: Path) -> list[str]:
                      asr_acc(m.state("batchstats B=100 f=1/B")), best,
                      *[("not run" if ana is None else asr_acc(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
     out = ["Attack success (clean accuracy) per model trained from scratch on a poisoned set; `accepted`: clean "
-           "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner (rule in RESULTS.md) "
-           "among the rows of `results/defenses_<id>.json`, the defenses run on 100 / 500 / 2,000 clean training images. Restore G: the ablation of `results/anatomy/` (the "
-           "poisoned model with group G copied from the clean model - for a model trained from scratch an "
-           "independently trained network, so these rows mix two networks).", "",
+           "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner (rule "
+           "in RESULTS.md) among the rows of `results/defenses_<id>.json`, the defenses run on 100 / 500 / 2,000 "
+           "clean training images. Restore G: the ablation of `results/anatomy/` (the poisoned model with group G "
+           "copied from the clean model - for a model trained from scratch an independently trained network, so "
+           "these rows mix two networks).", "",
            table(rows, ["id", "model", "clean model acc", "no defense", "accepted", "Re-BN", "Re-BN augmented",
                         "test-batch BN f=1", "f=1/B", "best baseline", "restore bn_stats", "restore bn_affine"])]
     if missing:
