@@ -80,8 +80,40 @@ def test_option_typo_is_a_user_error(name):
 
 @pytest.mark.parametrize("name", ["bn_finetune", "bnp", "anp"])
 def test_bn_defenses_refuse_a_model_without_batchnorm(name):
+    from bnbackdoor.defenses import not_applicable
+
     with pytest.raises(UserError, match="BatchNorm"):
         apply_defense(name, _model(bn=False), toy_clean_set(), device="cpu", progress=False)
+    assert "has none" in not_applicable(name, _model(bn=False)) and not_applicable(name, _model()) is None
+
+
+def test_exactly_the_defenses_that_refuse_a_bn_free_model_are_marked_needs_bn():
+    from bnbackdoor.defenses import DEFENSES, not_applicable
+
+    assert {n for n, d in DEFENSES.items() if d.needs_bn} == {"bn_finetune", "bnp", "anp"}
+    assert not_applicable("finetune", _model(bn=False)) is None and not_applicable("rebn", _model(bn=False)) is None
+
+
+def test_compare_defenses_skips_a_bn_defense_on_a_bn_free_model_and_says_why(tiny_data_root, tmp_path, capsys):
+    import bnbackdoor.evaluation.compare_defenses as compare
+    from bnbackdoor.attack.params import resolve_attack
+    from bnbackdoor.models import build_model, save_checkpoint
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    clean_model = build_model("cifar10_resnet20_nbn").eval()
+    save_checkpoint(tmp_path / "models" / "cifar10_resnet20_nbn" / "model_0.pth", clean_model, {})
+    save_checkpoint(tmp_path / "manipulated_models" / "154nbn" / "model.pth", clean_model, {})
+    resolve_attack("154", root=ROOT).replace(testing_size=8, id="154nbn", modeltype="cifar10_resnet20_nbn").save(
+        tmp_path / "manipulated_models" / "154nbn" / "parameters.json")
+    cmp = compare.compare_defenses("154nbn", "cpu", sizes=[8], defenses="bnp,rebn", root=tmp_path,
+                                   data_root=tiny_data_root, save_path=tmp_path / "out", progress=False)
+    assert [(r["defense"], r["clean_images"]) for r in cmp.rows] == [
+        ("clean model", None), ("no defense", None), ("rebn", 8)]
+    assert cmp.rows[2]["attack_success_rate"] == cmp.rows[1]["attack_success_rate"]   # Re-BN changes nothing
+    saved = json.loads((tmp_path / "out" / "defenses_154nbn.json").read_text())
+    assert set(saved["not_applicable"]) == {"bnp"} and "BatchNorm" in saved["not_applicable"]["bnp"]
+    assert "bnp not run" in capsys.readouterr().err
 
 
 def test_finetune_reduces_the_clean_set_loss():

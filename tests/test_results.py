@@ -285,8 +285,18 @@ def test_poisoning_block_reads_metrics_comparison_and_ablation_of_each_scratch_r
     (tmp_path / "results" / "defenses_GTSRBR20-badnets-10.json").write_text(json.dumps({"rows": rows}))
     ana = [{"variant": "restore", "group": "bn_stats", "clean_accuracy": 0.05, "attack_success_rate": 0.321},
            {"variant": "restore", "group": "bn_affine", "clean_accuracy": 0.06, "attack_success_rate": 0.654}]
-    (tmp_path / "results" / "anatomy" / "GTSRBR20-badnets-10_anatomy.json").write_text(json.dumps({"rows": ana}))
+    (tmp_path / "results" / "anatomy" / "GTSRBR20-badnets-10_anatomy.json").write_text(json.dumps(
+        {"groups": {"bn_stats": ["bn1.running_mean"], "bn_affine": ["bn1.weight"], "classifier": []}, "rows": ana}))
+    # a BN-free model: its ablation has no BatchNorm group, so its restore cells say so instead of "n/a"
+    (tmp_path / "experimentsettings" / "CIFAR10R20NBN-badnets-10.json").write_text(json.dumps(
+        {"attack_id": "CIFAR10R20NBN-badnets-10", "regime": "scratch"}))
+    (tmp_path / "manipulated_models" / "CIFAR10R20NBN-badnets-10").mkdir()
+    (tmp_path / "manipulated_models" / "CIFAR10R20NBN-badnets-10" / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "results" / "anatomy" / "CIFAR10R20NBN-badnets-10_anatomy.json").write_text(json.dumps(
+        {"groups": {"conv:stem": ["conv1.weight"], "classifier": []}, "rows": []}))
     out = fill("<!-- generated:poisoning -->\n<!-- /generated:poisoning -->\n", tmp_path)
+    nbn, = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.splitlines() if ln.startswith("| CIFAR10R20NBN")]
+    assert nbn[-3:] == ["not run", "no BN", "no BN"]
     row, = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.splitlines() if ln.startswith("| GTSRBR20")]
     assert row == ["GTSRBR20-badnets-10", "resnet20", "0.960", "1.000 (0.950)", "yes", "0.123 (0.950)",
                    "0.123 (0.950)", "0.010 (0.950)", "0.990 (0.900)", "fine_pruning (500): 0.011 (0.941)",

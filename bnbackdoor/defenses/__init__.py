@@ -32,7 +32,7 @@ from ..data import CleanSet
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
-           "apply_defense", "defense_label", "parse_spec"]
+           "not_applicable", "apply_defense", "defense_label", "parse_spec"]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Defense:
     summary: str = ""
     transductive: bool = False       # predictions depend on the test batch (evaluate with a composition)
     needs_labels: bool = False       # uses CleanSet.y
+    needs_bn: bool = False           # acts on BatchNorm layers only (a model without any: not applicable)
     label: Callable[[Mapping[str, Any]], str] | None = None   # full options -> row label (default: name k=v ...)
 
 
@@ -57,12 +58,13 @@ DEFENSES: dict[str, Defense] = {}
 
 
 def register(name: str, *, summary: str = "", transductive: bool = False, needs_labels: bool = False,
-             label: Callable[[Mapping[str, Any]], str] | None = None, **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
+             needs_bn: bool = False, label: Callable[[Mapping[str, Any]], str] | None = None,
+             **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
     """Decorator: register ``fn`` under ``name`` with its option defaults (every option it accepts)."""
     def deco(fn: Callable[..., DefenseOutcome]) -> Callable[..., DefenseOutcome]:
         if name in DEFENSES:
             raise ValueError(f"defense '{name}' registered twice")
-        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels, label)
+        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels, needs_bn, label)
         return fn
     return deco
 
@@ -72,6 +74,15 @@ def get_defense(name: str) -> Defense:
         return DEFENSES[name]
     except KeyError:
         raise UserError(f"unknown defense '{name}'; known: {', '.join(sorted(DEFENSES))}") from None
+
+
+def not_applicable(name: str, model: nn.Module) -> str | None:
+    """Why defense ``name`` cannot act on ``model`` (one line), or None where it can: a BatchNorm defense on a model
+    without BatchNorm (the BN-free ResNet20, VGG13, ViT). A comparison skips such a pair and says so instead of
+    failing on it."""
+    if get_defense(name).needs_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return f"'{name}' acts on BatchNorm layers and this model has none"
+    return None
 
 
 def apply_defense(name: str, model: nn.Module, clean: CleanSet, *, device: torch.device | str | None = None,

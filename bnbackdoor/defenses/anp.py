@@ -56,7 +56,7 @@ class _Perturbation:
 
 
 @register("anp", summary="Wu & Wang 2021: learn BN-neuron masks under adversarial neuron perturbation, prune",
-          needs_labels=True, eps=0.4, alpha=0.2, steps=1, mask_lr=0.2, iterations=150, batch_size=32,
+          needs_bn=True, needs_labels=True, eps=0.4, alpha=0.2, steps=1, mask_lr=0.2, iterations=150, batch_size=32,
           threshold=0.2)
 def anp(model, clean: CleanSet, *, device=None, progress=True, eps, alpha, steps, mask_lr, iterations, batch_size,
         threshold) -> DefenseOutcome:

@@ -26,7 +26,7 @@ from .common import batch_size_for, clean_loss, finetune_on_clean, place_model, 
 
 
 @register("bn_finetune", summary="Re-BN, then fine-tune only BatchNorm γ/β on the clean set, then Re-BN",
-          needs_labels=True, epochs=10, lr=0.01, batch_size=64, momentum=0.9, rebn_batch_size=100)
+          needs_bn=True, needs_labels=True, epochs=10, lr=0.01, batch_size=64, momentum=0.9, rebn_batch_size=100)
 def bn_finetune(model, clean: CleanSet, *, device=None, progress=True, epochs, lr, batch_size, momentum,
                 rebn_batch_size) -> DefenseOutcome:
     layers = require_bn(model, "bn_finetune", affine=True)

@@ -43,7 +43,7 @@ def outliers(scores: torch.Tensor, u: float) -> torch.Tensor:
 
 
 @register("bnp", summary="Zheng et al. 2022: prune BN channels whose clean-data statistics diverge from the stored",
-          u=3.0, batch_size=250)
+          needs_bn=True, u=3.0, batch_size=250)
 def bnp(model, clean: CleanSet, *, device=None, progress=True, u, batch_size) -> DefenseOutcome:
     device = place_model(model, device)
     layers = require_bn(model, "bnp")

@@ -13,6 +13,8 @@ The library side of ``scripts/compare_defenses.py``. Per stored attack (:func:`b
 
 Rows: ``clean model`` and ``no defense`` (references), then ``<defense>`` × clean-set size. Transductive defenses
 (``batchstats``) make no fixed model and are evaluated elsewhere with a stated batch composition.
+A defense that cannot act on the model (``bnp``, ``anp``, ``bn_finetune`` on a model without BatchNorm) gets no
+row; ``not_applicable`` in the JSON names it and why.
 
 >>> cmp = compare_defenses("154", "cpu", sizes=[100, 500, 2000])   # writes output/defenses_154.{json,csv,png}
 >>> print(cmp.table())
@@ -31,7 +33,7 @@ import torch
 from tabulate import tabulate
 
 from ..data import CleanSet, clean_set
-from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
+from ..defenses import DEFENSES, defense_label, get_defense, not_applicable, parse_spec
 from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
 from .common import eval_images, parse_sizes
@@ -152,6 +154,7 @@ class DefenseComparison:
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
     base_model: dict[str, Any] | None = None  # the clean model compared with (experiment.check_base)
+    not_applicable: dict[str, str] = field(default_factory=dict)  # defense -> why it was not run on this model
 
     def columns(self) -> dict[str, str]:
         cols = dict(COLUMNS)
@@ -186,7 +189,8 @@ class DefenseComparison:
                 "device": self.device, "seed": self.seed, "test": self.test,
                 "defender_data": "labelled subsets of the TRAINING split, nested, same seed",
                 "defenses": self.defense_records(),
-                "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
+                "rows": self.rows, "not_applicable": self.not_applicable,
+                "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
                 "base_model": self.base_model}
 
 
@@ -216,9 +220,14 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
              **evaluate_attack(clean_model, clean_model, params, x, y, **kw)},
             {"defense": ROW_NONE, "clean_images": None, "seconds": None,
              **evaluate_attack(model, clean_model, params, x, y, **kw)}]
+    skipped: dict[str, str] = {}
     for spec in names:
         d, opts = parse_spec(spec)
         label = defense_label(d, opts)  # "finetune freeze_bn_stats=True"; a plain name stays itself
+        if (why := not_applicable(d, model)) is not None:  # e.g. bnp on the BN-free ResNet20: no row, a reason
+            skipped[label] = why
+            print(f"notice: {name}: {label} not run: {why}", file=sys.stderr)
+            continue
         for size, clean in sets.items():
             infos: dict[str, Any] = {}
             rec = evaluate_defenses(params, clean_model, model, x, y, clean=clean, defenses={label: (d, opts)},
@@ -233,7 +242,7 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                            base_model=model.base_model)
     cmp = DefenseComparison(name=name, params=params, device=str(device), seed=seed,
                             test={"split": "test", "images": len(x), "seed": seed}, rows=rows,
-                            base_model=model.base_model)
+                            base_model=model.base_model, not_applicable=skipped)
     out_dir = Path(save_path)
     check_finite_numbers(cmp.to_dict(), f"the comparison of {name}")  # before any file: nothing half-written
     write_csv(out_dir / f"defenses_{name}.csv", cmp.flat_rows())

@@ -227,19 +227,29 @@ def poisoning(root: Path) -> list[str]:
                      "yes" if m.verdict.accepted else "no", asr_acc(m.state("rebn")),
                      asr_acc(m.state("rebn+augment")), asr_acc(m.state("batchstats B=100 f=1")),
                      asr_acc(m.state("batchstats B=100 f=1/B")), best,
-                     *[("not run" if ana is None else asr_acc(restored.get(g))) for g in ("bn_stats", "bn_affine")]])
+                     *[_restore_cell(ana, restored, g) for g in ("bn_stats", "bn_affine")]])
     out = ["Attack success (clean accuracy) per model trained from scratch on a poisoned set; `accepted`: clean "
            "accuracy within 2 points of the clean model's and attack success >= 0.9. Best baseline: the winner (rule "
            "in RESULTS.md) among the rows of `results/defenses_<id>.json`, the defenses run on 100 / 500 / 2,000 "
            "clean training images. Restore G: the ablation of `results/anatomy/` (the poisoned model with group G "
            "copied from the clean model - for a model trained from scratch an independently trained network, so "
-           "these rows mix two networks).", "",
+           "these rows mix two networks). A model without BatchNorm has no such group (`no BN`), and there Re-BN and "
+           "test-batch BN have no statistics to re-estimate: their cells repeat `no defense`.", "",
            table(rows, ["id", "model", "clean model acc", "no defense", "accepted", "Re-BN", "Re-BN augmented",
                         "test-batch BN f=1", "f=1/B", "best baseline", "restore bn_stats", "restore bn_affine"])]
     if missing:
         out += ["", "Not shipped yet: " + ", ".join(missing) + " (`BNBACKDOOR_ALLOW_LONG=1 python "
                 "scripts/build_catalogue.py --ids <id> --promote cuda`)."]
     return out
+
+
+def _restore_cell(ana: dict | None, restored: dict[str, dict], group: str) -> str:
+    """One "restore <group>" cell of the poisoning table: the ablation row, or why there is none."""
+    if ana is None:
+        return "not run"
+    if group not in ana.get("groups", {}):
+        return "no BN"   # a BN-free model's ablation has convolution and classifier groups only
+    return asr_acc(restored.get(group))
 
 
 def _table_or(rows: list[list[str]], headers: list[str], missing: str) -> list[str]:
