@@ -215,6 +215,23 @@ def test_claims_are_judged_per_regime_and_scratch_models_have_no_explanation_cla
     assert len(rows) == 2 * len(CLAIMS) - 1
 
 
+def test_claims_leave_out_models_without_batchnorm_and_say_so():
+    import bnbackdoor.models  # noqa: F401  registers every architecture
+    from bnbackdoor.models.registry import ARCHS
+    from bnbackdoor.report.results import BN_FREE_ARCHS, claims_section
+
+    assert BN_FREE_ARCHS == {name for name, spec in ARCHS.items() if not spec.has_bn}  # in step with the registry
+    with_bn = Model("154", metrics(defenses=defended(rebn_asr=0.05, aug_asr=0.05)))
+    nbn = metrics(defenses=defended(rebn_asr=1.0, aug_asr=1.0))   # Re-BN is a no-op: success stays
+    nbn["parameters"]["modeltype"] = "cifar10_resnet20_nbn"
+    free = Model("154nbn", nbn)
+    assert with_bn.has_bn and not free.has_bn and free.verdict.accepted
+    rows = {r[0]: r[2] for r in claims_table([with_bn, free])}
+    assert rows["Re-BN cuts attack success by a large margin"] == (
+        "rebn: mean 0.950, 1/1 pass; rebn+augment: mean 0.950, 1/1 pass")   # 154nbn's 0/1 not counted
+    assert "Models without BatchNorm (154nbn) are left out" in "\n".join(claims_section([with_bn, free]))
+
+
 # ---------------------------------------------------------------------------------------------------- render
 def test_render_sorted_deterministic_and_tolerant(tmp_path):
     for i, m in (("CIFAR10MNV3154", metrics()), ("10154", metrics(dataset="gtsrb", defenses=defended())),

@@ -47,6 +47,10 @@ DEFENSE_FILES = "results/defenses_*.json"
 DEFENSE_COLUMNS = ("defense", "clean_images", "clean_accuracy", "attack_success_rate", "expl_dssim_to_target",
                    "expl_dssim_to_clean", "seconds")
 
+# Architectures without BatchNorm (the model registry's has_bn=False; tests/test_results.py keeps the two in step -
+# this layer imports nothing of ours below it). Every claim is about a BatchNorm defense, which changes nothing there.
+BN_FREE_ARCHS = frozenset({"resnet20_nbn", "vgg13", "vit_b_16"})
+
 HOLD_SHARE = 0.8  # share of (model, defense) rows that must pass for a claim (or a condition) to hold
 LARGE_CUT = 0.5  # "cuts attack success by a large margin": at least half of the manipulated model's success gone
 RESTORED = 0.5  # "restores explanations": at least half of the way back to the clean model's distance to target
@@ -84,6 +88,10 @@ class Model:
     def arch(self) -> str:
         mt = str(self.params.get("modeltype", "?"))
         return mt.split("_", 1)[1] if mt.startswith(self.dataset + "_") else mt
+
+    @property
+    def has_bn(self) -> bool:
+        return self.arch not in BN_FREE_ARCHS
 
     @property
     def kind(self) -> str:
@@ -289,8 +297,9 @@ def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
 
 def claims_table(models: list[Model]) -> list[list[str]]:
     """One row per claim and regime (fine-tuning first) that has shipped models: a claim may hold in one regime and
-    not in the other."""
-    accepted = [m for m in models if m.verdict.accepted]
+    not in the other. Models without BatchNorm are left out: Re-BN and test-batch BN are no-ops there, and their
+    rows would pass or fail the claims by construction."""
+    accepted = [m for m in models if m.verdict.accepted and m.has_bn]
     present = {m.regime for m in models}
     out = []
     for c in CLAIMS:
@@ -403,6 +412,14 @@ def means_section(models: list[Model], labels: list[str]) -> list[str]:
     return out
 
 
+def _bn_free_note(models: list[Model]) -> str:
+    free = [m.id for m in models if not m.has_bn]
+    if not free:
+        return ""
+    return (f"Models without BatchNorm ({', '.join(free)}) are left out: Re-BN and test-batch BN have no statistics "
+            "to re-estimate there, so their rows would repeat no defense.")
+
+
 def claims_section(models: list[Model]) -> list[str]:
     out = ["## Claims", "",
            f"Judged on the accepted models ({regime_counts(models)}), separately per regime: a model "
@@ -411,7 +428,7 @@ def claims_section(models: list[Model]) -> list[str]:
            f"at least {HOLD_SHARE:.0%} of its "
            "(model, defense) rows pass; otherwise it **holds only when** a single condition (defense, dataset, "
            f"model, attack kind or explanation method) has at least {HOLD_SHARE:.0%} passing rows; otherwise it "
-           "**does not hold**; n/a when no accepted model has the numbers.", "",
+           "**does not hold**; n/a when no accepted model has the numbers. " + _bn_free_note(models), "",
            table(claims_table(models), ["claim (paper)", "regime", "our number", "verdict"]), "",
            "Rules per claim:", ""]
     for c in CLAIMS:
