@@ -80,7 +80,7 @@ def test_option_typo_is_a_user_error(name):
 
 @pytest.mark.parametrize("name", ["bn_finetune", "bnp", "anp"])
 def test_bn_defenses_refuse_a_model_without_batchnorm(name):
-    from bnbackdoor.defenses import not_applicable
+    from bnbackdoor.defenses.common import not_applicable
 
     with pytest.raises(UserError, match="BatchNorm"):
         apply_defense(name, _model(bn=False), toy_clean_set(), device="cpu", progress=False)
@@ -88,7 +88,8 @@ def test_bn_defenses_refuse_a_model_without_batchnorm(name):
 
 
 def test_exactly_the_defenses_that_refuse_a_bn_free_model_are_marked_needs_bn():
-    from bnbackdoor.defenses import DEFENSES, not_applicable
+    from bnbackdoor.defenses import DEFENSES
+    from bnbackdoor.defenses.common import not_applicable
 
     assert {n for n, d in DEFENSES.items() if d.needs_bn} == {"bn_finetune", "bnp", "anp"}
     assert not_applicable("finetune", _model(bn=False)) is None and not_applicable("rebn", _model(bn=False)) is None

@@ -32,7 +32,7 @@ from ..data import CleanSet
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
-           "not_applicable", "apply_defense", "defense_label", "parse_spec"]
+           "apply_defense", "defense_label", "parse_spec"]
 
 
 @dataclass
@@ -74,15 +74,6 @@ def get_defense(name: str) -> Defense:
         return DEFENSES[name]
     except KeyError:
         raise UserError(f"unknown defense '{name}'; known: {', '.join(sorted(DEFENSES))}") from None
-
-
-def not_applicable(name: str, model: nn.Module) -> str | None:
-    """Why defense ``name`` cannot act on ``model`` (one line), or None where it can: a BatchNorm defense on a model
-    without BatchNorm (the BN-free ResNet20, VGG13, ViT). A comparison skips such a pair and says so instead of
-    failing on it."""
-    if get_defense(name).needs_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return f"'{name}' acts on BatchNorm layers and this model has none"
-    return None
 
 
 def apply_defense(name: str, model: nn.Module, clean: CleanSet, *, device: torch.device | str | None = None,

@@ -20,9 +20,10 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..metrics import model_device
 from ..train import augment_batch
-from . import CleanSet
+from . import CleanSet, get_defense
+from .rebn import bn_layers
 
-__all__ = ["place_model", "require_bn", "prune_bn_channels", "ChannelMask", "mask_channels", "channel_masks",
+__all__ = ["place_model", "require_bn", "not_applicable", "prune_bn_channels", "ChannelMask", "mask_channels", "channel_masks",
            "finetune_on_clean", "clean_loss", "bn_input_moments", "batch_size_for"]
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -44,6 +45,15 @@ def require_bn(model: nn.Module, defense: str, affine: bool = False) -> list[tup
         what = "BatchNorm layers with running statistics" + (" and affine parameters" if affine else "")
         raise UserError(f"defense '{defense}' works on BatchNorm; this model has no {what}")
     return layers
+
+
+def not_applicable(name: str, model: nn.Module) -> str | None:
+    """Why defense ``name`` cannot act on ``model`` (one line), or None where it can: a BatchNorm defense
+    (registered ``needs_bn``) on a model without BatchNorm (the BN-free ResNet20, VGG13, ViT). A comparison skips
+    such a pair and says so instead of failing on it."""
+    if get_defense(name).needs_bn and not bn_layers(model):
+        return f"'{name}' acts on BatchNorm layers and this model has none"
+    return None
 
 
 @torch.no_grad()

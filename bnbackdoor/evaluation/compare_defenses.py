@@ -33,7 +33,8 @@ import torch
 from tabulate import tabulate
 
 from ..data import CleanSet, clean_set
-from ..defenses import DEFENSES, defense_label, get_defense, not_applicable, parse_spec
+from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
+from ..defenses.common import not_applicable
 from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
 from .common import eval_images, parse_sizes
