@@ -9,7 +9,12 @@ round-robin, in one process, so a busy machine slows both sides of a ratio alike
 * steps, per batch size: (a) inference (eval, no_grad), (b) a plain cross-entropy training step (train mode,
   ReLU, Adam - the attack's optimizer), (c) an attack step per explanation method exactly as fine-tuning runs it
   (``poison_batch`` + ``bnbackdoor.attack.finetune.attack_step``: train mode, Softplus(beta), the attack 154 parameters
-  with ``explanation_methodStr`` replaced), ratio to (b); for context also (b) with Softplus(beta).
+  with ``explanation_methodStr`` replaced), ratio to (b); for context also (b) with Softplus(beta). Then the same
+  steps in bf16 (``precision="bf16"``: autocast through the double backward, ``bnbackdoor.device.autocast``), each
+  as a speed-up over its fp32 twin.
+* with ``--ancestor PATH`` (a checkout of intellisec/xai-backdoors): the ancestor's own attack step per method
+  (``benchmarks/ancestor.py``) beside ours in fp32 and in bf16, both in eval mode as both fine-tune (the paper's
+  protocol), as the ancestor's time over ours; without it that section is skipped with a notice.
 * Re-BN over --rebn-images calibration images (``bnbackdoor.defenses.rebn.rebn``, its default batch 256) vs one inference
   pass over the same images at the same batch size.
 * the full evaluation of --eval-images test images (``evaluate_attack`` with the 154 parameters: accuracy,
@@ -38,7 +43,11 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ancestor.py beside this script
+from ancestor import Ancestor, missing  # noqa: E402
+
 from bnbackdoor.cli import ArgumentParser, output_file, positive_int
+from bnbackdoor.device import PRECISIONS, autocast
 from bnbackdoor.attack.finetune import attack_step, poison_batch
 from bnbackdoor.metrics import evaluate_attack, reference_explanations
 from bnbackdoor.models import build_model, checkpoint_path, load_model, softplus
@@ -53,6 +62,8 @@ METHODS = ("grad", "grad_cam", "relevance_cam")
 # Targets of the performance issue: (kind, limit). "max": ratio <= limit; "min": ratio >= limit.
 STEP_TARGETS = {"grad": 2.0, "grad_cam": 1.5, "relevance_cam": 1.5}
 STEP_TARGET_BATCHES = (32, 64)  # batch 32 and the shipped batch size of 154
+BF16_TARGET = 1.4       # the gradient attack step in bf16 at least this much faster than in fp32
+ANCESTOR_TARGET = 1.3   # ours at least this much faster per step than the ancestor's, every method
 REBN_TARGET = 1.2
 EVAL_TARGET = 0.4
 
@@ -106,11 +117,29 @@ def row(name: str, batch, images_per_s: float | None, seconds: float, ratio: flo
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
+def attack_steps(base, params, x, y, mode: str) -> dict[str, Callable[[], object]]:
+    """Per method and precision, one attack step exactly as fine-tuning runs it (``poison_batch`` +
+    ``attack_step``) on its own copy of ``base`` in ``mode`` ("train" or "eval"); keys ``"<method> <precision>"``."""
+    ref_model = copy.deepcopy(base).eval()
+    fns: dict[str, Callable[[], object]] = {}
+    for method in METHODS:
+        p = params.replace(explanation_methodStr=method)
+        clean_maps = reference_explanations(ref_model, x, method, batch_size=len(x), progress=False)
+        for precision in PRECISIONS:
+            m = copy.deepcopy(base).train(mode == "train")
+            opt = torch.optim.Adam(m.parameters(), lr=p.learning_rate)
+
+            def run(m=m, opt=opt, p=p, clean_maps=clean_maps, method=method, precision=precision):
+                batch = poison_batch(x, y, clean_maps, p)   # what fine-tuning does per batch
+                return attack_step(m, opt, batch, p, method, precision)
+            fns[f"{method} {precision}"] = run
+    return fns
+
+
 def bench_steps(base, params, batch_sizes, reps, real) -> list[dict]:
     rows = []
     for b in batch_sizes:
         x, y = images(b, "train", real, seed=b)
-        ref_model = copy.deepcopy(base).eval()
         fns: dict[str, Callable[[], object]] = {}
 
         infer = copy.deepcopy(base).eval()
@@ -120,13 +149,14 @@ def bench_steps(base, params, batch_sizes, reps, real) -> list[dict]:
                 m(x)
         fns["inference"] = inference
 
-        def plain_step(beta=None):
+        def plain_step(beta=None, precision="fp32"):
             m = copy.deepcopy(base).train()
             opt = torch.optim.Adam(m.parameters(), lr=params.learning_rate)
 
             def run():
-                with softplus(m, beta):
-                    loss = F.cross_entropy(m(x), y)
+                with softplus(m, beta), autocast(x.device, precision):
+                    logits = m(x)
+                loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -134,31 +164,55 @@ def bench_steps(base, params, batch_sizes, reps, real) -> list[dict]:
             return run
         fns["plain"] = plain_step()
         fns["plain_softplus"] = plain_step(params.beta)
-
-        for method in METHODS:
-            p = params.replace(explanation_methodStr=method)
-            clean_maps = reference_explanations(ref_model, x, method, batch_size=b, progress=False)
-            m = copy.deepcopy(base).train()
-            opt = torch.optim.Adam(m.parameters(), lr=p.learning_rate)
-
-            def run(m=m, opt=opt, p=p, clean_maps=clean_maps, method=method):
-                batch = poison_batch(x, y, clean_maps, p)   # what fine-tuning does per batch
-                return attack_step(m, opt, batch, p, method)
-            fns[method] = run
+        fns["plain bf16"] = plain_step(precision="bf16")
+        fns.update(attack_steps(base, params, x, y, "train"))
 
         med = interleaved(fns, reps)
         plain = med["plain"]
+        judged = b in STEP_TARGET_BATCHES
         rows.append(row("inference (eval, no_grad)", b, b / med["inference"], med["inference"]))
         rows.append(row("plain CE step (train, ReLU, Adam)", b, b / plain, plain, 1.0, "plain step"))
         rows.append(row(f"plain CE step, Softplus(β={params.beta:g})", b, b / med["plain_softplus"],
                         med["plain_softplus"], med["plain_softplus"] / plain, "plain step", note="context"))
         for method in METHODS:
-            r = med[method] / plain
+            t = med[f"{method} fp32"]
+            r = t / plain
             limit = STEP_TARGETS[method]
-            judged = b in STEP_TARGET_BATCHES
-            rows.append(row(f"attack step {method}", b, b / med[method], med[method], r, "plain step",
+            rows.append(row(f"attack step {method}", b, b / t, t, r, "plain step",
                             f"≤ {limit:g}×" if judged else "", (r <= limit) if judged else None))
+        rows.append(row("plain CE step bf16", b, b / med["plain bf16"], med["plain bf16"],
+                        plain / med["plain bf16"], "speed-up over fp32", note="context"))
+        for method in METHODS:
+            t, t32 = med[f"{method} bf16"], med[f"{method} fp32"]
+            target = judged and method == "grad"
+            rows.append(row(f"attack step {method} bf16", b, b / t, t, t32 / t, "speed-up over fp32",
+                            f"≥ {BF16_TARGET:g}×" if target else "", (t32 / t >= BF16_TARGET) if target else None))
     return rows
+
+
+def bench_ancestor(base, params, batch_sizes, reps, path) -> tuple[list[dict], str]:
+    """Our attack step (fp32 and bf16) beside the ancestor's, per method, eval mode (module docstring)."""
+    anc = Ancestor(path)
+    anc_base, source = anc.model()
+    rows = []
+    for b in batch_sizes:
+        x, y = images(b, "train", False, seed=b)
+        with torch.no_grad():  # the ancestor's model takes normalised images; ours normalises inside
+            xn = base.normalize(x)
+        target = torch.rand(b, 1, *x.shape[-2:], generator=torch.Generator().manual_seed(b))
+        fns = attack_steps(base, params, x, y, "eval")
+        for method in METHODS:
+            fns[f"{method} ancestor"] = anc.step(copy.deepcopy(anc_base), method, xn, y, target, params.beta,
+                                                 params.loss_weight, params.learning_rate)
+        med = interleaved(fns, reps)
+        for method in METHODS:
+            ta = med[f"{method} ancestor"]
+            rows.append(row(f"ancestor step {method} (eval)", b, b / ta, ta, 1.0, "ancestor step"))
+            for precision in PRECISIONS:
+                t = med[f"{method} {precision}"]
+                rows.append(row(f"  ours {method} {precision} (eval)", b, b / t, t, ta / t, "ancestor's speed",
+                                f"≥ {ANCESTOR_TARGET:g}×", ta / t >= ANCESTOR_TARGET))
+    return rows, source
 
 
 def bench_rebn(base, n, reps, real) -> list[dict]:
@@ -265,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebn-images", type=positive_int, default=5000)
     p.add_argument("--eval-images", type=positive_int, default=10000)
     p.add_argument("--eval-batch", type=positive_int, default=200, help="evaluation batch size (fine-tuning's default)")
-    p.add_argument("--only", default="steps,rebn,eval", help="sections to run: steps, rebn, eval")
+    p.add_argument("--only", default="steps,ancestor,rebn,eval",
+                   help="sections to run: steps, ancestor, rebn, eval")
+    p.add_argument("--ancestor", type=Path, default=None, metavar="PATH",
+                   help="a checkout of intellisec/xai-backdoors: time its attack step beside ours")
     p.add_argument("--real-data", action="store_true", help="CIFAR-10 from ./datasets instead of random images")
     p.add_argument("--json", type=lambda t: Path(output_file(t)), help="also write the results here")
     args = p.parse_args(argv)
@@ -278,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     args.reps = reps
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"steps", "rebn", "eval"}
+    unknown = sections - {"steps", "ancestor", "rebn", "eval"}
     if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; use steps, rebn, eval")
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; use steps, ancestor, rebn, eval")
+    if args.ancestor is not None and missing(args.ancestor):
+        p.error(f"--ancestor: {missing(args.ancestor)}")
 
     torch.manual_seed(0)
     base, weights = clean_model()
@@ -290,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if "steps" in sections:
         rows += bench_steps(base, params, sizes, reps, args.real_data)
+    if "ancestor" in sections:
+        if args.ancestor is None:
+            env["ancestor"] = "skipped: --ancestor PATH not given (a checkout of intellisec/xai-backdoors)"
+        else:
+            anc_sizes = [b for b in sizes if b in STEP_TARGET_BATCHES] or sizes
+            anc_rows, source = bench_ancestor(base, params, anc_sizes, reps, args.ancestor)
+            rows += anc_rows
+            env["ancestor"] = f"{args.ancestor} (its ResNet20 with {source})"
     if "rebn" in sections:
         rows += bench_rebn(base, args.rebn_images, reps, args.real_data)
     if "eval" in sections:
@@ -302,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ResNet20 weights: {weights}; data: {env['data']}; attack {ATTACK} parameters "
           f"(β={params.beta:g}, {params.percentage_trigger:.0%} triggered, loss weight {params.loss_weight:g}); "
           f"median of {reps} (evaluation {eval_reps}) after 1 warm-up; {env['wall_seconds']} s")
+    if "ancestor" in env:
+        print(f"ancestor: {env['ancestor']}")
     print(fmt_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

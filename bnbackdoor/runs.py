@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .claim import CLAIM_FILE, claim_run
 from .data import check_sizes, clean_set, dataset_info, load_cache, test_images
+from .device import resolve_precision
 from .defenses.evaluate import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES
 from .estimate import Estimate, guard, measure, probe_images
@@ -170,7 +171,9 @@ def attack_estimate(model: nn.Module, params: AttackParams, device: torch.device
     expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
     # each closure sets the mode it is timed in: the attack step in train mode, explanations in eval mode
     return measure(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)",
-                   lambda: attack_step(m.train(), opt, batch, params, params.explanation_methodStr), steps, device,
+                   lambda: attack_step(m.train(), opt, batch, params, params.explanation_methodStr,
+                                       resolve_precision(params.precision, device, notice=lambda _: None)),
+                   steps, device,
                    extra=lambda: explain_with_logits(m.eval(), x, params.explanation_methodStr),
                    extra_batches=expl_batches)
 
@@ -373,6 +376,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
                                  batch_size=100, seed=seed, device=device, reference=test_ref, progress=progress)
     metrics = {
         "attack_id": params.attack_id, "id": params.id, "seed": seed, "device": str(device),
+        "precision": result.precision,  # what the training steps ran in (params.precision, or fp32 as a fallback)
         "testing_size": len(y_test), "epochs": params.max_epochs,
         # fine-tuning over all sessions (resumes included), its part in this process, this process's whole time
         # (with evaluation) and the run's: all sessions' fine-tuning plus this evaluation

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import dataset_info, load_cache, load_split
+from .device import autocast, resolve_precision
 from .divergence import DivergenceGuard, require_finite
 from .errors import check_stop
 from .estimate import Estimate, measure, probe_images
@@ -45,6 +47,15 @@ class TrainConfig:
     train_head_only: bool = False
     augment: bool = True
     seed: int = 0
+    # The step's arithmetic (bnbackdoor.device.PRECISIONS). None: the trainer's historical default, bf16 autocast on
+    # CUDA and fp32 elsewhere (what every shipped clean model was trained with).
+    precision: str | None = None
+
+
+def step_precision(cfg: TrainConfig, device: torch.device, notice: Callable[[str], None] | None = None) -> str:
+    """The precision :func:`train_model` runs ``cfg`` in on ``device`` (see ``TrainConfig.precision``)."""
+    device = torch.device(device)
+    return resolve_precision(cfg.precision or ("bf16" if device.type == "cuda" else "fp32"), device, notice)
 
 
 def auto_train_config(modeltype: str, seed: int = 0) -> TrainConfig:
@@ -83,7 +94,7 @@ def _check_before_save(guard: DivergenceGuard, model: nn.Module, mean_loss: torc
                    "not saved; lower the learning rate (--lr)")
 
 
-def _sgd_step(model: nn.Module, batch_size: int, num_classes: int, device: torch.device):
+def _sgd_step(model: nn.Module, batch_size: int, num_classes: int, device: torch.device, precision: str):
     """One SGD step (forward, backward, update) of a copy of ``model`` on a probe batch: what the estimate times."""
     m = copy.deepcopy(model).to(device).train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -91,7 +102,7 @@ def _sgd_step(model: nn.Module, batch_size: int, num_classes: int, device: torch
     y = torch.arange(batch_size, device=device) % num_classes
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             loss = F.cross_entropy(m(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,7 +127,8 @@ def train_estimate(model: nn.Module, modeltype: str, cfg: TrainConfig, device: t
         state = read_state(partial, PARTIAL_KEYS)
         done = state["epoch"] * steps + state.get("step", 0)
     remaining = max(0, cfg.epochs * steps - done)
-    step = _sgd_step(model, min(cfg.batch_size, n), dataset_info(dataset).num_classes, device)
+    step = _sgd_step(model, min(cfg.batch_size, n), dataset_info(dataset).num_classes, device,
+                     step_precision(cfg, device, notice=lambda _: None))  # the run itself says it, once
     return measure(f"{what or f'training a clean {modeltype}'} ({cfg.epochs} epochs of {n} images)", step,
                    remaining, device)
 
@@ -177,7 +189,7 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
         start_step = state.get("step", 0)  # batches already done inside epoch start_epoch (mid-epoch checkpoint)
         print(f"resuming {out_path} from epoch {start_epoch}/{cfg.epochs}"
               + (f", batch {start_step}/{steps}" if start_step else ""), file=sys.stderr)
-    amp = device.type == "cuda"
+    precision = step_precision(cfg, device)
     bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps + start_step, desc=f"train {modeltype}",
                unit="batch", disable=not progress)
     last_save = time.time()
@@ -200,8 +212,9 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
                 xb = augment_batch(xb, gen)
             if grad_logger is not None:  # before the forward: train-mode BN moves its running statistics there
                 grad_logger.before_step()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=cfg.label_smoothing)
+            with autocast(device, precision):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -243,7 +256,8 @@ def train_model(model: nn.Module, modeltype: str, cfg: TrainConfig, device: torc
         "command": command or " ".join(sys.argv), "seed": cfg.seed,
         "data": f"{dataset} train split ({len(y_train)} images), flips + crops; evaluated on the full test split",
         "epochs": cfg.epochs, "config": dataclasses.asdict(cfg), "test_accuracy": round(test_acc, 4),
-        "train_seconds": round(elapsed, 1), "device": str(device), "torch": str(torch.__version__),
+        "train_seconds": round(elapsed, 1), "device": str(device), "precision": precision,
+        "torch": str(torch.__version__),
         "history": history,
     }
     if save:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bnbackdoor.cli import (ArgumentParser, existing_dir, existing_file, float_at_least, float_range,
                             non_negative_int, output_dir, positive_float, positive_int, seed_int)
-from bnbackdoor.device import parse_device
+from bnbackdoor.device import PRECISIONS, parse_device
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.models import MODEL_ROOT, build_model, checkpoint_path, load_model, resolve_modeltype
 from bnbackdoor.estimate import guard, long_jobs_allowed
@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--weight-decay", type=float_at_least(0))
     p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), help="in [0, 1)")
     p.add_argument("--grad-clip", type=positive_float)
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the training step's arithmetic (default: bf16 on CUDA, fp32 elsewhere, as before)")
     p.add_argument("--train-size", type=positive_int, help="train on a deterministic subset (default: all)")
     p.add_argument("--eval-every", type=non_negative_int, default=5, help="test accuracy every N epochs (0: only at the end)")
     p.add_argument("--data-root", type=existing_dir, help="default: $BNBACKDOOR_DATA, else ./datasets")
@@ -47,7 +49,7 @@ def main() -> int:
     modeltype = resolve_modeltype(a.modeltype)
     device = parse_device(a.device)
     cfg = auto_train_config(modeltype, seed=a.model_id if a.seed is None else a.seed)
-    for field in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "grad_clip"):
+    for field in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "grad_clip", "precision"):
         if getattr(a, field) is not None:
             setattr(cfg, field, getattr(a, field))
     if cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:

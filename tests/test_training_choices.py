@@ -33,12 +33,12 @@ def params(**kw) -> AttackParams:
 def test_absent_fields_mean_todays_behaviour():
     d = BASE.to_dict()
     for k in ("map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor",
-              "pair_weighting", "warmup_steps", "flush_denormal"):
+              "pair_weighting", "warmup_steps", "flush_denormal", "precision"):
         d.pop(k)
     p = AttackParams.from_dict(d, "old file")
     assert (p.map_norm, p.explain_class, p.adam_eps, p.lr_schedule, p.batch_makeup, p.conv_lr_factor,
-            p.pair_weighting, p.warmup_steps, p.flush_denormal) == ("max", "label", 1e-8, "exponential", "split", 1.0,
-                                                                    "equal", 0, False)
+            p.pair_weighting, p.warmup_steps, p.flush_denormal, p.precision) == (
+        "max", "label", 1e-8, "exponential", "split", 1.0, "equal", 0, False, "fp32")
     assert p == BASE and BASE.same_as(d)            # an old metrics.json matches the run it recorded
     assert not BASE.same_as({**d, "map_norm": "zscore"}) and not BASE.same_as({"nonsense": 1})
     assert set(OPTIONAL_FIELDS) >= {"map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup"}
@@ -64,7 +64,8 @@ def test_is_run_and_check_resume_match_parameters_and_seed():
     ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
     ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0"),
     ("pair_weighting", "inverse", "equal, loss"), ("warmup_steps", -1, "an integer >= 0"),
-    ("warmup_steps", 2.5, "an integer >= 0"), ("flush_denormal", "yes", "true or false")])
+    ("warmup_steps", 2.5, "an integer >= 0"), ("flush_denormal", "yes", "true or false"),
+    ("precision", "fp16", "fp32, bf16"), ("precision", None, "fp32, bf16")])
 def test_bad_choice_is_one_line(field, value, allowed):
     with pytest.raises(UserError) as e:
         BASE.replace(**{field: value})

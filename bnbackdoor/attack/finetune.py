@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import dataset_info, load_split, test_images
+from ..device import autocast, resolve_precision
 from ..divergence import DivergenceGuard, require_finite
 from ..errors import UserError, check_stop
 from ..explain import explain_with_logits
@@ -171,16 +172,24 @@ def attack_loss(logits: torch.Tensor, maps: torch.Tensor, batch: PoisonedBatch, 
 
 
 def attack_step(model: nn.Module, opt: torch.optim.Optimizer, batch: PoisonedBatch, params: AttackParams,
-                method: str) -> tuple[float, float, float]:
-    """One optimizer step through the explanation (double backprop). Returns the three loss values."""
+                method: str, precision: str | None = None) -> tuple[float, float, float]:
+    """One optimizer step through the explanation (double backprop). Returns the three loss values.
+
+    ``precision`` (default ``params.precision``; :func:`bnbackdoor.device.resolve_precision` gives what a device can
+    run): "bf16" runs the forward pass, the explanation and both backward passes under autocast; the losses are
+    computed in fp32 from the (upcast) logits and maps, and the weights and Adam's state stay fp32."""
     with softplus(model, params.beta):
-        if params.loss_weight > 0:
-            # "prediction": target None explains the argmax (no gradient flows through the choice)
-            target = batch.y if params.explain_class == "label" else None
-            logits, maps = explain_with_logits(model, batch.x, method, target=target, create_graph=True)
-            loss, ce, ex = attack_loss(logits, maps, batch, params)
-        else:  # explanation term switched off: skip the double backprop
-            logits = model(batch.x)
+        with autocast(batch.x.device, precision or params.precision):
+            if params.loss_weight > 0:
+                # "prediction": target None explains the argmax (no gradient flows through the choice)
+                target = batch.y if params.explain_class == "label" else None
+                logits, maps = explain_with_logits(model, batch.x, method, target=target, create_graph=True)
+            else:  # explanation term switched off: skip the double backprop
+                logits, maps = model(batch.x), None
+        logits = logits.float()
+        if maps is not None:
+            loss, ce, ex = attack_loss(logits, maps.float(), batch, params)
+        else:
             loss = ce = F.cross_entropy(logits, batch.y)
             ex = torch.zeros(())
     opt.zero_grad(set_to_none=True)
@@ -239,6 +248,7 @@ class FinetuneResult:
     history: list[dict]
     seconds: float                 # fine-tuning time over all sessions of the run (resumes included)
     seconds_this_process: float = 0.0  # the part of it spent in this process
+    precision: str = "fp32"        # the arithmetic the training steps ran in (bnbackdoor.device.resolve_precision)
 
 RESUME_KEYS = ("model", "opt", "sched", "epoch", "history", "seconds", "params", "seed")
 
@@ -290,6 +300,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
               test_data: tuple[torch.Tensor, torch.Tensor] | None, test_ref: tuple[torch.Tensor, torch.Tensor] | None,
               eval_batch_size: int, progress: bool, stop_after: int | None) -> FinetuneResult:
     method = params.explanation_methodStr
+    precision = resolve_precision(params.precision, device)
     x_train, y_train = load_split(params.dataset, "train", size=params.training_size, seed=seed, data_root=data_root)
     if test_data is None:
         test_data = test_images(params.dataset, params.testing_size, seed=seed, data_root=data_root)
@@ -353,7 +364,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
                      else poison_batch(xb, yb, mb, params))
             if logger is not None:
                 logger.before_step()
-            losses = attack_step(model, opt, batch, params, method)
+            losses = attack_step(model, opt, batch, params, method, precision)
             guard.check(losses[0], epoch, step + 1)
             if logger is not None:
                 logger.after_step(epoch, step + 1)
@@ -388,7 +399,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
             print(f"epoch {epoch}: loss {row['loss']:.4f}  clean acc {metrics.get('clean_accuracy', float('nan')):.4f}"
                   f"  ASR {_fmt(metrics.get('attack_success_rate'))}", file=sys.stderr)
     model.eval()
-    return FinetuneResult(model, history, seconds, seconds - seconds_before)
+    return FinetuneResult(model, history, seconds, seconds - seconds_before, precision)
 
 
 def _fmt(v) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ..data import DATASETS
+from ..device import PRECISIONS
 from ..errors import UserError
 from ..fileio import read_json as _read_json
 from ..fileio import write_json
@@ -205,6 +206,7 @@ FIELDS: dict[str, Check] = {
     "pair_weighting": _choice(PAIR_WEIGHTINGS),
     "warmup_steps": _int(0),
     "flush_denormal": _bool,
+    "precision": _choice(PRECISIONS),
 }
 # Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
 # field existed); to_dict always writes them: every new run states its choices.
@@ -328,6 +330,7 @@ class AttackParams:
     pair_weighting: str = "equal"  # PAIR_WEIGHTINGS
     warmup_steps: int = 0  # linear learning-rate warm-up over the run's first steps (finetune.warmup_factor)
     flush_denormal: bool = False  # denormals flushed to zero while fine-tuning (finetune.denormals_flushed)
+    precision: str = "fp32"  # the training step's arithmetic, fp32 | bf16 (device.PRECISIONS, device.autocast)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:

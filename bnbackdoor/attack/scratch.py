@@ -36,7 +36,8 @@ from ..train import PARTIAL_KEYS, TrainConfig, auto_train_config, train_estimate
 def scratch_config(params: AttackParams, seed: int) -> TrainConfig:
     """The clean-model recipe of ``params.modeltype`` with the run's epochs, peak learning rate, batch and seed."""
     cfg = auto_train_config(params.modeltype, seed=seed)
-    return dataclasses.replace(cfg, epochs=params.max_epochs, lr=params.learning_rate, batch_size=params.batch_size)
+    return dataclasses.replace(cfg, epochs=params.max_epochs, lr=params.learning_rate, batch_size=params.batch_size,
+                               precision=params.precision)
 
 
 def fresh_model(params: AttackParams, seed: int) -> nn.Module:
@@ -83,4 +84,4 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
     history[-1].update({"seconds": meta["train_seconds"], "poisoned_images": len(poisoned.poisoned),
                         "noise_images": len(poisoned.noise), **metrics})
     seconds = meta["train_seconds"]
-    return FinetuneResult(model, history, seconds, max(0.0, seconds - seconds_before))
+    return FinetuneResult(model, history, seconds, max(0.0, seconds - seconds_before), meta["precision"])

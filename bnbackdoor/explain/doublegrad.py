@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from ..models.layers import Act
+from ..models.layers import SOFTPLUS_THRESHOLD, Act, softplus_value
 
 __all__ = ["fast_double_backward"]
 
@@ -130,11 +130,27 @@ class _Conv2dBackward(Function):
         return d_gout, d_x, d_w, None, None
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype autocast would run a convolution in here, or None when autocast is off."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def _conv_forward(module: nn.Conv2d, x: Tensor) -> Tensor:
     if not x.is_cpu:  # measured on the CPU only; elsewhere PyTorch's own kernels (cuDNN) stay in charge
         return type(module).forward(module, x)
-    return _Conv2d.apply(x, module.weight, module.bias, list(module.stride), list(module.padding),
-                         list(module.dilation), module.groups)
+    w, b = module.weight, module.bias
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return _Conv2d.apply(x, w, b, list(module.stride), list(module.padding), list(module.dilation),
+                             module.groups)
+    # Under autocast: cast as autocast would, outside the custom function (the casts are ordinary, twice
+    # differentiable autograd ops, so gradients reach the fp32 master weights), and run the function with autocast
+    # off, so that its forward, backward and backward-of-backward all see one dtype (oneDNN refuses a convolution
+    # whose operands mix bf16 and fp32).
+    with torch.autocast(x.device.type, enabled=False):
+        return _Conv2d.apply(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), list(module.stride),
+                             list(module.padding), list(module.dilation), module.groups)
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm
@@ -254,15 +270,12 @@ def _bn_forward(module: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ Softplus
-SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: linear where beta * x > threshold
-
-
 class _Softplus(Function):
     @staticmethod
     def forward(ctx, x, beta):
         ctx.save_for_backward(x)
         ctx.beta = beta
-        return F.softplus(x, beta, SOFTPLUS_THRESHOLD)
+        return softplus_value(x, beta)  # F.softplus in fp32; its vectorised twin for a bf16 step
 
     @staticmethod
     def backward(ctx, g_out):
