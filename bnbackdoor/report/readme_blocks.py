@@ -1,8 +1,11 @@
-"""The README's measured tables, generated from stored results (never typed by hand).
+"""The measured tables of the README and the docs pages, generated from stored results (never typed by hand).
 
-README.md holds blocks between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; ``fill(text, root)``
-replaces each block's body with what :data:`BLOCKS` renders from the files under ``root``:
+Each page of :data:`PAGES` (README.md, the docs/findings/ pages, docs/models.md, experimentsettings/README.md) holds
+blocks between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in its hand-written prose;
+``fill(text, root)`` replaces each block's body with what :data:`BLOCKS` renders from the files under ``root``:
 
+- ``findings``       the front page's one table: each claim of the paper with its verdict per regime (the rules of
+                     RESULTS.md; the title claim from the ablation) and links to the findings pages;
 - ``two-defenses``   the stored models the README names × (no defense, Re-BN, Re-BN augmented, test-batch BN at
                      f = 1 and f = 1/B), from ``manipulated_models/<id>/metrics.json``;
 - ``anatomy``        the parameter-group ablation of 154 / 154bntrain / 256, from ``results/anatomy/<id>_anatomy.json``;
@@ -20,9 +23,10 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
 
-A source that is missing renders as one line saying which file and which command makes it, so the README never
-shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
-when README.md is out of date.
+A source that is missing renders as one line saying which file and which command makes it, so no page ever shows a
+number that is not on disk. ``scripts/make_results.py`` calls :func:`fill` on every page and ``--check`` fails when
+one is out of date (``tests/test_results.py``); ``tests/test_docs_links.py`` checks that every block is on exactly
+one page.
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, HOLD_SHARE,
-                      LARGE_CUT, MANIPULATED, REGIMES, Model, Row, asr_acc, budget_table, claim_conditions, claim_rows,
-                      comparison_winner, defense_control_tables, detector_table, disguise_table, finetune_bn_table,
-                      fmt, load_models, read_stored_json, table)
+                      LARGE_CUT, MANIPULATED, REGIMES, Model, Row, asr_acc, budget_table, claim_conditions, claim_holds,
+                      claim_rows, comparison_winner, defense_control_tables, detector_table, disguise_table,
+                      finetune_bn_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -51,7 +55,8 @@ def _read(path: Path) -> Any:
     return read_stored_json(path, _REBUILD.format(path=path)) if path.exists() else None
 
 
-_REBUILD = "rebuild it with the command in README.md that writes it, or restore it (git checkout -- {path})"
+_REBUILD = ("rebuild it with the command on the README or docs/ page that writes it, or restore it "
+            "(git checkout -- {path})")
 
 
 def two_defenses(root: Path) -> list[str]:
@@ -298,7 +303,8 @@ BN_CLAIM = "The backdoor lives in BatchNorm (the title)"
 # Where each claim is read in full, per regime (relative to the README): fine-tuning, then poisoning from scratch.
 CLAIM_PAGES = {BN_CLAIM: ("anatomy.md", "poisoning.md")}
 DEFAULT_CLAIM_PAGES = ("protocols.md", "poisoning.md")
-FINDINGS_REGIMES = ("finetune", "scratch")  # the two regimes the paper's claims are contrasted in (controls: RESULTS.md)
+# The two regimes the paper's claims are contrasted in on the front page (the controls' verdicts: RESULTS.md).
+FINDINGS_REGIMES = ("finetune", "scratch")
 
 
 def _short_verdict(rows: list[Row]) -> str:
@@ -307,7 +313,7 @@ def _short_verdict(rows: list[Row]) -> str:
     if not rows:
         return "n/a"
     passed = sum(r.passed for r in rows)
-    if passed >= HOLD_SHARE * len(rows):
+    if claim_holds(rows):
         return f"**holds** ({passed}/{len(rows)} rows pass)"
     conditions = claim_conditions(rows)
     if not conditions:
@@ -327,10 +333,11 @@ def _bn_ablation_cell(root: Path) -> str:
         if d is None:
             continue
         manip = next((r for r in d["rows"] if r["group"] is None and r["variant"] == MANIPULATED), {})
+        before = manip.get("attack_success_rate")
         for r in d["rows"]:
-            if r["variant"] == "restore" and r["group"] in ("bn_stats", "bn_affine") and manip.get("attack_success_rate"):
+            if before and r["variant"] == "restore" and r["group"] in ("bn_stats", "bn_affine"):
                 after.append(r["attack_success_rate"])
-                cuts.append(1 - r["attack_success_rate"] / manip["attack_success_rate"])
+                cuts.append(1 - r["attack_success_rate"] / before)
         ids.append(mid)
     if not cuts:
         return "n/a (no ablation yet: `python scripts/locate_backdoor.py 154 cpu --save_path results/anatomy`)"
@@ -355,11 +362,12 @@ def findings(root: Path) -> list[str]:
     rows = [[BN_CLAIM, _bn_ablation_cell(root),
              "not carried by the statistics: Re-BN leaves the backdoor (below); the ablation cannot tell (it mixes "
              "two independently trained networks)", links(BN_CLAIM)]]
+    not_judged = "not judged in this regime (RESULTS.md, Claims)"  # e.g. no target explanation from scratch
     for name, per_regime in by_claim.items():
-        rows.append([name, *[_short_verdict(per_regime[r]) if r in per_regime else "not judged in this regime (RESULTS.md, Claims)"
-                             for r in FINDINGS_REGIMES], links(name)])
-    return [f"Judged on the accepted shipped models by the rules of [RESULTS.md](RESULTS.md#claims): a claim holds when "
-            f"at least {HOLD_SHARE:.0%} of its (model, defense) rows pass (the full verdicts and every number are "
+        verdicts = [_short_verdict(per_regime[r]) if r in per_regime else not_judged for r in FINDINGS_REGIMES]
+        rows.append([name, *verdicts, links(name)])
+    return [f"Judged on the accepted shipped models by the rules of [RESULTS.md](RESULTS.md#claims): a claim holds "
+            f"when at least {HOLD_SHARE:.0%} of its (model, defense) rows pass (the full verdicts and every number are "
             "there).", "",
             table(rows, ["claim (paper)", *[REGIMES[r] for r in FINDINGS_REGIMES], "read"])]
 

@@ -292,11 +292,16 @@ def claim_conditions(rows: list[Row]) -> list[Condition]:
     return out
 
 
+def claim_holds(rows: list[Row]) -> bool:
+    """Whether a claim holds outright: at least :data:`HOLD_SHARE` of its rows pass."""
+    return bool(rows) and _share(rows) >= HOLD_SHARE
+
+
 def claim_verdict(rows: list[Row]) -> str:
     """holds / holds only when (conditions) / does not hold / n/a — the rule of the module docstring."""
     if not rows:
         return "n/a (no accepted model has these numbers)"
-    if _share(rows) >= HOLD_SHARE:
+    if claim_holds(rows):
         return "holds"
     conditions = claim_conditions(rows)
     return "holds only when " + " or ".join(map(str, conditions)) if conditions else "does not hold"
