@@ -321,8 +321,9 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 
 def _readme_commands() -> list[list[str]]:
-    """Every ``python <file>.py ...`` line of the README's shell blocks, as words (comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    """Every ``python <file>.py ...`` line of the shell blocks of the README and the docs pages it links to, as words
+    (comments dropped)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
     out = []
     for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
         for line in block.splitlines():
@@ -333,7 +334,8 @@ def _readme_commands() -> list[list[str]]:
 
 
 def test_every_command_the_readme_shows_names_a_script_and_flags_it_accepts():
-    """The front page's commands in brief are typed, not generated: each script must exist and take each flag."""
+    """The commands of the front page and the docs are typed, not generated: each script must exist and take each
+    flag it is shown with."""
     commands = _readme_commands()
     scripts = sorted({c[0] for c in commands})
     assert {"attack.py", "evaluate_models.py", "scripts/compare_defenses.py", "scripts/make_results.py"} <= set(scripts)
