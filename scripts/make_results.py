@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Regenerate RESULTS.md, the README's measured tables and the promoted runs' provenance READMEs: python scripts/make_results.py [--check]
+"""Regenerate RESULTS.md, the measured tables of the README and docs pages, and the promoted runs' provenance READMEs: python scripts/make_results.py [--check]
 
 Reads only the shipped metrics (manipulated_models/*/metrics.json, and results/*.json when present); the claim and
-acceptance rules are in bnbackdoor/report/results.py and bnbackdoor/report/acceptance.py and are printed in RESULTS.md; the README
-blocks between <!-- generated:NAME --> markers are rendered by bnbackdoor/report/readme_blocks.py. --check exits 1 when a
-file on disk differs from what the stored results give (nothing is written).
+acceptance rules are in bnbackdoor/report/results.py and bnbackdoor/report/acceptance.py and are printed in RESULTS.md; the
+blocks between <!-- generated:NAME --> markers of every page in bnbackdoor.report.readme_blocks.PAGES (README.md, the
+docs/findings/ pages, docs/models.md, experimentsettings/README.md) are rendered by bnbackdoor/report/readme_blocks.py.
+--check exits 1 when a file on disk differs from what the stored results give (nothing is written).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bnbackdoor.campaigns.catalogue import CATALOGUE_FILE, promoted_readmes
 from bnbackdoor.cli import ArgumentParser, existing_dir, output_file
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
-from bnbackdoor.report.readme_blocks import fill
+from bnbackdoor.report.readme_blocks import PAGES, fill
 from bnbackdoor.report.results import StoredResultError, render
 
 
@@ -31,8 +32,8 @@ def main() -> int:
     readme = Path(a.readme) if a.readme else root / "README.md"
     try:  # the report layer imports nothing of ours below it: its damaged-file error becomes ours here
         wanted = {results: render(root)}
-        # the README's blocks, and the catalogue page's (experimentsettings/README.md: the probes of issue 27)
-        for page in (readme, root / "experimentsettings" / "README.md"):
+        # the hand-written pages around the generated blocks; a root without a page (a test's tree) has none to fill
+        for page in [readme, *(root / p for p in PAGES if p != "README.md")]:
             if page.exists():
                 wanted[page] = fill(page.read_text(), root)
     except StoredResultError as e:

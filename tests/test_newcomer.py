@@ -310,3 +310,42 @@ def test_readme_model_table_has_every_architecture_and_committed_model():
     order = [quick.index(s) for s in ("pip install -r requirements.txt", "unpack.sh datasets", "python -m pytest",
                                       "python attack.py cpu 154")]
     assert order == sorted(order)
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    quick = (ROOT / "README.md").read_text()
+    quick = quick[quick.index("## Quick start"):quick.index("## Commands")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme_cmd, = re.findall(r"^python (-m pytest[^#\n]*?)\s*(?:#|$)", quick, re.M)
+    assert re.search(r'"\$VENV/bin/python" ' + re.escape(readme_cmd) + "$", ci, re.M), readme_cmd
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``python <file>.py ...`` line of the shell blocks of the README and the docs pages it links to, as words
+    (comments dropped)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.splitlines():
+            words = line.split("#")[0].split()
+            if len(words) > 1 and words[0] == "python" and words[1].endswith(".py"):
+                out.append(words[1:])
+    return out
+
+
+def test_every_command_the_readme_shows_names_a_script_and_flags_it_accepts():
+    """The commands of the front page and the docs are typed, not generated: each script must exist and take each
+    flag it is shown with."""
+    commands = _readme_commands()
+    scripts = sorted({c[0] for c in commands})
+    assert {"attack.py", "evaluate_models.py", "scripts/compare_defenses.py", "scripts/make_results.py"} <= set(scripts)
+    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for s in scripts}  # in parallel: ~2 s each
+    helps = {}
+    for s, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (s, err)
+        helps[s] = out
+    for script, *args in commands:
+        for flag in (f for a in args for f in re.findall(r"--[a-z][\w-]*", a)):
+            assert flag in helps[script], (script, flag)

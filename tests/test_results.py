@@ -520,3 +520,58 @@ def test_probes_block_gives_each_probes_last_and_lowest_dssim_epoch_and_its_sche
                       "1.000", "0.400", "0.300", "0.300 (epoch 1, acc 0.500)"]]
     assert [_probe_lr({"learning_rate": 1e-3, "lr_schedule": k, "decay_rate": d})
             for k, d in (("exponential", 1.0), ("inverse", 0.5))] == ["0.001 const", "0.001 / (1 + 0.5(e − 1))"]
+
+
+def test_findings_block_gives_each_claim_its_verdict_per_regime_and_links(tmp_path):
+    from bnbackdoor.report.readme_blocks import BN_CLAIM, _short_verdict, fill
+
+    for i, m in (("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.1))),
+                 ("156", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.1))),
+                 ("GTSRBR20-badnets-10", scratch_metrics(0.05))):
+        (tmp_path / "manipulated_models" / i).mkdir(parents=True)
+        (tmp_path / "manipulated_models" / i / "metrics.json").write_text(json.dumps(m))
+    out = fill("<!-- generated:findings -->\n<!-- /generated:findings -->\n", tmp_path)
+    assert "no ablation yet" in out  # the title claim needs results/anatomy/; missing, it says which command
+    (tmp_path / "results" / "anatomy").mkdir(parents=True)
+    rows = [{"variant": "manipulated", "group": None, "attack_success_rate": 1.0}] + [
+        {"variant": "restore", "group": g, "attack_success_rate": asr} for g, asr in (("bn_stats", 0.98),
+                                                                                    ("bn_affine", 0.99))]
+    (tmp_path / "results" / "anatomy" / "154_anatomy.json").write_text(json.dumps({"groups": {}, "rows": rows}))
+    out = fill(out, tmp_path)
+    assert "at least 80% of its (model, defense) rows pass" in out
+    cells = {r[0]: r[1:] for r in ([c.strip() for c in ln.split("|")[1:-1]] for ln in out.splitlines()
+                                   if ln.startswith("| "))}
+    assert cells["claim (paper)"][:2] == ["explanation-aware fine-tuning", "poisoning from scratch"]
+    assert cells[BN_CLAIM][0] == ("**does not hold**: with BN statistics or γ/β restored to the clean model's, attack "
+                                  "success stays >= 0.980 (154; ablation)")
+    cut = cells["Re-BN cuts attack success by a large margin"]
+    assert cut[:2] == ["**holds only when** defense = rebn+augment (2/2); 2/4 rows pass in all",
+                       "**holds** (2/2 rows pass)"]
+    assert cut[2] == "[fine-tuning](docs/findings/protocols.md), [from scratch](docs/findings/poisoning.md)"
+    assert cells["Re-BN restores explanations"][1].startswith("not judged in this regime")  # no target explanation
+    assert fill(out, tmp_path) == out
+    # a second dimension's conditions are left to RESULTS.md; the front page says there are more
+    mixed = [Model("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.1))),
+             Model("10154", metrics(dataset="gtsrb", defenses=defended(rebn_asr=0.1, aug_asr=0.1)))]
+    rows = claim("Re-BN cuts attack success by a large margin").rows(mixed)
+    assert claim_verdict(rows) == "holds only when defense = rebn+augment (2/2) or dataset = gtsrb (2/2)"
+    assert _short_verdict(rows) == "**holds only when** defense = rebn+augment (2/2) or …; 3/4 rows pass in all"
+    kept = [Model("154", metrics(defenses=defended(rebn_asr=0.95, aug_asr=0.95)))]
+    assert _short_verdict(claim("Re-BN cuts attack success by a large margin").rows(kept)) == (
+        "**does not hold** (0/2 rows pass)")
+    assert _short_verdict([]) == "n/a"
+
+
+def test_check_covers_the_docs_pages(tmp_path):
+    """A stale table on a docs page fails --check like one in the README; writing fixes it."""
+    page = tmp_path / "docs" / "findings" / "anatomy.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("# Where\n\nprose kept\n<!-- generated:anatomy -->\nstale 9.999\n<!-- /generated:anatomy -->\n")
+    cmd = [sys.executable, "scripts/make_results.py", "--root", str(tmp_path)]
+    check = subprocess.run(cmd + ["--check"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 1 and "anatomy.md" in check.stderr
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode == 0
+    text = page.read_text()
+    assert "9.999" not in text and "prose kept" in text and "no `results/anatomy/154_anatomy.json` yet" in text
+    check = subprocess.run(cmd + ["--check"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0 and "docs/findings/anatomy.md" in check.stdout

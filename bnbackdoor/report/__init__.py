@@ -1,3 +1,4 @@
 """Reports: read the stored JSON, write Markdown; no torch (:mod:`.acceptance`, :mod:`.results` - RESULTS.md -,
-:mod:`.readme_blocks` - the README's generated tables -, :mod:`.labels` - names shared with the figures -,
-:mod:`.schema` - what a stored parameters.json means where it leaves a field out, shared with the validator)."""
+:mod:`.readme_blocks` - the generated tables of the README and docs pages -, :mod:`.labels` - names shared with the
+figures -, :mod:`.schema` - what a stored parameters.json means where it leaves a field out, shared with the
+validator)."""

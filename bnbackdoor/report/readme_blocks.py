@@ -1,8 +1,11 @@
-"""The README's measured tables, generated from stored results (never typed by hand).
+"""The measured tables of the README and the docs pages, generated from stored results (never typed by hand).
 
-README.md holds blocks between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; ``fill(text, root)``
-replaces each block's body with what :data:`BLOCKS` renders from the files under ``root``:
+Each page of :data:`PAGES` (README.md, the docs/findings/ pages, docs/models.md, experimentsettings/README.md) holds
+blocks between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in its hand-written prose;
+``fill(text, root)`` replaces each block's body with what :data:`BLOCKS` renders from the files under ``root``:
 
+- ``findings``       the front page's one table: each claim of the paper with its verdict per regime (the rules of
+                     RESULTS.md; the title claim from the ablation) and links to the findings pages;
 - ``two-defenses``   the stored models the README names × (no defense, Re-BN, Re-BN augmented, test-batch BN at
                      f = 1 and f = 1/B), from ``manipulated_models/<id>/metrics.json``;
 - ``anatomy``        the parameter-group ablation of 154 / 154bntrain / 256, from ``results/anatomy/<id>_anatomy.json``;
@@ -20,9 +23,10 @@ replaces each block's body with what :data:`BLOCKS` renders from the files under
                      baseline of ``results/defenses_<id>.json`` and the ablation's "restore bn_stats / bn_affine"
                      rows of ``results/anatomy/<id>_anatomy.json``.
 
-A source that is missing renders as one line saying which file and which command makes it, so the README never
-shows a number that is not on disk. ``scripts/make_results.py`` calls :func:`fill`; ``tests/test_results.py`` fails
-when README.md is out of date.
+A source that is missing renders as one line saying which file and which command makes it, so no page ever shows a
+number that is not on disk. ``scripts/make_results.py`` calls :func:`fill` on every page and ``--check`` fails when
+one is out of date (``tests/test_results.py``); ``tests/test_docs_links.py`` checks that every block is on exactly
+one page.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
-from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, MANIPULATED,
-                      Model, asr_acc, budget_table, comparison_winner, defense_control_tables,
-                      detector_table, disguise_table, finetune_bn_table, fmt, load_models, read_stored_json, table)
+from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, HOLD_SHARE,
+                      LARGE_CUT, MANIPULATED, REGIMES, Model, Row, asr_acc, budget_table, claim_conditions, claim_holds,
+                      claim_rows, comparison_winner, defense_control_tables, detector_table, disguise_table,
+                      finetune_bn_table, fmt, load_models, read_stored_json, table)
 
 STORED_IDS = ("154", "154bntrain", "256", "272")  # the stored models the README names (protocols issue)
 ANATOMY_IDS = ("154", "154bntrain", "256")
@@ -50,7 +55,8 @@ def _read(path: Path) -> Any:
     return read_stored_json(path, _REBUILD.format(path=path)) if path.exists() else None
 
 
-_REBUILD = "rebuild it with the command in README.md that writes it, or restore it (git checkout -- {path})"
+_REBUILD = ("rebuild it with the command on the README or docs/ page that writes it, or restore it "
+            "(git checkout -- {path})")
 
 
 def two_defenses(root: Path) -> list[str]:
@@ -291,12 +297,93 @@ def detectors(root: Path) -> list[str]:
     return _table_or(detector_table(root)[0], DETECTOR_HEADERS, "No `results/detectors_<id>.json` yet (command above).")
 
 
+# --------------------------------------------------------------------------------------- the front page's findings
+FINDINGS = "docs/findings"  # the findings pages, relative to the repository root (the README links into them)
+BN_CLAIM = "The backdoor lives in BatchNorm (the title)"
+# Where each claim is read in full, per regime (relative to the README): fine-tuning, then poisoning from scratch.
+CLAIM_PAGES = {BN_CLAIM: ("anatomy.md", "poisoning.md")}
+DEFAULT_CLAIM_PAGES = ("protocols.md", "poisoning.md")
+# The two regimes the paper's claims are contrasted in on the front page (the controls' verdicts: RESULTS.md).
+FINDINGS_REGIMES = ("finetune", "scratch")
+
+
+def _short_verdict(rows: list[Row]) -> str:
+    """A front-page verdict: the verdict of RESULTS.md (the same rule) with, for "holds only when", the conditions of
+    its first dimension only (RESULTS.md lists them all), and how many rows pass."""
+    if not rows:
+        return "n/a"
+    passed = sum(r.passed for r in rows)
+    if claim_holds(rows):
+        return f"**holds** ({passed}/{len(rows)} rows pass)"
+    conditions = claim_conditions(rows)
+    if not conditions:
+        return f"**does not hold** ({passed}/{len(rows)} rows pass)"
+    first = [c for c in conditions if c.dim == conditions[0].dim]
+    more = " or …" if len(first) < len(conditions) else ""
+    return f"**holds only when** {' or '.join(map(str, first))}{more}; {passed}/{len(rows)} rows pass in all"
+
+
+def _bn_ablation_cell(root: Path) -> str:
+    """The title claim under fine-tuning, from the ablation (results/anatomy/): does restoring the BatchNorm
+    statistics or affine parameters to the clean model's remove the backdoor? Judged with the threshold of "Re-BN
+    cuts attack success by a large margin" (a relative cut of at least LARGE_CUT)."""
+    cuts, after, ids = [], [], []
+    for mid in ANATOMY_IDS:
+        d = _read(root / "results" / "anatomy" / f"{mid}_anatomy.json")
+        if d is None:
+            continue
+        manip = next((r for r in d["rows"] if r["group"] is None and r["variant"] == MANIPULATED), {})
+        before = manip.get("attack_success_rate")
+        for r in d["rows"]:
+            if before and r["variant"] == "restore" and r["group"] in ("bn_stats", "bn_affine"):
+                after.append(r["attack_success_rate"])
+                cuts.append(1 - r["attack_success_rate"] / before)
+        ids.append(mid)
+    if not cuts:
+        return "n/a (no ablation yet: `python scripts/locate_backdoor.py 154 cpu --save_path results/anatomy`)"
+    passed = sum(c >= LARGE_CUT for c in cuts)
+    verdict = ("**holds**" if passed >= HOLD_SHARE * len(cuts) else "**does not hold**" if passed == 0 else
+               "**holds in part**")
+    return (f"{verdict}: with BN statistics or γ/β restored to the clean model's, attack success stays "
+            f">= {fmt(min(after))} ({', '.join(ids)}; ablation)")
+
+
+def findings(root: Path) -> list[str]:
+    """The front page's one table: each claim of the paper, its verdict per regime and where it is read."""
+    models = load_models(root)
+    by_claim: dict[str, dict[str, list[Row]]] = {}
+    for c, regime, rows in claim_rows(models):
+        by_claim.setdefault(c.name, {})[regime] = rows
+
+    def links(name: str) -> str:
+        ft, sc = CLAIM_PAGES.get(name, DEFAULT_CLAIM_PAGES)
+        return f"[fine-tuning]({FINDINGS}/{ft}), [from scratch]({FINDINGS}/{sc})"
+
+    rows = [[BN_CLAIM, _bn_ablation_cell(root),
+             "not carried by the statistics: Re-BN leaves the backdoor (below); the ablation cannot tell (it mixes "
+             "two independently trained networks)", links(BN_CLAIM)]]
+    not_judged = "not judged in this regime (RESULTS.md, Claims)"  # e.g. no target explanation from scratch
+    for name, per_regime in by_claim.items():
+        verdicts = [_short_verdict(per_regime[r]) if r in per_regime else not_judged for r in FINDINGS_REGIMES]
+        rows.append([name, *verdicts, links(name)])
+    return [f"Judged on the accepted shipped models by the rules of [RESULTS.md](RESULTS.md#claims): a claim holds "
+            f"when at least {HOLD_SHARE:.0%} of its (model, defense) rows pass (the full verdicts and every number are "
+            "there).", "",
+            table(rows, ["claim (paper)", *[REGIMES[r] for r in FINDINGS_REGIMES], "read"])]
+
+
 BLOCKS: dict[str, Callable[[Path], list[str]]] = {"two-defenses": two_defenses, "anatomy": anatomy,
                                                    "update-shares": update_shares, "composition": composition,
                                                    "cam-fit": cam_fit, "probes": probes, "poisoning": poisoning,
                                                    "detectors": detectors, "disguise": disguise,
                                                    "disguise-defenses": disguise_defenses,
-                                                   "finetune-bn": finetune_bn, "budget": budget}
+                                                   "finetune-bn": finetune_bn, "budget": budget,
+                                                   "findings": findings}
+
+# Every page with generated blocks, relative to the repository root: the front page, the pages the long generated
+# sections moved to, and the catalogue page (the probes of issue 27). make_results.py fills and checks each.
+PAGES = ("README.md", f"{FINDINGS}/protocols.md", f"{FINDINGS}/anatomy.md", f"{FINDINGS}/poisoning.md",
+         f"{FINDINGS}/defenses.md", f"{FINDINGS}/detectors.md", "docs/models.md", "experimentsettings/README.md")
 
 
 def fill(text: str, root: str | Path = ".") -> str:

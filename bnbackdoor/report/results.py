@@ -265,22 +265,46 @@ def _share(rows: list[Row]) -> float:
     return sum(r.passed for r in rows) / len(rows)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """One single condition under which a claim holds: ``dim = value``, with its passing rows of all its rows."""
+    dim: str
+    value: str
+    passed: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"{self.dim} = {self.value} ({self.passed}/{self.total})"
+
+
+def claim_conditions(rows: list[Row]) -> list[Condition]:
+    """Every single condition (in :data:`CONDITIONS` order) under which at least :data:`HOLD_SHARE` of the rows pass;
+    a dimension with one value everywhere is no condition."""
+    out = []
+    for dim, get in CONDITIONS:
+        values = sorted({get(r) for r in rows})
+        if len(values) < 2:
+            continue
+        for v in values:
+            sub = [r for r in rows if get(r) == v]
+            if _share(sub) >= HOLD_SHARE:
+                out.append(Condition(dim, v, sum(r.passed for r in sub), len(sub)))
+    return out
+
+
+def claim_holds(rows: list[Row]) -> bool:
+    """Whether a claim holds outright: at least :data:`HOLD_SHARE` of its rows pass."""
+    return bool(rows) and _share(rows) >= HOLD_SHARE
+
+
 def claim_verdict(rows: list[Row]) -> str:
     """holds / holds only when (conditions) / does not hold / n/a — the rule of the module docstring."""
     if not rows:
         return "n/a (no accepted model has these numbers)"
-    if _share(rows) >= HOLD_SHARE:
+    if claim_holds(rows):
         return "holds"
-    conditions = []
-    for dim, get in CONDITIONS:
-        values = sorted({get(r) for r in rows})
-        if len(values) < 2:
-            continue  # one value everywhere: not a condition
-        for v in values:
-            sub = [r for r in rows if get(r) == v]
-            if _share(sub) >= HOLD_SHARE:
-                conditions.append(f"{dim} = {v} ({sum(r.passed for r in sub)}/{len(sub)})")
-    return "holds only when " + " or ".join(conditions) if conditions else "does not hold"
+    conditions = claim_conditions(rows)
+    return "holds only when " + " or ".join(map(str, conditions)) if conditions else "does not hold"
 
 
 def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
@@ -295,19 +319,20 @@ def claim_number(rows: list[Row], defenses: tuple[str, ...]) -> str:
     return "; ".join(parts)
 
 
-def claims_table(models: list[Model]) -> list[list[str]]:
-    """One row per claim and regime (fine-tuning first) that has shipped models: a claim may hold in one regime and
-    not in the other. Models without BatchNorm are left out: Re-BN and test-batch BN are no-ops there, and their
-    rows would pass or fail the claims by construction."""
+def claim_rows(models: list[Model]) -> list[tuple[Claim, str, list[Row]]]:
+    """(claim, regime, its rows) per claim and regime (fine-tuning first) that has shipped models: a claim may hold in
+    one regime and not in the other. Models without BatchNorm are left out: Re-BN and test-batch BN are no-ops
+    there, and their rows would pass or fail the claims by construction."""
     accepted = [m for m in models if m.verdict.accepted and m.has_bn]
     present = {m.regime for m in models}
-    out = []
-    for c in CLAIMS:
-        for regime in (r for r in c.regimes if r in present):
-            name = REGIMES[regime]
-            rows = c.rows(m for m in accepted if m.regime == regime)
-            out.append([c.name, name, claim_number(rows, c.defenses), claim_verdict(rows)])
-    return out
+    return [(c, regime, c.rows(m for m in accepted if m.regime == regime))
+            for c in CLAIMS for regime in c.regimes if regime in present]
+
+
+def claims_table(models: list[Model]) -> list[list[str]]:
+    """RESULTS.md's claims table: one row per :func:`claim_rows` entry."""
+    return [[c.name, REGIMES[regime], claim_number(rows, c.defenses), claim_verdict(rows)]
+            for c, regime, rows in claim_rows(models)]
 
 
 def regime_counts(models: list[Model]) -> str:
