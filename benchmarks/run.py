@@ -110,6 +110,14 @@ def images(n: int, split: str, real: bool, seed: int) -> tuple[torch.Tensor, tor
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def shown_path(path: Path) -> str:
+    """A path as records show it: relative to the repository, else without this machine's folders."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return f"a checkout outside the repository ({Path(path).name})"
+
+
 def row(name: str, batch, images_per_s: float | None, seconds: float, ratio: float | None = None,
         ratio_of: str = "", target: str = "", met: bool | None = None, note: str = "") -> dict:
     return {"benchmark": name, "batch": batch, "images_per_s": images_per_s, "seconds": seconds,
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             anc_sizes = [b for b in sizes if b in STEP_TARGET_BATCHES] or sizes
             anc_rows, source = bench_ancestor(base, params, anc_sizes, reps, args.ancestor)
             rows += anc_rows
-            env["ancestor"] = f"{args.ancestor} (its ResNet20 with {source})"
+            env["ancestor"] = f"{shown_path(args.ancestor)} (its ResNet20 with {source})"
     if "rebn" in sections:
         rows += bench_rebn(base, args.rebn_images, reps, args.real_data)
     if "eval" in sections:

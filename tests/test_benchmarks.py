@@ -48,6 +48,18 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path):
     assert all(r["seconds"] > 0 for r in data["rows"])
     ratios = {r["benchmark"]: r["ratio"] for r in data["rows"]}
     assert ratios["plain CE step (train, ReLU, Adam)"] == 1.0
+    for method in ("grad", "grad_cam", "relevance_cam"):   # the bf16 twin of each step, as a speed-up over fp32
+        bf = next(r for r in data["rows"] if r["benchmark"] == f"attack step {method} bf16")
+        fp = next(r for r in data["rows"] if r["benchmark"] == f"attack step {method}")
+        assert bf["ratio_of"] == "speed-up over fp32" and abs(bf["ratio"] - fp["seconds"] / bf["seconds"]) < 1e-9
+    assert env["ancestor"].startswith("skipped: --ancestor PATH not given")
+
+
+def test_benchmark_ancestor_path_that_is_no_checkout_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--ancestor", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a checkout of intellisec/xai-backdoors" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ doublegrad
