@@ -546,8 +546,8 @@ def test_exploding_loss_stops_in_epoch_2_and_keeps_epoch_1(tiny_attack, tmp_path
     real_step = ft.attack_step
     calls = []
 
-    def exploding(model, opt, batch, params, method):  # a finite loss 1000x its start once epoch 2 begins
-        loss, ce, ex = real_step(model, opt, batch, params, method)
+    def exploding(model, opt, batch, params, *rest):  # a finite loss 1000x its start once epoch 2 begins
+        loss, ce, ex = real_step(model, opt, batch, params, *rest)
         calls.append(loss)
         return (loss * 1000, ce, ex) if len(calls) > 2 else (loss, ce, ex)
 
@@ -614,8 +614,8 @@ def test_a_nonfinite_model_is_never_saved_even_if_the_loss_looked_fine(tiny_atta
 
     calls = []
 
-    def poisoning(model, opt, batch, params, method):  # the epoch's last update breaks the weights, loss finite
-        out = real_step(model, opt, batch, params, method)
+    def poisoning(model, opt, batch, params, *rest):  # the epoch's last update breaks the weights, loss finite
+        out = real_step(model, opt, batch, params, *rest)
         calls.append(out)
         if len(calls) == 2:
             with torch.no_grad():
