@@ -1,0 +1,257 @@
+"""Schema-checked readers of the JSON files the studies store: one reader per kind of file, one schema each.
+
+A stored file of the right syntax but the wrong shape (a list where an object belongs, a string where a number
+belongs, a truncated file) is one :class:`~bnbackdoor.errors.UserError` line naming the file, the field and what
+was expected, then the fix ("rebuild it with ..." or "move it aside"): a silently wrong table is worse than an
+error. Every reader of stored JSON goes through :func:`read_stored` (``--merge``, ``make_results.py``, the
+catalogue, the probes, evaluation folders).
+
+A schema is a small tree of checkers: :data:`NUM` (a finite number, never a bool), :data:`INT`, :data:`STR`,
+:data:`BOOL`, :data:`ANY`, :func:`opt` (the value or null), :func:`one_of`, :func:`list_of`, :func:`map_of` (an
+object whose every value fits) and :func:`obj` (named fields, required or optional; other fields are allowed, since
+the studies add fields over time, unless ``closed``). Only the fields a reader relies on are in a schema.
+
+>>> d = read_stored("results/defenses_154.json", COMPARISON, fix="rebuild it with python scripts/compare_defenses.py 154 cpu")
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import UserError
+from .fileio import read_json
+
+__all__ = ["Check", "NUM", "INT", "STR", "BOOL", "ANY", "opt", "one_of", "list_of", "map_of", "obj", "validate",
+           "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "PROBE", "CATALOGUE", "read_comparison",
+           "read_detectors", "read_metrics", "read_probe", "check_stored_results", "repo_relative"]
+
+
+class ShapeError(ValueError):
+    """Where in the value the shape is wrong (``rows[3].defense``) and what was expected there."""
+
+    def __init__(self, where: str, expected: str, got: Any):
+        super().__init__(where)
+        self.where, self.expected, self.got = where, expected, got
+
+
+@dataclass(frozen=True)
+class Check:
+    """One node of a schema: ``test(value, where)`` raises :class:`ShapeError` on a mismatch."""
+    what: str
+    test: Callable[[Any, str], None]
+
+    def __call__(self, value: Any, where: str) -> None:
+        self.test(value, where)
+
+
+def _leaf(what: str, ok: Callable[[Any], bool]) -> Check:
+    def test(v: Any, where: str) -> None:
+        if not ok(v):
+            raise ShapeError(where, what, v)
+    return Check(what, test)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+NUM = _leaf("a number", _is_num)
+INT = _leaf("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+STR = _leaf("a string", lambda v: isinstance(v, str))
+BOOL = _leaf("true or false", lambda v: isinstance(v, bool))
+ANY = _leaf("any value", lambda v: True)
+
+
+def opt(check: Check) -> Check:
+    """``check`` or null."""
+    def test(v: Any, where: str) -> None:
+        if v is not None:
+            check(v, where)
+    return Check(f"{check.what} or null", test)
+
+
+def one_of(*checks: Check) -> Check:
+    what = " or ".join(c.what for c in checks)
+
+    def test(v: Any, where: str) -> None:
+        for c in checks:
+            try:
+                c(v, where)
+                return
+            except ShapeError:
+                pass
+        raise ShapeError(where, what, v)
+    return Check(what, test)
+
+
+def list_of(item: Check, min_len: int = 0) -> Check:
+    what = f"a list of {item.what}" if not min_len else f"a list of at least {min_len} ({item.what})"
+
+    def test(v: Any, where: str) -> None:
+        if not isinstance(v, list) or len(v) < min_len:
+            raise ShapeError(where, what, v)
+        for i, x in enumerate(v):
+            item(x, f"{where}[{i}]")
+    return Check(what, test)
+
+
+def map_of(value: Check) -> Check:
+    """An object whose every value fits ``value`` (keys are names: strings in JSON)."""
+    what = f"an object of {value.what}"
+
+    def test(v: Any, where: str) -> None:
+        if not isinstance(v, dict):
+            raise ShapeError(where, what, v)
+        for k, x in v.items():
+            value(x, f"{where}.{k}" if where else str(k))
+    return Check(what, test)
+
+
+def obj(required: Mapping[str, Check] | None = None, optional: Mapping[str, Check] | None = None, *,
+        rest: Check | None = None, closed: bool = False, what: str = "an object") -> Check:
+    """An object with ``required`` fields (each must be there), ``optional`` ones (checked when there), and every
+    other field checked by ``rest`` (when given) or refused (``closed``) or allowed."""
+    required, optional = dict(required or {}), dict(optional or {})
+
+    def test(v: Any, where: str) -> None:
+        if not isinstance(v, dict):
+            raise ShapeError(where, what, v)
+        for k, c in required.items():
+            at = f"{where}.{k}" if where else k
+            if k not in v:
+                raise ShapeError(at, f"a field '{k}' ({c.what})", _MISSING)
+            c(v[k], at)
+        for k, x in v.items():
+            at = f"{where}.{k}" if where else str(k)
+            if k in required:
+                continue
+            if k in optional:
+                optional[k](x, at)
+            elif rest is not None:
+                rest(x, at)
+            elif closed:
+                raise ShapeError(at, f"one of the fields {', '.join([*required, *optional])}", _UNKNOWN)
+    return Check(what, test)
+
+
+_MISSING, _UNKNOWN = object(), object()
+
+
+def _describe(v: Any) -> str:
+    if v is _MISSING:
+        return "missing"
+    if v is _UNKNOWN:
+        return "not a known field"
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(v))
+    if kind is None:
+        kind = "a number" if _is_num(v) else "a non-finite number" if isinstance(v, float) else type(v).__name__
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        text = repr(v)
+        kind += f" ({text if len(text) <= 30 else text[:27] + '...'})"
+    return kind
+
+
+def validate(value: Any, schema: Check, name: str, fix: str) -> Any:
+    """``value`` when it fits ``schema``; else a one-line UserError naming ``name`` (the file), the field, what was
+    expected and found, and ``fix``."""
+    try:
+        schema(value, "")
+    except ShapeError as e:
+        field_ = f"field {e.where}" if e.where else "its top level"
+        raise UserError(f"{name}: {field_} is {_describe(e.got)}, expected {e.expected}; {fix}") from None
+    return value
+
+
+def read_stored(path: str | os.PathLike, schema: Check, fix: str) -> Any:
+    """A stored JSON file decoded (:func:`bnbackdoor.fileio.read_json`: damage is one line) and checked against
+    ``schema``; either problem ends in ``fix``."""
+    path = Path(path)
+    return validate(read_json(path, fix=fix), schema, str(path), fix)
+
+
+# --- the schemas: the fields each study writes and its readers rely on ---------------------------------------
+
+_METRIC = opt(one_of(NUM, BOOL))                      # a measurement: a number, null (not measured), a flag
+_EVAL = obj(rest=opt(one_of(NUM, BOOL, STR, list_of(opt(NUM)), map_of(ANY))), what="an object of measurements")
+_TEST = obj({"images": INT}, {"split": STR, "seed": INT})
+_BASE = opt(obj({"sha256": STR}, {"path": STR}))
+
+COMPARISON = obj({"rows": list_of(obj({"defense": STR}, {"clean_images": opt(INT), "seconds": opt(NUM),
+                                                         "info": map_of(ANY), "diverged": BOOL}, rest=_METRIC))},
+                 {"attack": STR, "seed": INT, "test": _TEST, "defenses": map_of(obj({"defense": STR})),
+                  "not_applicable": map_of(STR), "seconds": NUM, "parameters": map_of(ANY), "base_model": _BASE})
+
+DETECTORS = obj({"rows": list_of(obj({"model": STR, "detector": STR, "trigger": STR},
+                                     {"target_class": opt(INT), "calibrated": BOOL, "triggered_images": INT,
+                                      "info": map_of(ANY)}, rest=_METRIC))},
+                {"attack": STR, "seed": INT, "fpr_target": NUM, "test": _TEST, "defender_data": map_of(ANY),
+                 "detectors": map_of(obj(optional={"summary": STR, "options": map_of(ANY)})),
+                 "seconds": NUM, "parameters": map_of(ANY), "base_model": _BASE})
+
+METRICS = obj({"manipulated_model": _EVAL},
+              {"clean_model": _EVAL, "defenses": map_of(_EVAL), "parameters": map_of(ANY), "seed": INT,
+               "base_model": _BASE})
+
+PROBE = obj({"epochs": list_of(map_of(ANY))}, {"finished": BOOL, "overrides": map_of(ANY), "name": STR})
+
+CATALOGUE = obj({"profiles": map_of(map_of(ANY)), "runs": list_of(map_of(ANY))}, rest=ANY)
+
+SCHEMAS: dict[str, tuple[Check, str]] = {  # kind -> (schema, the command that rebuilds such a file; {id}: its id)
+    "comparison": (COMPARISON, "rebuild it with python scripts/compare_defenses.py {id} cpu --force, or move it aside"),
+    "detectors": (DETECTORS, "rebuild it with python scripts/compare_detectors.py {id} cpu --force, or move it aside"),
+    "metrics": (METRICS, "rebuild the run folder with python attack.py cpu {id} --force, or move it aside"),
+    "probe": (PROBE, "delete it to rerun the probe from its first epoch, or move it aside"),
+}
+
+
+def _reader(kind: str, prefix: str) -> Callable[[str | os.PathLike], Any]:
+    schema, fix = SCHEMAS[kind]
+
+    def read(path: str | os.PathLike, run_id: str | None = None) -> Any:
+        path = Path(path)
+        rid = run_id or (path.parent.name if kind == "metrics" else path.stem[len(prefix):])
+        return read_stored(path, schema, fix.format(id=rid))
+    read.__name__ = f"read_{kind}"
+    read.__doc__ = f"A stored {kind} file, checked against :data:`{kind.upper()}` (one line on a mismatch)."
+    return read
+
+
+read_comparison = _reader("comparison", "defenses_")
+read_detectors = _reader("detectors", "detectors_")
+read_metrics = _reader("metrics", "")
+read_probe = _reader("probe", "")
+
+
+# What make_results.py reads, by where it lies under the root: glob -> reader.
+STORED_FILES: dict[str, Callable[[str | os.PathLike], Any]] = {
+    "manipulated_models/*/metrics.json": read_metrics,
+    "results/defenses_*.json": read_comparison,
+    "results/detectors_*.json": read_detectors,
+    "results/probes/*.json": read_probe,
+}
+
+
+def check_stored_results(root: str | os.PathLike = ".") -> int:
+    """Check every stored file a report is rendered from (:data:`STORED_FILES`) against its schema, so that no table
+    is rendered from strings where numbers belong; returns how many were checked."""
+    n = 0
+    for pattern, read in STORED_FILES.items():
+        for path in sorted(Path(root).glob(pattern)):
+            read(path)
+            n += 1
+    return n
+
+
+def repo_relative(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` as stored records and generated pages name it: relative to the repository root (``root``, default
+    the current folder), or ``<outside the repository>/<name>`` - never a machine's absolute path."""
+    p = Path(path)
+    base = Path(root if root is not None else os.getcwd()).resolve()
+    try:
+        return Path(os.path.abspath(p)).relative_to(base).as_posix() if p.is_absolute() or ".." in p.parts \
+            else p.as_posix()
+    except ValueError:
+        return f"<outside the repository>/{p.name}"

@@ -1,0 +1,219 @@
+"""Issue 47, hardening third round: data loss (default outputs, --merge/--force, write phases as one unit, truthful
+interrupt messages), option and flag validation, the catalogue on load, records that say what was done, bounds,
+schema-checked readers of every kind of stored JSON, paths relative to the repository.
+
+House style of tests/test_bad_inputs.py: a bad input is exit 2, one stderr line naming the problem, no traceback,
+nothing written or changed. Tiny synthetic data (tests/conftest.py), random untrained models.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnbackdoor.cli as cli
+import bnbackdoor.fileio as fileio
+from bnbackdoor.attack.params import resolve_attack
+from bnbackdoor.models import build_model, save_checkpoint
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPTS = ["attack.py", "evaluate_models.py", "evaluate_attack_defense_metrics.py", "run_generate_explanations.py",
+           *(f"scripts/{p.name}" for p in sorted((ROOT / "scripts").glob("*.py")))]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel + "/"] = "dir"
+        for f in filenames:
+            out[os.path.join(rel, f)] = hashlib.sha1(Path(dirpath, f).read_bytes()).hexdigest()
+    return out
+
+
+def _run(program: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", [program, *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / program), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+def _one_error(code: int, err: str, needle: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, tiny_data_root):
+    """A repository-like working folder: a clean base model and a stored attack ``154`` (random weights, 8 test
+    images), a shipped results/ folder; the current folder."""
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "models" / "cifar10_resnet20" / "model_0.pth", build_model("cifar10_resnet20").eval(),
+                    {})
+    save_checkpoint(tmp_path / "manipulated_models" / "154" / "model.pth", build_model("cifar10_resnet20").eval(), {})
+    resolve_attack("154", root=ROOT).replace(testing_size=8, id="154").save(
+        tmp_path / "manipulated_models" / "154" / "parameters.json")
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _tiny(tiny_data_root) -> list[str]:
+    return ["--data-root", str(tiny_data_root), "--testing-size", "8"]
+
+
+
+# --- 0. data lost ---------------------------------------------------------------------------------------------
+
+def test_compare_detectors_writes_under_output_and_never_replaces_a_result_without_merge_or_force(
+        work, tiny_data_root, monkeypatch, capsys):
+    shipped = work / "results" / "detectors_154.json"
+    shipped.write_text(json.dumps({"rows": [], "note": "shipped"}))
+    args = ["154", "cpu", "--detectors", "strip", "--clean-images", "40", *_tiny(tiny_data_root)]
+    code, err = _run("scripts/compare_detectors.py", args, monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(shipped.read_text())["note"] == "shipped"            # the shipped file is untouched
+    first = json.loads((work / "output" / "detectors_154.json").read_text())
+    assert [r["detector"] for r in first["rows"]] == ["strip", "strip"]
+    before = _snapshot(work)
+    # again: refused, nothing changed
+    _one_error(*_run("scripts/compare_detectors.py", args, monkeypatch, capsys),
+               "output/detectors_154.json already holds a detector comparison; pass --merge")
+    assert _snapshot(work) == before
+    # into results/ (where the shipped file is): refused as well
+    _one_error(*_run("scripts/compare_detectors.py", [*args, "--save_path", "results"], monkeypatch, capsys),
+               "results/detectors_154.json already holds")
+    assert _snapshot(work) == before
+    _one_error(*_run("scripts/compare_detectors.py", [*args, "--merge", "--force"], monkeypatch, capsys),
+               "give one of them")
+    # --merge keeps the rows this run does not recompute
+    stored = json.loads((work / "output" / "detectors_154.json").read_text())
+    stored["rows"].append({**stored["rows"][0], "detector": "other", "fpr": 0.5})
+    (work / "output" / "detectors_154.json").write_text(json.dumps(stored))
+    code, err = _run("scripts/compare_detectors.py", [*args, "--merge"], monkeypatch, capsys)
+    assert code == 0, err
+    merged = json.loads((work / "output" / "detectors_154.json").read_text())
+    assert [r["detector"] for r in merged["rows"]] == ["strip", "strip", "other"]
+    code, err = _run("scripts/compare_detectors.py", [*args, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert [r["detector"] for r in json.loads((work / "output" / "detectors_154.json").read_text())["rows"]] == [
+        "strip", "strip"]
+
+
+def test_no_study_writes_inside_results_or_manipulated_models_by_default(monkeypatch):
+    """Every script's output options (--save_path, --save, --output, --json ...) and every study function's
+    ``save_path`` default lie outside results/ and manipulated_models/."""
+    import bnbackdoor.evaluation as ev
+    import bnbackdoor.campaigns.sweep as sweep
+
+    class Built(Exception):
+        pass
+
+    parsers = {}
+
+    def grab(self, *a, **kw):
+        parsers[self.prog] = self
+        raise Built
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    out_types = {cli.output_dir, cli.output_file, cli.image_file}
+    checked = 0
+    for program in SCRIPTS:
+        monkeypatch.setattr(sys, "argv", [program])
+        try:
+            runpy.run_path(str(ROOT / program), run_name="__main__")
+        except (Built, SystemExit):
+            pass
+    assert len(parsers) >= len(SCRIPTS) - 1, sorted(parsers)
+    for prog, p in parsers.items():
+        for action in p._actions:
+            if action.type in out_types and isinstance(action.default, str):
+                parts = Path(action.default).parts
+                assert parts[:1] not in (("results",), ("manipulated_models",)), (prog, action.dest, action.default)
+                checked += 1
+    assert checked >= 8
+    funcs = [getattr(m, n) for m in (ev.compare_defenses, ev.detectors, ev.anatomy, ev.stored, ev.defense_table,
+                                     ev.explanations, ev.cam_fit, sweep) for n in dir(m)
+             if callable(getattr(m, n)) and not n.startswith("_")]
+    for f in funcs:
+        try:
+            sig = inspect.signature(f)
+        except (TypeError, ValueError):
+            continue
+        d = sig.parameters.get("save_path")
+        if d is not None and isinstance(d.default, (str, Path)):
+            assert Path(d.default).parts[:1] not in (("results",), ("manipulated_models",)), (f, d.default)
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.glob("defenses_154.*"))}
+
+
+def test_compare_defenses_interrupted_in_its_write_phase_keeps_the_old_comparison_whole(
+        work, tiny_data_root, monkeypatch, capsys):
+    args = ["154", "cpu", "--defenses", "rebn", "--clean-images", "8", *_tiny(tiny_data_root), "--save_path", "out"]
+    code, err = _run("scripts/compare_defenses.py", args, monkeypatch, capsys)
+    assert code == 0, err
+    old = _sha(work / "out")
+    assert sorted(old) == ["defenses_154.csv", "defenses_154.json", "defenses_154.png"]
+    for nth in (1, 2, 3):  # Ctrl-C at the first, second, third file's rename
+        calls = []
+        real = fileio._commit
+
+        def interrupted(tmp, path, nth=nth):
+            if Path(path).name.startswith("defenses_154."):  # the renames into place, not the staged writes
+                calls.append(path)
+                if len(calls) == nth:
+                    raise KeyboardInterrupt
+            real(tmp, path)
+        monkeypatch.setattr(fileio, "_commit", interrupted)
+        code, err = _run("scripts/compare_defenses.py", [*args, "--force"], monkeypatch, capsys)
+        monkeypatch.setattr(fileio, "_commit", real)
+        assert code == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == ("interrupted: nothing was written to out; any earlier defenses_154.* there are "
+                               "unchanged; to finish, run it again for 154"), err
+        assert _sha(work / "out") == old, nth                      # never a mix of two comparisons
+        assert [p.name for p in (work / "out").iterdir() if p.name.startswith(".")] == []
+    # a new folder interrupted while writing: nothing there at all
+    monkeypatch.setattr(fileio, "_commit", lambda tmp, path: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = _run("scripts/compare_defenses.py", [*args[:-1], "fresh"], monkeypatch, capsys)
+    assert code == 130 and not (work / "fresh").exists(), err
+
+
+def test_compare_defenses_refuses_to_replace_a_comparison_without_merge_or_force(work, tiny_data_root,
+                                                                                monkeypatch, capsys):
+    (work / "out").mkdir()
+    (work / "out" / "defenses_154.csv").write_text("defense\nx\n")
+    before = _snapshot(work)
+    args = ["154", "cpu", "--defenses", "rebn", "--clean-images", "8", *_tiny(tiny_data_root), "--save_path", "out"]
+    _one_error(*_run("scripts/compare_defenses.py", args, monkeypatch, capsys),
+               "out/defenses_154.csv already holds a defense comparison; pass --merge")
+    assert _snapshot(work) == before
+
+
+def test_interrupt_message_of_a_multi_attack_study_names_what_was_kept():
+    from bnbackdoor.errors import Interrupted, kept_on_interrupt
+
+    done: list[str] = []
+    with kept_on_interrupt(done, "154", ["154", "256"], "out", "defenses"):
+        pass
+    with pytest.raises(Interrupted, match=r"kept the finished defenses of 154 in out; nothing of 256 was written, "
+                                          r"any earlier defenses_256\.\* there are unchanged; to finish, run it "
+                                          r"again for 256"):
+        with kept_on_interrupt(done, "256", ["154", "256"], "out", "defenses"):
+            raise KeyboardInterrupt
