@@ -1,6 +1,6 @@
 """Schema-checked readers of the JSON files the studies store: one reader per kind of file, one schema each.
 
-A stored file of the right syntax but the wrong shape (a list where an object belongs, a string where a number
+A damaged stored file (cut, not UTF-8, malformed) or one of the right syntax but the wrong shape (a list where an object belongs, a string where a number
 belongs, a truncated file) is one :class:`~bnbackdoor.errors.UserError` line naming the file, the field and what
 was expected, then the fix ("rebuild it with ..." or "move it aside"): a silently wrong table is worse than an
 error. Every reader of stored JSON goes through :func:`read_stored` (``--merge``, ``make_results.py``, the
@@ -15,6 +15,7 @@ the studies add fields over time, unless ``closed``). Only the fields a reader r
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UserError
-from .fileio import read_json
 
 __all__ = ["Check", "NUM", "INT", "STR", "BOOL", "ANY", "opt", "one_of", "list_of", "map_of", "obj", "validate",
            "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "PROBE", "CATALOGUE", "read_comparison",
@@ -166,10 +166,22 @@ def validate(value: Any, schema: Check, name: str, fix: str) -> Any:
 
 
 def read_stored(path: str | os.PathLike, schema: Check, fix: str) -> Any:
-    """A stored JSON file decoded (:func:`bnbackdoor.fileio.read_json`: damage is one line) and checked against
-    ``schema``; either problem ends in ``fix``."""
+    """A stored JSON file decoded as UTF-8 and checked against ``schema``: damage (unreadable, not UTF-8, malformed,
+    truncated) and a wrong shape are each one line naming the file, ending in ``fix``."""
     path = Path(path)
-    return validate(read_json(path, fix=fix), schema, str(path), fix)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        cause = f"cannot read it: {e.strerror or e}"
+    except UnicodeDecodeError as e:
+        cause = f"not UTF-8 at byte {e.start}"
+    except json.JSONDecodeError as e:
+        cause = f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+    except RecursionError:
+        cause = "nested too deeply"
+    else:
+        return validate(value, schema, str(path), fix)
+    raise UserError(f"{path} is damaged ({cause}); {fix}")
 
 
 # --- the schemas: the fields each study writes and its readers rely on ---------------------------------------
@@ -181,7 +193,7 @@ _BASE = opt(obj({"sha256": STR}, {"path": STR}))
 
 COMPARISON = obj({"rows": list_of(obj({"defense": STR}, {"clean_images": opt(INT), "seconds": opt(NUM),
                                                          "info": map_of(ANY), "diverged": BOOL}, rest=_METRIC))},
-                 {"attack": STR, "seed": INT, "test": _TEST, "defenses": map_of(obj({"defense": STR})),
+                 {"attack": STR, "seed": INT, "test": _TEST, "defenses": map_of(map_of(ANY)),
                   "not_applicable": map_of(STR), "seconds": NUM, "parameters": map_of(ANY), "base_model": _BASE})
 
 DETECTORS = obj({"rows": list_of(obj({"model": STR, "detector": STR, "trigger": STR},
@@ -195,7 +207,14 @@ METRICS = obj({"manipulated_model": _EVAL},
               {"clean_model": _EVAL, "defenses": map_of(_EVAL), "parameters": map_of(ANY), "seed": INT,
                "base_model": _BASE})
 
-PROBE = obj({"epochs": list_of(map_of(ANY))}, {"finished": BOOL, "overrides": map_of(ANY), "name": STR})
+_PROBE_EPOCH = obj({"epoch": INT, "clean_accuracy": NUM, "expl_dssim_to_target": NUM},
+                   {"attack_success_rate": opt(NUM), "untriggered_target_rate": opt(NUM)})
+PROBE = obj({"name": STR, "epochs": list_of(_PROBE_EPOCH, min_len=1),
+             "cfg": obj({"attack": one_of(STR, INT), "learning_rate": NUM, "loss_weight": NUM},
+                        {"decay_rate": NUM, "lr_schedule": STR, "scale": opt(one_of(NUM, STR)),
+                         "head_scale": opt(NUM), "conv_lr_factor": opt(NUM), "models_root": opt(STR)}),
+             "examples_per_epoch": INT},
+            {"finished": BOOL, "clean_model": opt(map_of(ANY)), "command": STR, "seconds": NUM})
 
 CATALOGUE = obj({"profiles": map_of(map_of(ANY)), "runs": list_of(map_of(ANY))}, rest=ANY)
 

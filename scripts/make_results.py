@@ -17,6 +17,7 @@ from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
 from bnbackdoor.report.readme_blocks import fill
 from bnbackdoor.report.results import StoredResultError, render
+from bnbackdoor.stored_json import check_stored_results
 
 
 def main() -> int:
@@ -29,6 +30,7 @@ def main() -> int:
     root = Path(a.root)
     results = Path(a.output) if a.output else root / "RESULTS.md"
     readme = Path(a.readme) if a.readme else root / "README.md"
+    check_stored_results(root)  # every stored JSON of the right shape before a table is rendered from it
     try:  # the report layer imports nothing of ours below it: its damaged-file error becomes ours here
         wanted = {results: render(root)}
         # the README's blocks, and the catalogue page's (experimentsettings/README.md: the probes of issue 27)
