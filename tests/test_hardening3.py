@@ -217,3 +217,102 @@ def test_interrupt_message_of_a_multi_attack_study_names_what_was_kept():
                                           r"again for 256"):
         with kept_on_interrupt(done, "256", ["154", "256"], "out", "defenses"):
             raise KeyboardInterrupt
+
+
+# --- 2. defense and detector options, by each registered option's declared kind ------------------------------
+
+def _bad_values(kind) -> list[str]:
+    """Values a spec may give that ``kind`` refuses: the wrong kind, and just outside each end of its range."""
+    if kind.type is bool:
+        return ["maybe", "2"]
+    if kind.type is str:
+        return []
+    out = ["many"] + (["nan"] if kind.type is float else ["1.5"])
+    if kind.lo is not None:
+        out.append(str(kind.lo if kind.lo_open else kind.lo - 1))
+    if kind.hi is not None:
+        out.append(str(kind.hi if kind.hi_open else kind.hi + 1))
+    return out
+
+
+def _defense_cases():
+    from bnbackdoor.defenses import DEFENSES
+    return [(n, k, v) for n, d in sorted(DEFENSES.items()) for k, kind in d.kinds.items() for v in _bad_values(kind)]
+
+
+def test_every_option_of_every_registered_defense_and_detector_has_a_kind_its_default_fits():
+    from bnbackdoor.defenses import DEFENSES
+    from bnbackdoor.detectors import DETECTORS
+    for reg in (DEFENSES, DETECTORS):
+        for name, d in reg.items():
+            assert set(d.kinds) == set(d.defaults), name
+            assert all(d.kinds[k].problem(v) is None for k, v in d.defaults.items()), name
+    assert len(_defense_cases()) >= 100
+
+
+def test_a_defense_option_of_the_wrong_kind_or_out_of_range_is_one_line_before_any_work(work, monkeypatch, capsys):
+    before = _snapshot(work)
+    for name, key, value in _defense_cases():
+        line = _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", "--defenses", f"{name}:{key}={value}"],
+                                monkeypatch, capsys), f"defense '{name}': option {key}=")
+        assert "is not" in line or "out of range" in line, line
+    assert _snapshot(work) == before
+    # the two cases of the issue: a zero batch size, a negative epoch count
+    _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "finetune:batch_size=0"],
+                     monkeypatch, capsys), "batch_size=0 is out of range; allowed: an integer >= 2")
+    _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "finetune:epochs=-3"],
+                     monkeypatch, capsys), "epochs=-3 is out of range; allowed: an integer >= 1")
+    _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "finetune:epochs=2:epochs=3"],
+                     monkeypatch, capsys), "sets option epochs twice")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--defenses", "bnp,,anp", "has an empty name"), ("--defenses", "bnp,", "has an empty name"),
+    ("--defenses", "bnp,bnp", "names bnp twice"), ("--defenses", "finetune,finetune:epochs=10", "are the same defense"),
+    ("--defenses", ",", "takes comma-separated defense names")])
+def test_empty_and_repeated_defense_names_are_one_line_errors(flag, value, needle, work, monkeypatch, capsys):
+    before = _snapshot(work)
+    _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", flag, value], monkeypatch, capsys), needle)
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("value,needle", [("strip,,sentinet", "has an empty name"), ("strip,strip", "names strip twice"),
+                                          ("strip,", "has an empty name")])
+def test_empty_and_repeated_detector_names_are_one_line_errors(value, needle, work, monkeypatch, capsys):
+    before = _snapshot(work)
+    _one_error(*_run("scripts/compare_detectors.py", ["154", "cpu", "--detectors", value], monkeypatch, capsys), needle)
+    assert _snapshot(work) == before
+
+
+def test_every_option_of_every_registered_detector_is_checked_before_calibration():
+    from bnbackdoor.detectors import DETECTORS, fit_detector
+    from bnbackdoor.errors import UserError
+    model = build_model("cifar10_resnet20").eval()
+    n = 0
+    for name, d in DETECTORS.items():
+        for key, kind in d.kinds.items():
+            for text in _bad_values(kind):
+                try:
+                    value = kind.parse(text)
+                except ValueError:
+                    value = text  # the wrong type, as an API caller might pass it
+                with pytest.raises(UserError, match=rf"detector '{name}': option {key}="):
+                    fit_detector(name, model, torch.zeros(0, 3, 32, 32), **{key: value})
+                n += 1
+    assert n >= 15
+
+
+# --- 4. script flags at parse time ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,needle", [
+    (["p1", "--threads", "0"], "--threads: 0 is out of range"),
+    (["p1", "--threads", "two"], "--threads: 'two' is not an integer"),
+    (["p1", "--models-root", "nope"], "--models-root: nope does not exist"),
+    (["p1", "--data-root", "nope"], "--data-root: nope does not exist"),
+    (["p1", "--save-dir", "a_file"], "a_file is a file, not a folder"),
+])
+def test_probe_flags_are_checked_at_parse_time(args, needle, work, monkeypatch, capsys):
+    (work / "a_file").write_text("x")
+    before = _snapshot(work)
+    _one_error(*_run("scripts/probe_attack.py", args, monkeypatch, capsys), needle)
+    assert _snapshot(work) == before
