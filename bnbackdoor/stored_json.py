@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from .errors import UserError
 
 __all__ = ["Check", "NUM", "INT", "STR", "BOOL", "ANY", "opt", "one_of", "list_of", "map_of", "obj", "validate",
-           "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "PROBE", "CATALOGUE", "read_comparison",
+           "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "RUN_METRICS", "PROBE", "CATALOGUE", "read_comparison",
            "read_detectors", "read_metrics", "read_probe", "check_stored_results", "repo_relative"]
 
 
@@ -206,6 +206,11 @@ DETECTORS = obj({"rows": list_of(obj({"model": STR, "detector": STR, "trigger": 
 METRICS = obj({"manipulated_model": _EVAL},
               {"clean_model": _EVAL, "defenses": map_of(_EVAL), "parameters": map_of(ANY), "seed": INT,
                "base_model": _BASE})
+
+# a run folder's metrics.json as the run machinery reads it (an unfinished or older run may lack the numbers)
+RUN_METRICS = obj(optional={"manipulated_model": _EVAL, "clean_model": _EVAL, "defenses": map_of(_EVAL),
+                            "parameters": map_of(ANY), "seed": INT, "base_model": _BASE},
+                  what="a metrics object")
 
 _PROBE_EPOCH = obj({"epoch": INT, "clean_accuracy": NUM, "expl_dssim_to_target": NUM},
                    {"attack_success_rate": opt(NUM), "untriggered_target_rate": opt(NUM)})

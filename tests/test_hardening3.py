@@ -316,3 +316,44 @@ def test_probe_flags_are_checked_at_parse_time(args, needle, work, monkeypatch, 
     before = _snapshot(work)
     _one_error(*_run("scripts/probe_attack.py", args, monkeypatch, capsys), needle)
     assert _snapshot(work) == before
+
+
+# --- 3. the catalogue, validated whole on load (--list refuses what a build would refuse) ----------------------
+
+def _catalogue_cases():
+    def first(d):
+        return d["runs"][0]
+
+    def prof(d):
+        return d["profiles"][first(d)["profile"]]
+    return [
+        ("run-overrides-list", lambda d: first(d).update(overrides=[1, 2]), "'overrides' must be an object"),
+        ("profile-overrides-string", lambda d: prof(d).update(overrides="fast"), "'overrides' must be an object"),
+        ("run-overrides-id", lambda d: first(d).update(overrides={"id": "x"}), "overrides 'id', which the run sets"),
+        ("profile-overrides-gs-id", lambda d: prof(d).update(overrides={"gs_id": 3}), "overrides 'gs_id'"),
+        ("misspelt-field", lambda d: first(d).update(overrides={"learning_rte": 0.1}),
+         "overrides unknown field 'learning_rte' (did you mean 'learning_rate'?)"),
+        ("invalid-value", lambda d: first(d).update(overrides={"learning_rate": -1.0}),
+         "its overrides do not make a valid run"),
+        ("extends-number", lambda d: prof(d).update(extends=5), "'extends' must be a profile name"),
+        ("extends-list", lambda d: prof(d).update(extends=["cam"]), "'extends' must be a profile name"),
+        ("extends-unknown", lambda d: prof(d).update(extends="nosuch"), "extends unknown profile 'nosuch'"),
+        ("gs-id-text", lambda d: first(d).update(gs_id="0"), "'gs_id' must be a grid point index"),
+        ("runs-object", lambda d: d.update(runs={"a": 1}), "'runs' must be a list"),
+        ("profiles-list", lambda d: d.update(profiles=[1]), "expected a JSON object"),
+    ]
+
+
+@pytest.mark.parametrize("case,mutate,needle", _catalogue_cases(), ids=[c[0] for c in _catalogue_cases()])
+def test_list_refuses_a_catalogue_a_build_would_refuse(case, mutate, needle, tmp_path, monkeypatch, capsys):
+    cat = json.loads((ROOT / "experimentsettings" / "catalogue" / "catalogue.json").read_text())
+    cat["runs"] = cat["runs"][:2]
+    mutate(cat)
+    (tmp_path / "experimentsettings").symlink_to(ROOT / "experimentsettings")
+    (tmp_path / "cat.json").write_text(json.dumps(cat))
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    for args in (["--list"], ["cpu"]):
+        _one_error(*_run("scripts/build_catalogue.py", [*args, "--catalogue", "cat.json"], monkeypatch, capsys),
+                   needle)
+    assert _snapshot(tmp_path) == before
