@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..runs import load_run, run_name, write_csv
-from ..fileio import check_finite_numbers, undo_writes, write_json
+from ..fileio import atomic_unit, check_finite_numbers, undo_writes, write_json
 from ..metrics import reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_transductive
@@ -125,13 +125,20 @@ def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.M
                                       clean_pred=ref[1], explain=False, progress=progress)
             points.append({"test_batch": b, "fraction": str(f), **{k: m[k] for k in (
                 "trigger_fraction", "triggered_per_batch", "triggered_images", "test_batches", "clean_accuracy",
-                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy")}})
-    write_json(out / f"{name}_composition.json", {
+                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy", "batches_repeating_images")}})
+    files = [out / f"{name}_composition.json", out / f"{name}_composition.png"]
+    with atomic_unit(files) as (json_tmp, png_tmp):  # both files or neither
+        _write_composition(json_tmp, png_tmp, name, params, seed, device, x, max_triggered, baseline, points)
+    return points
+
+
+def _write_composition(json_path: Path, png_path: Path, name: str, params, seed: int, device, x: torch.Tensor,
+                       max_triggered: int | None, baseline: dict[str, Any] | None, points: list[dict]) -> None:
+    write_json(json_path, {
         "attack": name, "id": params.id, "seed": seed, "device": str(device), "test_images": len(x),
         "max_triggered": max_triggered, "defense": "batchstats",
         "no_defense": None if baseline is None else {k: baseline.get(k) for k in ("clean_accuracy",
                                                                                   "attack_success_rate")},
         "points": points})
-    composition_plot(points, out / f"{name}_composition.png", baseline=baseline,
+    composition_plot(points, png_path, baseline=baseline,
                      title=f"attack {name}: test-batch BatchNorm vs the batch's triggered fraction")
-    return points
