@@ -357,3 +357,82 @@ def test_list_refuses_a_catalogue_a_build_would_refuse(case, mutate, needle, tmp
         _one_error(*_run("scripts/build_catalogue.py", [*args, "--catalogue", "cat.json"], monkeypatch, capsys),
                    needle)
     assert _snapshot(tmp_path) == before
+
+
+# --- 0b. records that say what was done -----------------------------------------------------------------------
+
+def _labelled(n: int = 200, classes: int = 10):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % classes
+
+
+def test_a_poisoning_share_of_zero_images_is_refused_and_a_capped_sig_share_is_recorded(capsys):
+    from bnbackdoor.errors import UserError
+    from bnbackdoor.poisoning import poison_training_set
+    x, y = _labelled()
+    with pytest.raises(UserError, match=r"a poisoning share of 0.001 of 200 training images is 0 images"):
+        poison_training_set(x, y, "badnets", 0, 0.001)
+    s = poison_training_set(x, y, "sig", 0, 0.5)   # asks for 100, the target class has 20
+    assert "notice: sig is clean-label: a share of 0.5 asks for 100 images but the target class 0 has 20" in \
+        capsys.readouterr().err
+    assert s.record() == {"poisoned_images": 20, "poisoned_images_asked": 100, "poisoned_share": 0.1,
+                          "noise_images": 0}
+    with pytest.raises(UserError, match=r"wanet's noise mode needs 200 more images .* give percentage_trigger at "
+                                        r"most 0.333"):
+        poison_training_set(x, y, "wanet", 0, 0.5)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"percentage_trigger": 0.01, "training_size": 20}, "field 'percentage_trigger' is 0.01; allowed: 0 or at least"),
+    ({"percentage_trigger": 0.4, "triggerStrs": ["wanet"]}, "at most 0.333 for wanet"),
+])
+def test_scratch_shares_that_cannot_be_served_are_refused_by_the_parameters(change, needle, tmp_path, monkeypatch,
+                                                                             capsys):
+    d = resolve_attack("CIFAR10R20-badnets-10", root=ROOT).to_dict()
+    (tmp_path / "p.json").write_text(json.dumps({**d, **change}))
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    _one_error(*_run("attack.py", ["cpu", "p.json"], monkeypatch, capsys), needle)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("adam_eps", 1.0, "field 'adam_eps' is 1.0; allowed: a number in (0, 0.01] (Adam steps by lr m / (sqrt(v) + eps)"),
+    ("learning_rate", 5.0, "field 'learning_rate' is 5.0; allowed: a number in (0, 1] (a larger step diverges"),
+])
+def test_valid_numbers_that_make_no_sense_are_refused_with_the_reason(field, value, needle, tmp_path, monkeypatch,
+                                                                       capsys):
+    d = resolve_attack("154", root=ROOT).to_dict()
+    (tmp_path / "p.json").write_text(json.dumps({**d, field: value}))
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    _one_error(*_run("attack.py", ["cpu", "p.json"], monkeypatch, capsys), needle)
+    assert _snapshot(tmp_path) == before
+
+
+def test_every_shipped_parameter_file_grid_and_catalogue_run_passes_the_bounds():
+    import glob
+    from bnbackdoor.attack.params import expand_grid, is_grid, read_json
+    n = 0
+    for f in sorted(glob.glob(str(ROOT / "manipulated_models" / "*" / "parameters.json"))):
+        resolve_attack(f)
+        n += 1
+    for f in sorted(glob.glob(str(ROOT / "experimentsettings" / "*.json"))):
+        d = read_json(f)
+        n += len(list(expand_grid(d))) if is_grid(d) else bool(resolve_attack(f))
+    assert n > 300
+
+
+def test_composed_batches_that_repeat_images_are_recorded_and_said():
+    from bnbackdoor.defenses.evaluate import composition, repeated_batches
+    assert repeated_batches(300, 100, composition(300, 100, 0.01)) == 0
+    few = composition(8, 100, 0.01)                    # 8 test images for batches of 100
+    assert repeated_batches(8, 100, few) == len(few) + 1
+
+
+def test_a_clean_set_smaller_than_asked_says_so(tiny_data_root, capsys):
+    from bnbackdoor.data import clean_set
+    s = clean_set("cifar10", 1000, data_root=tiny_data_root)
+    assert len(s) == 96
+    assert "notice: 1000 clean training images asked for, but the cifar10 training split has 96" in \
+        capsys.readouterr().err
