@@ -67,10 +67,17 @@ ANY = _leaf("any value", lambda v: True)
 
 def opt(check: Check) -> Check:
     """``check`` or null."""
+    what = f"{check.what} or null"
+
     def test(v: Any, where: str) -> None:
         if v is not None:
-            check(v, where)
-    return Check(f"{check.what} or null", test)
+            try:
+                check(v, where)
+            except ShapeError as e:
+                if e.where == where:  # the value itself, not something inside it
+                    raise ShapeError(where, what, v) from None
+                raise
+    return Check(what, test)
 
 
 def one_of(*checks: Check) -> Check:
@@ -187,7 +194,8 @@ def read_stored(path: str | os.PathLike, schema: Check, fix: str) -> Any:
 # --- the schemas: the fields each study writes and its readers rely on ---------------------------------------
 
 _METRIC = opt(one_of(NUM, BOOL))                      # a measurement: a number, null (not measured), a flag
-_EVAL = obj(rest=opt(one_of(NUM, BOOL, STR, list_of(opt(NUM)), map_of(ANY))), what="an object of measurements")
+_EVAL = obj(optional={"defense": STR, "options": map_of(ANY), "notice": STR, "info": map_of(ANY)},
+            rest=opt(one_of(NUM, BOOL, list_of(opt(NUM)))), what="an object of measurements")
 _TEST = obj({"images": INT}, {"split": STR, "seed": INT})
 _BASE = opt(obj({"sha256": STR}, {"path": STR}))
 

@@ -436,3 +436,88 @@ def test_a_clean_set_smaller_than_asked_says_so(tiny_data_root, capsys):
     assert len(s) == 96
     assert "notice: 1000 clean training images asked for, but the cifar10 training split has 96" in \
         capsys.readouterr().err
+
+
+# --- 1. stored JSON of the right syntax but the wrong shape: one reader per kind, one line each ------------------
+
+SHAPES = [  # (case, file content, what the line names)
+    ("list-not-object", [1, 2], "its top level is a list, expected an object"),
+    ("rows-string", {"rows": "none"}, "field rows is a string ('none'), expected a list of"),
+    ("row-number", {"rows": [3]}, "field rows[0] is a number (3), expected an object"),
+    ("truncated", '{"rows": [', "is damaged (malformed JSON at line 1"),
+]
+
+
+def _write(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+@pytest.mark.parametrize("case,content,needle", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("program,stem", [("scripts/compare_defenses.py", "defenses"),
+                                          ("scripts/compare_detectors.py", "detectors")])
+def test_merge_refuses_a_stored_comparison_of_the_wrong_shape_before_any_work(program, stem, case, content, needle,
+                                                                              work, monkeypatch, capsys):
+    _write(work / "out" / f"{stem}_154.json", content)
+    before = _snapshot(work)
+    line = _one_error(*_run(program, ["154", "cpu", "--merge", "--save_path", "out"], monkeypatch, capsys), needle)
+    assert f"out/{stem}_154.json" in line and f"python scripts/compare_{stem}.py 154 cpu --force" in line
+    assert _snapshot(work) == before
+
+
+def test_a_wrong_type_inside_a_row_names_the_field(work, monkeypatch, capsys):
+    _write(work / "out" / "defenses_154.json", {"rows": [{"defense": "bnp", "clean_accuracy": "0.9"}]})
+    _one_error(*_run("scripts/compare_defenses.py", ["154", "cpu", "--merge", "--save_path", "out"], monkeypatch,
+                     capsys), "field rows[0].clean_accuracy is a string ('0.9'), expected a number")
+
+
+RESULT_FILES = [  # (path under the root, content, what the line names): every kind make_results.py reads
+    ("manipulated_models/x/metrics.json", ["a list"], "its top level is a list, expected an object"),
+    ("manipulated_models/x/metrics.json", {"manipulated_model": {"clean_accuracy": "high"}},
+     "field manipulated_model.clean_accuracy is a string ('high')"),
+    ("manipulated_models/x/metrics.json", {"manipulated_model": 3}, "field manipulated_model is a number (3)"),
+    ("results/defenses_154.json", {"rows": [{"defense": ["bnp"]}]}, "field rows[0].defense is a list, expected a "
+                                                                    "string"),
+    ("results/defenses_154.json", {"rows": [{"defense": "bnp", "clean_images": "500"}]},
+     "field rows[0].clean_images is a string ('500'), expected an integer or null"),
+    ("results/detectors_154.json", {"rows": [{"model": "m", "detector": 1, "trigger": "t"}]},
+     "field rows[0].detector is a number (1), expected a string"),
+    ("results/probes/p.json", {"name": "p", "epochs": 3}, "field epochs is a number (3), expected a list"),
+    ("results/probes/p.json", '{"name": "p", "epochs": [{"epoch": 1', "is damaged"),
+]
+
+
+@pytest.mark.parametrize("rel,content,needle", RESULT_FILES, ids=[f"{r[0]}-{i}" for i, r in enumerate(RESULT_FILES)])
+def test_make_results_refuses_a_stored_file_of_the_wrong_shape(rel, content, needle, tmp_path, monkeypatch, capsys):
+    _write(tmp_path / rel, content)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    line = _one_error(*_run("scripts/make_results.py", ["--root", "."], monkeypatch, capsys), needle)
+    assert rel in line and ("rebuild" in line or "delete it" in line) and "move it aside" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_every_shipped_stored_file_passes_its_schema():
+    from bnbackdoor.stored_json import check_stored_results
+    assert check_stored_results(ROOT) > 100
+
+
+@pytest.mark.parametrize("content,needle", [([1], "its top level is a list"),
+                                            ({"name": "p1", "epochs": "x"}, "field epochs is a string"),
+                                            ("{", "is damaged")])
+def test_probe_refuses_a_stored_probe_of_the_wrong_shape(content, needle, work, monkeypatch, capsys):
+    _write(work / "output" / "probes" / "p1.json", content)
+    before = _snapshot(work)
+    line = _one_error(*_run("scripts/probe_attack.py", ["p1"], monkeypatch, capsys), needle)
+    assert "output/probes/p1.json" in line
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("content,needle", [([1], "its top level is a list, expected a metrics object"),
+                                            ({"seed": "0"}, "field seed is a string ('0'), expected an integer"),
+                                            ({"parameters": [1]}, "field parameters is a list")])
+def test_a_run_folder_whose_metrics_json_has_the_wrong_shape_is_one_line(content, needle, work, monkeypatch, capsys):
+    _write(work / "manipulated_models" / "154" / "metrics.json", content)
+    before = _snapshot(work)
+    _one_error(*_run("scripts/record_base_models.py", ["manipulated_models/154"], monkeypatch, capsys), needle)
+    assert _snapshot(work) == before
