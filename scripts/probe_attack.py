@@ -42,7 +42,10 @@ PROBES = Path("output") / "probes"  # the default --save-dir; the shipped probes
 def clean_record(clean: torch.nn.Module) -> dict:
     """Where the probe's clean model came from (its checkpoint's meta): the command, seed and test accuracy."""
     meta = getattr(clean, "meta", None) or {}
-    return {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
+    out = {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
+    if isinstance(out["command"], str):  # the clean model's command names its folders relative to the repository
+        out["command"] = shlex.join(relative_argv(shlex.split(out["command"])))
+    return out
 
 
 def relative_argv(args: list[str]) -> list[str]:

@@ -521,3 +521,30 @@ def test_a_run_folder_whose_metrics_json_has_the_wrong_shape_is_one_line(content
     before = _snapshot(work)
     _one_error(*_run("scripts/record_base_models.py", ["manipulated_models/154"], monkeypatch, capsys), needle)
     assert _snapshot(work) == before
+
+
+# --- 6. paths relative to the repository ----------------------------------------------------------------------
+
+ABSOLUTE = r"""(?:^|[\s"'(`|])/(?:work|home|tmp|Users|scratch|mnt|root)/"""
+
+
+def test_no_stored_record_or_generated_page_names_a_machines_absolute_path():
+    import re
+    pages = [ROOT / "RESULTS.md", ROOT / "experimentsettings" / "README.md",
+             *(ROOT / "manipulated_models").glob("*/README.md"), *(ROOT / "results").rglob("*.json")]
+    bad = [str(p.relative_to(ROOT)) for p in pages if re.search(ABSOLUTE, p.read_text(encoding="utf-8"), re.M)]
+    assert bad == []
+
+
+def test_paths_are_recorded_relative_to_the_repository(tmp_path):
+    from bnbackdoor.stored_json import repo_relative
+    (tmp_path / "models").mkdir()
+    assert repo_relative(tmp_path / "models" / "m.pth", tmp_path) == "models/m.pth"
+    assert repo_relative("models/m.pth", tmp_path) == "models/m.pth"
+    assert repo_relative("/elsewhere/anc/models", tmp_path) == "<outside the repository>/models"
+    from importlib import util
+    spec = util.spec_from_file_location("probe_attack", ROOT / "scripts" / "probe_attack.py")
+    probe = util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.relative_argv(["p", "--models-root", "/elsewhere/models", "--threads", "2"]) == [
+        "p", "--models-root", "<outside the repository>/models", "--threads", "2"]
