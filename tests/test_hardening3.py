@@ -548,3 +548,45 @@ def test_paths_are_recorded_relative_to_the_repository(tmp_path):
     spec.loader.exec_module(probe)
     assert probe.relative_argv(["p", "--models-root", "/elsewhere/models", "--threads", "2"]) == [
         "p", "--models-root", "<outside the repository>/models", "--threads", "2"]
+
+
+# --- 0c. every study's write phase is one unit: an interrupt leaves the old result or the new one, never a mix ----
+
+STUDIES = [  # (program, arguments after the data root, the stem of the files it writes in out/)
+    ("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "rebn", "--clean-images", "8", "--testing-size", "8",
+                                     "--force"], "defenses_154."),
+    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8"], "154_anatomy."),
+    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8"],
+     "154_defense."),
+]
+
+
+@pytest.mark.parametrize("program,args,stem", STUDIES, ids=[s[0] for s in STUDIES])
+def test_an_interrupt_in_any_studys_write_phase_keeps_the_old_result_whole(program, args, stem, work, tiny_data_root,
+                                                                          monkeypatch, capsys):
+    argv = [*args, "--data-root", str(tiny_data_root), "--save_path", "out"]
+    code, err = _run(program, argv, monkeypatch, capsys)
+    assert code == 0, err
+    old = {p.name: p.read_bytes() for p in (work / "out").iterdir() if p.name.startswith(stem)}
+    assert len(old) == 3, sorted(old)
+    real = fileio._commit
+    for nth in (2, 3):
+        calls = []
+
+        def interrupted(tmp, path, nth=nth):
+            if Path(path).name.startswith(stem):
+                calls.append(path)
+                if len(calls) == nth:
+                    raise KeyboardInterrupt
+            real(tmp, path)
+        monkeypatch.setattr(fileio, "_commit", interrupted)
+        code, err = _run(program, [*argv, "--seed", "1"], monkeypatch, capsys)  # other test images: other files
+        monkeypatch.setattr(fileio, "_commit", real)
+        assert code == 130 and "Traceback" not in err, err
+        now = {p.name: p.read_bytes() for p in (work / "out").iterdir() if p.name.startswith(stem)}
+        assert now == old, (program, nth)
+    # uninterrupted, the same command replaces every file: the check above could tell a mix
+    code, err = _run(program, [*argv, "--seed", "1"], monkeypatch, capsys)
+    assert code == 0, err
+    new = {p.name: p.read_bytes() for p in (work / "out").iterdir() if p.name.startswith(stem)}
+    assert sorted(new) == sorted(old) and all(new[k] != old[k] for k in old if not k.endswith(".png")), program
