@@ -4,7 +4,7 @@ A damaged stored file (cut, not UTF-8, malformed) or one of the right syntax but
 belongs, a truncated file) is one :class:`~bnbackdoor.errors.UserError` line naming the file, the field and what
 was expected, then the fix ("rebuild it with ..." or "move it aside"): a silently wrong table is worse than an
 error. Every reader of stored JSON goes through :func:`read_stored` (``--merge``, ``make_results.py``, the
-catalogue, the probes, evaluation folders).
+probes, run folders; the catalogue validates itself whole on load, :mod:`bnbackdoor.campaigns.catalogue`).
 
 A schema is a small tree of checkers: :data:`NUM` (a finite number, never a bool), :data:`INT`, :data:`STR`,
 :data:`BOOL`, :data:`ANY`, :func:`opt` (the value or null), :func:`one_of`, :func:`list_of`, :func:`map_of` (an
@@ -25,8 +25,9 @@ from typing import Any, Callable, Mapping
 from .errors import UserError
 
 __all__ = ["Check", "NUM", "INT", "STR", "BOOL", "ANY", "opt", "one_of", "list_of", "map_of", "obj", "validate",
-           "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "RUN_METRICS", "PROBE", "CATALOGUE", "read_comparison",
-           "read_detectors", "read_metrics", "read_probe", "check_stored_results", "repo_relative"]
+           "read_stored", "SCHEMAS", "COMPARISON", "DETECTORS", "METRICS", "RUN_METRICS", "PROBE", "read_comparison",
+           "read_detectors", "read_metrics", "read_probe", "read_composition", "read_defense_table", "read_anatomy",
+           "read_cam_fit", "check_stored_results", "repo_relative"]
 
 
 class ShapeError(ValueError):
@@ -229,14 +230,33 @@ PROBE = obj({"name": STR, "epochs": list_of(_PROBE_EPOCH, min_len=1),
              "examples_per_epoch": INT},
             {"finished": BOOL, "clean_model": opt(map_of(ANY)), "command": STR, "seconds": NUM})
 
-CATALOGUE = obj({"profiles": map_of(map_of(ANY)), "runs": list_of(map_of(ANY))}, rest=ANY)
+COMPOSITION = obj({"points": list_of(obj({"test_batch": INT, "fraction": STR, "triggered_per_batch": INT,
+                                           "triggered_images": INT}, rest=_METRIC))},
+                  {"attack": STR, "test_images": INT, "no_defense": opt(map_of(_METRIC))})
+
+DEFENSE_TABLE = obj({"rows": map_of(_EVAL)}, {"attack": STR, "seed": INT, "test": _TEST, "base_model": _BASE,
+                                               "composition": list_of(map_of(ANY))})
+
+ANATOMY = obj({"rows": list_of(obj({"variant": STR, "group": opt(STR)}, {"same_as": opt(STR)}, rest=_METRIC)),
+               "groups": map_of(list_of(STR))}, {"id": STR, "seed": INT, "base_model": _BASE})
+
+CAM_FIT = obj({"rows": list_of(obj({"target": STR, "resolution": INT, "best": NUM}, {"loss": STR})),
+               "command": STR, "steps": INT})
 
 SCHEMAS: dict[str, tuple[Check, str]] = {  # kind -> (schema, the command that rebuilds such a file; {id}: its id)
     "comparison": (COMPARISON, "rebuild it with python scripts/compare_defenses.py {id} cpu --force, or move it aside"),
     "detectors": (DETECTORS, "rebuild it with python scripts/compare_detectors.py {id} cpu --force, or move it aside"),
     "metrics": (METRICS, "rebuild the run folder with python attack.py cpu {id} --force, or move it aside"),
     "probe": (PROBE, "delete it to rerun the probe from its first epoch, or move it aside"),
+    "composition": (COMPOSITION, "rebuild it with python evaluate_attack_defense_metrics.py {id} --composition, or "
+                                 "move it aside"),
+    "defense_table": (DEFENSE_TABLE, "rebuild it with python evaluate_attack_defense_metrics.py {id}, or move it aside"),
+    "anatomy": (ANATOMY, "rebuild it with python scripts/locate_backdoor.py {id} cpu, or move it aside"),
+    "cam_fit": (CAM_FIT, "rebuild it with python scripts/cam_fit.py --force, or move it aside"),
 }
+
+
+_SUFFIXES = ("_composition", "_defense", "_anatomy")
 
 
 def _reader(kind: str, prefix: str) -> Callable[[str | os.PathLike], Any]:
@@ -244,7 +264,10 @@ def _reader(kind: str, prefix: str) -> Callable[[str | os.PathLike], Any]:
 
     def read(path: str | os.PathLike, run_id: str | None = None) -> Any:
         path = Path(path)
-        rid = run_id or (path.parent.name if kind == "metrics" else path.stem[len(prefix):])
+        stem = path.stem[len(prefix):]
+        for suffix in _SUFFIXES:
+            stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
+        rid = run_id or (path.parent.name if kind == "metrics" else stem)
         return read_stored(path, schema, fix.format(id=rid))
     read.__name__ = f"read_{kind}"
     read.__doc__ = f"A stored {kind} file, checked against :data:`{kind.upper()}` (one line on a mismatch)."
@@ -255,6 +278,10 @@ read_comparison = _reader("comparison", "defenses_")
 read_detectors = _reader("detectors", "detectors_")
 read_metrics = _reader("metrics", "")
 read_probe = _reader("probe", "")
+read_composition = _reader("composition", "")
+read_defense_table = _reader("defense_table", "")
+read_anatomy = _reader("anatomy", "")
+read_cam_fit = _reader("cam_fit", "")
 
 
 # What make_results.py reads, by where it lies under the root: glob -> reader.
@@ -263,6 +290,10 @@ STORED_FILES: dict[str, Callable[[str | os.PathLike], Any]] = {
     "results/defenses_*.json": read_comparison,
     "results/detectors_*.json": read_detectors,
     "results/probes/*.json": read_probe,
+    "results/*_composition.json": read_composition,
+    "results/*_defense.json": read_defense_table,
+    "results/anatomy/*_anatomy.json": read_anatomy,
+    "results/cam_fit.json": read_cam_fit,
 }
 
 

@@ -484,6 +484,14 @@ RESULT_FILES = [  # (path under the root, content, what the line names): every k
      "field rows[0].detector is a number (1), expected a string"),
     ("results/probes/p.json", {"name": "p", "epochs": 3}, "field epochs is a number (3), expected a list"),
     ("results/probes/p.json", '{"name": "p", "epochs": [{"epoch": 1', "is damaged"),
+    ("results/154_composition.json", {"points": [{"test_batch": "100", "fraction": "1", "triggered_per_batch": 1,
+                                                  "triggered_images": 1}]},
+     "field points[0].test_batch is a string ('100'), expected an integer"),
+    ("results/154_defense.json", {"rows": ["rebn"]}, "field rows is a list, expected an object of"),
+    ("results/anatomy/154_anatomy.json", {"rows": [], "groups": {"bn": "bn.weight"}},
+     "field groups.bn is a string ('bn.weight'), expected a list of a string"),
+    ("results/cam_fit.json", {"rows": [{"target": "square", "resolution": 8, "best": "0.1"}], "command": "c",
+                              "steps": 1}, "field rows[0].best is a string ('0.1'), expected a number"),
 ]
 
 
