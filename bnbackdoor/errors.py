@@ -65,6 +65,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        print("interrupted: a run or training keeps its last saved epoch and the same command resumes it; a study "
+              "writes its files as one unit when it has finished, so this one wrote nothing and its earlier files "
+              "are unchanged", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

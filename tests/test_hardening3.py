@@ -598,3 +598,15 @@ def test_an_interrupt_in_any_studys_write_phase_keeps_the_old_result_whole(progr
     assert code == 0, err
     new = {p.name: p.read_bytes() for p in (work / "out").iterdir() if p.name.startswith(stem)}
     assert sorted(new) == sorted(old) and all(new[k] != old[k] for k in old if not k.endswith(".png")), program
+
+
+def test_a_plain_interrupt_says_what_is_kept_without_claiming_saved_work(capsys):
+    from bnbackdoor.errors import run_cli
+
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "finished work is saved" not in err
+    assert "a study writes its files as one unit when it has finished, so this one wrote nothing" in err
