@@ -112,7 +112,7 @@ def test_grid_gs_id_out_of_range():
 
 @pytest.mark.parametrize("change, expect", [
     ({"loss": "l2"}, "field 'loss' is 'l2'; allowed: mse, ssim"),
-    ({"learning_rate_options": [0.001, -1]}, "field 'learning_rate_options[1]' is -1; allowed: a number in (0, 1]"),
+    ({"learning_rate_options": [0.001, -1]}, "field 'learning_rate_options[1]' is -1; allowed: a number > 0"),
     ({"model_options": []}, "field 'model_options' is []; allowed: a non-empty list of options"),
     ({"target_classes_options": [[1, None], [1]]}, "field 'target_classes_options[1]' is [1]"),
     ({"target_classes_options": [[1, 10]]}, "field 'target_classes_options[0][1]' is 10; allowed: null or an "
@@ -148,7 +148,7 @@ def test_grid_missing_options():
     ({"percentage_trigger": 1.0}, "field 'percentage_trigger' is 1.0; allowed: a number in [0, 1)"),
     ({"loss_weight": 1.5}, "field 'loss_weight' is 1.5; allowed: a number in [0, 1]"),
     ({"decay_rate": 0}, "field 'decay_rate' is 0; allowed: a number in (0, 1]"),
-    ({"learning_rate": float("nan")}, "field 'learning_rate' is NaN; allowed: a number in (0, 1]"),
+    ({"learning_rate": float("nan")}, "field 'learning_rate' is NaN; allowed: a number > 0"),
     ({"beta": None}, "field 'beta' is null; allowed: a number > 0"),
     ({"target_classes": [1, 2]}, "field 'target_classes' is [1, 2]; allowed: a list of class indices or null, "
                                  "one per trigger in 'triggerStrs' (1)"),

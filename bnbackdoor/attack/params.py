@@ -178,7 +178,7 @@ FIELDS: dict[str, Check] = {
     "target_classes": _list(_optional(_int(0)), "class indices or null (one per trigger)"),
     "lossStr": _choice(LOSSES),
     "loss_weight": _number(0, 1),
-    "learning_rate": _number(0, 1, lo_open=True, why="a larger step diverges with Adam and with SGD alike"),
+    "learning_rate": _number(0, lo_open=True),  # a too high rate is the divergence guard's to stop (bnbackdoor.divergence)
     "decay_rate": _number(0, 1, lo_open=True),
     "log_per_batch": _bool,
     "save_intermediate_models": _bool,
