@@ -9,7 +9,6 @@ there. A damaged cache (truncated, bit-flipped, not ours) is a one-line error na
 from __future__ import annotations
 
 import os
-import sys
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -248,8 +247,4 @@ def clean_set(name: str, size: int | None, seed: int = 0, data_root: str | os.Pa
     """The defender's clean set: a deterministic, labelled ``size``-image subset of the TRAINING split (never a test
     image); sets of one seed are nested (the 100 images are among the 500). ``exclude``: training indices to avoid."""
     x, y = load_split(name, "train", size=size, seed=seed, data_root=data_root, exclude=exclude)
-    if size is not None and len(y) < size:  # records count len(clean): what was used, not what was asked
-        print(f"notice: {size} clean training images asked for, but the {name} training split has {len(y)}"
-              f"{' outside the excluded ones' if exclude is not None else ''}: the defender gets all {len(y)}",
-              file=sys.stderr)
     return CleanSet(x, y, name, seed)

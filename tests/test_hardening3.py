@@ -429,12 +429,12 @@ def test_composed_batches_that_repeat_images_are_recorded_and_said():
     assert repeated_batches(8, 100, few) == len(few) + 1
 
 
-def test_a_clean_set_smaller_than_asked_says_so(tiny_data_root, capsys):
-    from bnbackdoor.data import clean_set
-    s = clean_set("cifar10", 1000, data_root=tiny_data_root)
-    assert len(s) == 96
-    assert "notice: 1000 clean training images asked for, but the cifar10 training split has 96" in \
-        capsys.readouterr().err
+def test_clean_images_above_the_split_are_said_and_recorded(tiny_data_root, capsys):
+    from bnbackdoor.evaluation.compare_defenses import clean_sets
+    sets = clean_sets("cifar10", [8, 1000], data_root=tiny_data_root)
+    assert [len(s) for s in sets.values()] == [8, 96]
+    assert "notice: --clean-images 1000 is above the cifar10 training split (96 images); the defender gets all 96" \
+        in capsys.readouterr().err
 
 
 # --- 1. stored JSON of the right syntax but the wrong shape: one reader per kind, one line each ------------------

@@ -32,12 +32,12 @@ import torch
 from tabulate import tabulate
 
 from ..cli import name_list
-from ..data import CleanSet, clean_set
+from ..data import CleanSet
 from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
 from ..defenses.common import not_applicable
 from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
-from .common import eval_images, parse_sizes
+from .common import asked_clean_set, eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
 from ..fileio import atomic_unit, check_finite_numbers, refuse_overwrite, write_json
 from ..metrics import evaluate_attack, reference_explanations
@@ -100,7 +100,7 @@ def parse_clean_images(text: str | Iterable[int]) -> list[int]:
 
 def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
     """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
-    return {size: clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
+    return {size: asked_clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
 
 
 def diverged_as_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
@@ -247,7 +247,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                                     batch_size=batch_size, device=device, reference=(ref, pred), progress=progress,
                                     on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
             metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
-            rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"],
+            asked = {} if rec["clean_images"] == size else {"clean_images_requested": size}  # the split had fewer
+            rows.append({"defense": label, "clean_images": rec["clean_images"], **asked, "seconds": rec["seconds"],
                          **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"),
                          "info": finite_or_none(infos)})  # e.g. the training losses of a diverged fine-tuning
     if merge:
