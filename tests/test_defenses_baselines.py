@@ -220,7 +220,9 @@ def test_anp_prunes_by_mask_and_changes_nothing_else():
 
 def test_compare_argument_parsing():
     assert set(BASELINES) <= set(default_defenses())
-    assert parse_defenses("bnp, anp,bnp") == ["bnp", "anp"]
+    assert parse_defenses("bnp, anp") == ["bnp", "anp"]
+    with pytest.raises(UserError, match="--defenses names bnp twice"):  # issue 47: an error, not a silent drop
+        parse_defenses("bnp, anp,bnp")
     assert parse_clean_images("500,100,500") == [100, 500]
     with pytest.raises(UserError, match="unknown defense"):
         parse_defenses("bnpp")

@@ -40,7 +40,6 @@ import torch
 from tabulate import tabulate
 
 from ..attack.params import AttackParams
-
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
 from ..fileio import refuse_overwrite, write_json
