@@ -10,8 +10,9 @@ import argparse
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import UserError
 from .estimate import allow_long_jobs
@@ -157,3 +158,112 @@ def common_options(p: argparse.ArgumentParser, save_path: bool = True) -> argpar
 def command_line() -> str:
     """The command that is running, for provenance records."""
     return "python " + shlex.join(sys.argv)
+
+
+# --- options of registered defenses and detectors (name:option=value specs and API calls alike) ---------------
+
+@dataclass(frozen=True)
+class OptionKind:
+    """What one option of a registered defense or detector takes: its type, its range (``lo``/``hi``, open or
+    closed) or null (``none_ok``), and why the range is what it is (said in the error)."""
+    type: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    none_ok: bool = False
+    reason: str = ""
+
+    def allowed(self) -> str:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a name"}[self.type]
+        rng = "" if self.lo is None and self.hi is None else " " + _range(self.lo, self.hi, self.lo_open, self.hi_open)
+        return f"{kind}{rng}{' or none' if self.none_ok else ''}"
+
+    def parse(self, text: str) -> Any:
+        """``text`` (a spec's value) as this kind's type; ValueError when it is not one."""
+        t = text.strip()
+        if self.none_ok and t.lower() in ("none", "null"):
+            return None
+        if self.type is bool:
+            if t.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(t)
+            return t.lower() in ("true", "1")
+        if self.type is int:
+            return int(t)
+        if self.type is float:
+            v = float(t)
+            if not math.isfinite(v):
+                raise ValueError(t)
+            return v
+        return t
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` fits, else what is wrong with it."""
+        if value is None:
+            return None if self.none_ok else "is missing"
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not self.type:
+            return f"is not {self.allowed()}"
+        if self.type is float and not math.isfinite(value):
+            return "is not a finite number"
+        if self.type in (int, float):
+            below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+            if below or above:
+                return f"is out of range; allowed: {self.allowed()}{' (' + self.reason + ')' if self.reason else ''}"
+        return None
+
+
+def check_options(what: str, options: Mapping[str, Any], kinds: Mapping[str, OptionKind]) -> dict[str, Any]:
+    """``options`` when each fits its kind; else a one-line UserError naming ``what`` (``defense 'finetune'``), the
+    option, the value and what it takes."""
+    for key, value in options.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise UserError(f"{what} has no option {key}; its options: {', '.join(kinds) or 'none'}")
+        why = kind.problem(value)
+        if why:
+            raise UserError(f"{what}: option {key}={value!r} {why}")
+    return dict(options)
+
+
+def parse_option_spec(spec: str, lookup: Callable[[str], Any], kinds_of: Callable[[Any], Mapping[str, OptionKind]],
+                      what: str) -> tuple[str, dict[str, Any]]:
+    """``name[:opt=value[:opt=value...]]`` -> (name, typed and checked options); ``lookup(name)`` raises the
+    unknown-name error, ``kinds_of(entry)`` gives the entry's option kinds; ``what`` is "defense" or "detector"."""
+    name, *parts = [p.strip() for p in spec.split(":")]
+    entry = lookup(name)
+    kinds = kinds_of(entry)
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"{what} '{spec}': options are written name:option=value, e.g. "
+                            "finetune:freeze_bn_stats=true")
+        if key not in kinds:
+            raise UserError(f"{what} '{name}' has no option {key}; its options: {', '.join(kinds) or 'none'}")
+        if key in opts:
+            raise UserError(f"{what} '{spec}' sets option {key} twice; give it once")
+        try:
+            opts[key] = kinds[key].parse(value)
+        except ValueError:
+            raise UserError(f"{what} '{name}': option {key}={value} is not a {kinds[key].type.__name__} "
+                            f"(it takes {kinds[key].allowed()})") from None
+    return name, check_options(f"{what} '{name}'", opts, kinds)
+
+
+def name_list(text: str | Iterable[str], option: str, example: str, noun: str = "") -> list[str]:
+    """Comma-separated names (or a list): an empty name or one given twice is a one-line error (no silent drop)."""
+    raw = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip() for n in raw]
+    if not any(names):
+        raise UserError(f"{option} takes comma-separated {noun + ' ' if noun else ''}names such as {example}")
+    if "" in names:
+        raise UserError(f"{option} '{text if isinstance(text, str) else ','.join(raw)}' has an empty name (two "
+                        f"commas, or one at an end); give names such as {example}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{option} names {', '.join(twice)} twice; give each once")
+    return names

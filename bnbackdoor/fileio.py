@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,6 +128,72 @@ def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
                 f.unlink(missing_ok=True)
                 gone.append(f)
     return gone
+
+
+@contextmanager
+def atomic_unit(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Write several files as one unit: yield a temp path per target (in a temp folder beside the first target);
+    after the block every target is replaced at once - all of them, or, on any failure or interrupt before the
+    last rename, none (targets replaced so far get their old content back, new ones go). A study's JSON, CSV
+    and figure therefore never mix two comparisons. ``OSError`` -> one-line :class:`UserError` (:func:`write_error`)."""
+    targets = [Path(p) for p in paths]
+    folder = targets[0].parent
+    new_dirs = _missing_dirs(folder)
+    stage = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{targets[0].stem}.", suffix=".tmp", dir=folder))
+        temps = [stage / f"{i}{t.suffix}" for i, t in enumerate(targets)]
+        yield temps
+        for t in targets:
+            if t.parent != folder:
+                t.parent.mkdir(parents=True, exist_ok=True)
+        backups: list[tuple[Path, Path | None]] = []
+        try:
+            for i, (tmp, target) in enumerate(zip(temps, targets)):
+                old = stage / f"old{i}"
+                had = _exists(target)
+                if had:
+                    os.replace(target, old)
+                backups.append((target, old if had else None))
+                _commit(tmp, target)
+        except BaseException:
+            for target, old in reversed(backups):  # put back what was there: none of the new files stays
+                try:
+                    if old is not None:
+                        os.replace(old, target)
+                    else:
+                        target.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise
+        for log in _WRITE_LOGS:
+            log["dirs"] += new_dirs
+            log["files"] += [t for t, old in backups if old is None]
+    except OSError as e:
+        raise write_error(targets[0], e) from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if not any(_exists(t) for t in targets):
+            for d in new_dirs:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def refuse_overwrite(paths: list[str | os.PathLike], *, merge: bool | None = None, force: bool = False,
+                     what: str = "result", elsewhere: str = "--save_path") -> None:
+    """A study's default run never replaces an existing result: one of ``paths`` existing is a UserError unless
+    ``merge`` (keep its rows; None: the study has no --merge) or ``force`` (replace it) is given."""
+    if merge or force:
+        return
+    there = [str(p) for p in paths if _exists(Path(p))]
+    if there:
+        how = "pass --merge to add this run's rows to it, --force to replace it" if merge is not None else \
+            "pass --force to replace it"
+        raise UserError(f"{there[0]} already holds a {what}; {how}, or write elsewhere ({elsewhere})")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

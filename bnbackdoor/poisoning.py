@@ -18,6 +18,7 @@ usual augmentation (crops, flips) to every image, poisoned or not. The selection
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,13 @@ class PoisonedSet:
     y: Tensor          # (N,) labels after relabelling
     poisoned: Tensor   # indices of the images that carry the trigger
     noise: Tensor      # indices of the noise-mode images (WaNet)
+    asked: int = 0     # images the share asked for (round(rate N)); more than len(poisoned) only for clean label
+
+    def record(self) -> dict[str, float | int]:
+        """What was done beside what was asked for, for the run's records (metrics.json, training_log.csv)."""
+        n = len(self.y)
+        return {"poisoned_images": len(self.poisoned), "poisoned_images_asked": self.asked,
+                "poisoned_share": round(len(self.poisoned) / n, 6) if n else 0.0, "noise_images": len(self.noise)}
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -78,9 +86,16 @@ def poison_training_set(x: Tensor, y: Tensor, trigger: str, target: int, rate: f
     rule = POISONINGS.get(trigger, Poisoning())
     gen = torch.Generator().manual_seed(seed + SELECTION_SALT)
     pool = (y == target).nonzero().flatten() if rule.clean_label else (y != target).nonzero().flatten()
-    n = int(round(rate * len(y)))
+    asked = n = int(round(rate * len(y)))
+    if rate > 0 and n == 0:
+        raise UserError(f"a poisoning share of {rate:g} of {len(y)} training images is 0 images; give at least "
+                        f"{1 / len(y):.2g} (one image) as percentage_trigger, or 0 for a clean run")
     if rule.clean_label:
         n = min(n, len(pool))
+        if n < asked:
+            print(f"notice: {trigger} is clean-label: a share of {rate:g} asks for {asked} images but the target "
+                  f"class {target} has {len(pool)}; all {n} of them are poisoned (a share of {n / len(y):.4g}), and "
+                  "the run records both", file=sys.stderr)
     elif n > len(pool):
         raise UserError(f"a poisoning rate of {rate:g} needs {n} images outside the target class {target}; "
                         f"there are {len(pool)}")
@@ -95,7 +110,13 @@ def poison_training_set(x: Tensor, y: Tensor, trigger: str, target: int, rate: f
         rest[poisoned] = False
         others = rest.nonzero().flatten()
         others = others[torch.randperm(len(others), generator=gen)]
-        noise = others[:int(round(rule.noise_ratio * n))].sort().values
+        k = int(round(rule.noise_ratio * n))
+        if k > len(others):
+            most = len(y) / (1 + rule.noise_ratio) / len(y)
+            raise UserError(f"{trigger}'s noise mode needs {k} more images ({rule.noise_ratio:g} per poisoned image) "
+                            f"besides the {n} poisoned, but {len(others)} remain; give percentage_trigger at most "
+                            f"{most:.3g}")
+        noise = others[:k].sort().values
         _apply_in_chunks(lambda im: wanet_noise(im, gen), x, noise)
-    return PoisonedSet(x, y, poisoned, noise)
+    return PoisonedSet(x, y, poisoned, noise, asked)
 

@@ -43,6 +43,7 @@ from .estimate import Estimate, guard, measure, probe_images
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
+from .stored_json import RUN_METRICS, validate
 from .attack.finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
                        poison_batch)
 from .metrics import accuracy, evaluate_attack, reference_explanations
@@ -406,15 +407,14 @@ RUN_MODEL_FIX = "restore the run folder, or rerun its attack with --force"
 
 
 def read_run_metrics(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
-    """``<folder>/metrics.json`` of a finished run; damaged (not UTF-8, malformed, not an object) is a one-line
+    """``<folder>/metrics.json`` of a finished run; damaged (not UTF-8, malformed, of the wrong shape:
+    :data:`bnbackdoor.stored_json.RUN_METRICS`) is a one-line
     UserError naming the folder to rebuild and the command that does it."""
     folder = Path(folder)
     fix = (f"rebuild the run folder {folder}: python attack.py {device} {folder / 'parameters.json'} "
            f"--save_path {folder.parent} --force (or restore the folder)")
     d = read_json(folder / "metrics.json", fix=fix.replace("rebuild", "it is damaged; rebuild", 1))
-    if not isinstance(d, dict):
-        raise UserError(f"{folder / 'metrics.json'} holds {type(d).__name__}, not a metrics object; {fix}")
-    return d
+    return validate(d, RUN_METRICS, str(folder / "metrics.json"), fix)  # the shape too: one line, not a traceback
 
 
 def base_record(clean_model: nn.Module, path: str | Path) -> dict[str, str]:

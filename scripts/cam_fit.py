@@ -2,7 +2,7 @@
 """The best DSSIM to each target that any Grad-CAM map of a given resolution can reach: python scripts/cam_fit.py
 
 python scripts/cam_fit.py [--resolutions 4,8] [--targets square,triangle,circle,cross] [--loss ssim]
-                          [--steps 600] [--save results/cam_fit.json]
+                          [--steps 600] [--save output/cam_fit.json] [--force]
 
 A CAM layer with an h×w map can only draw what a non-negative h×w grid, bilinearly upsampled to 32×32, can draw:
 the numbers are a floor for every attack explained at that resolution (bnbackdoor/evaluation/cam_fit.py says how it is searched).
@@ -17,7 +17,7 @@ from tabulate import tabulate
 from bnbackdoor.evaluation.cam_fit import best_fit
 from bnbackdoor.cli import ArgumentParser, int_at_least, output_file
 from bnbackdoor.errors import UserError, run_cli
-from bnbackdoor.fileio import write_json
+from bnbackdoor.fileio import refuse_overwrite, write_json
 from bnbackdoor.report.labels import loss_label
 from bnbackdoor.losses import LOSSES
 from bnbackdoor.targets import DERIVED, TARGETS, target_mask
@@ -51,8 +51,11 @@ def main() -> int:
     p.add_argument("--loss", choices=sorted(LOSSES), default="ssim", help="the loss to minimise and report "
                    "(default ssim, i.e. DSSIM, the acceptance measure)")
     p.add_argument("--steps", type=int_at_least(1), default=600, help="Adam steps per fit (default 600)")
-    p.add_argument("--save", type=output_file, default="results/cam_fit.json", help="JSON written atomically")
+    p.add_argument("--save", type=output_file, default="output/cam_fit.json",
+                   help="JSON written atomically (default output/cam_fit.json; the shipped one is results/cam_fit.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --save file instead of refusing")
     a = p.parse_args()
+    refuse_overwrite([a.save], force=a.force, what="CAM fit", elsewhere="--save")
     resolutions, targets = int_list(a.resolutions), target_list(a.targets)
 
     rows = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Compare defenses on stored attacks: python scripts/compare_defenses.py <attackid>... <device>
-[--clean-images 100,500,2000] [--defenses a,b:opt=v,...] [--merge] [--save_path output]
+[--clean-images 100,500,2000] [--defenses a,b:opt=v,...] [--merge | --force] [--save_path output]
 
 Per attack: every defense (default: every registered one that yields a fixed model) on labelled clean TRAINING
 subsets of each size (nested), measured on the attack's test images: clean accuracy, attack success, untriggered
@@ -12,7 +12,7 @@ from __future__ import annotations
 from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
 from bnbackdoor.evaluation.compare_defenses import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
 from bnbackdoor.device import parse_device
-from bnbackdoor.errors import run_cli
+from bnbackdoor.errors import kept_on_interrupt, run_cli
 
 
 def main() -> int:
@@ -31,18 +31,24 @@ def main() -> int:
     p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="evaluation batch size (default 100)")
     clean_model_option(p)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing defenses_<id>.json (and its other files) instead of refusing")
     common_options(p)
     a = p.parse_args()
+    if a.merge and a.force:
+        p.error("--merge keeps the stored rows and --force replaces them; give one of them")
     device = parse_device(a.device)
     sizes, defenses = parse_clean_images(a.clean_images), parse_defenses(a.defenses)  # fail before any work
+    done: list[str] = []
     for attackid in a.attackids:
-        cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
-                               batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
-                               clean_model=a.clean_model, merge=a.merge)
-        print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
-              f"{cmp.test['images']} test images")
-        print(cmp.table())
-        print(f"-> {', '.join(map(str, cmp.files))} ({cmp.seconds:.0f} s)\n")
+        with kept_on_interrupt(done, attackid, a.attackids, a.save_path, "defenses"):
+            cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
+                                   batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
+                                   clean_model=a.clean_model, merge=a.merge, force=a.force)
+            print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
+                  f"{cmp.test['images']} test images")
+            print(cmp.table())
+            print(f"-> {', '.join(map(str, cmp.files))} ({cmp.seconds:.0f} s)\n")
     return 0
 
 

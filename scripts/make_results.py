@@ -18,6 +18,7 @@ from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_text
 from bnbackdoor.report.readme_blocks import PAGES, fill
 from bnbackdoor.report.results import StoredResultError, render
+from bnbackdoor.stored_json import check_stored_results
 
 
 def main() -> int:
@@ -30,6 +31,7 @@ def main() -> int:
     root = Path(a.root)
     results = Path(a.output) if a.output else root / "RESULTS.md"
     readme = Path(a.readme) if a.readme else root / "README.md"
+    check_stored_results(root)  # every stored JSON of the right shape before a table is rendered from it
     try:  # the report layer imports nothing of ours below it: its damaged-file error becomes ours here
         wanted = {results: render(root)}
         # the hand-written pages around the generated blocks; a root without a page (a test's tree) has none to fill

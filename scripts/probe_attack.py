@@ -3,14 +3,17 @@
 
     python scripts/probe_attack.py NAME [--attack 155] [--set '{"learning_rate": 5e-4, "max_epochs": 2}']
                                    [--scale S] [--head-scale H] [--models-root DIR] [--threads N]
+                                   [--save-dir output/probes]
 
 Fine-tunes a copy of the clean model (``models/<modeltype>/model_0.pth``, or under ``--models-root``) with the
 attack's stored parameters, then the ancestor's settings (:data:`bnbackdoor.attack.params.ANCESTOR_SETTINGS`), then
 ``--set``; ``--scale S`` first rescales every convolution -> BatchNorm pair by S (:mod:`bnbackdoor.models.rescale`:
 the same function, weights S times larger); ``--head-scale H`` multiplies the classifier head by H (logits H times
-larger, the same predictions). Writes every epoch's numbers to ``results/probes/NAME.json`` (atomically, after every
+larger, the same predictions). Writes every epoch's numbers to ``<save-dir>/NAME.json`` (default ``output/probes``; the shipped probes are
+``results/probes``) (atomically, after every
 epoch, ``"finished": false`` until the last, so a probe stopped early keeps what it measured; rerunning an unfinished
-NAME resumes it from ``output/probes/NAME/``, a finished NAME is not rerun). The table in ``experimentsettings/README.md`` is generated from these files
+NAME resumes it from ``output/probes/NAME/``, a finished NAME is not rerun; a stored probe of the wrong shape is one line). Folders are recorded relative to the
+repository. The table in ``experimentsettings/README.md`` is generated from these files
 (``make_results.py``).
 """
 from __future__ import annotations
@@ -24,21 +27,30 @@ from pathlib import Path
 
 import torch
 
-from bnbackdoor.cli import ArgumentParser
+from bnbackdoor.cli import ArgumentParser, existing_dir, output_dir, positive_int
 from bnbackdoor.errors import UserError, run_cli
 from bnbackdoor.fileio import write_json
+from bnbackdoor.stored_json import read_probe, repo_relative
 from bnbackdoor.attack.finetune import examples_per_epoch, finetune
 from bnbackdoor.models import load_model
 from bnbackdoor.models.rescale import rescale_conv_bn, scale_head
 from bnbackdoor.attack.params import ANCESTOR_SETTINGS, resolve_attack
 
-PROBES = Path("results") / "probes"
+PROBES = Path("output") / "probes"  # the default --save-dir; the shipped probes are in results/probes
 
 
 def clean_record(clean: torch.nn.Module) -> dict:
     """Where the probe's clean model came from (its checkpoint's meta): the command, seed and test accuracy."""
     meta = getattr(clean, "meta", None) or {}
-    return {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
+    out = {k: meta.get(k) for k in ("modeltype", "command", "seed", "test_accuracy", "train_seconds")}
+    if isinstance(out["command"], str):  # the clean model's command names its folders relative to the repository
+        out["command"] = shlex.join(relative_argv(shlex.split(out["command"])))
+    return out
+
+
+def relative_argv(args: list[str]) -> list[str]:
+    """The command's arguments with absolute paths named relative to the repository (records name no machine)."""
+    return [repo_relative(x) if x.startswith("/") else x for x in args]
 
 
 def epoch_row(row: dict) -> dict:
@@ -48,18 +60,21 @@ def epoch_row(row: dict) -> dict:
 
 def main() -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", help="probe name: results/probes/<name>.json")
+    ap.add_argument("name", help="probe name: <save-dir>/<name>.json")
     ap.add_argument("--attack", default="155", help="attack id whose parameters are the start (default 155)")
     ap.add_argument("--set", default="{}", help="JSON object of parameter overrides, applied last")
     ap.add_argument("--scale", type=float, default=None, help="rescale conv->BN pairs of the copy by this factor")
     ap.add_argument("--head-scale", type=float, default=None,
                     help="multiply the copy's classifier head (its logits) by this factor")
-    ap.add_argument("--models-root", default=None, help="clean models folder (default: models/)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--models-root", type=existing_dir, default=None, help="clean models folder (default: models/)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads, >= 1 (default 1)")
+    ap.add_argument("--data-root", type=existing_dir, default=None)
+    ap.add_argument("--save-dir", type=output_dir, default=str(PROBES),
+                    help="folder of the probe files (default output/probes; the shipped ones: results/probes)")
     a = ap.parse_args()
-    out = PROBES / f"{a.name}.json"
-    if out.exists() and json.loads(out.read_text(encoding="utf-8")).get("finished", True):
+    out = Path(a.save_dir) / f"{a.name}.json"
+    stored = read_probe(out) if out.exists() else None  # a damaged or misshapen probe: one line, before any work
+    if stored is not None and stored.get("finished", True):
         print(f"{out} exists; delete it to rerun", file=sys.stderr)
         return 0
     try:
@@ -84,12 +99,12 @@ def main() -> int:
     t0 = time.time()
     run_dir = Path("output") / "probes" / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    done = json.loads(out.read_text(encoding="utf-8"))["epochs"] if out.exists() else []  # resuming: rows so far
+    done = list(stored["epochs"]) if stored is not None else []  # resuming: rows so far
 
     def record(rows: list[dict], finished: bool) -> None:
-        write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(sys.argv[1:]),
+        write_json(out, {"name": a.name, "command": "python scripts/probe_attack.py " + shlex.join(relative_argv(sys.argv[1:])),
                          "cfg": {**settings, "scale": a.scale, "head_scale": a.head_scale, "attack": a.attack,
-                                 "models_root": a.models_root},
+                                 "models_root": repo_relative(a.models_root) if a.models_root else None},
                          "clean_model": clean_record(clean),
                          "examples_per_epoch": examples_per_epoch(p.training_size, p),
                          "seconds": time.time() - t0, "finished": finished, "epochs": rows})

@@ -69,8 +69,6 @@ def test_shipped_catalogue_lists_every_id_with_its_grid_point_and_overrides(ship
         else:
             assert diff["batch_size"] == (32, 64) and diff["max_epochs"][0] == 100
         assert diff["training_size"] == (grid["training_size"], r.params.training_size)
-        if "bn_mode" not in FIELDS:
-            assert r.pending == {"bn_mode": "eval"} and "bn_mode" not in diff
     # the gradient profile: the ancestor's settings at a constant rate, convolutions slowed as in "multi"
     # (experimentsettings/README.md, "What was tried for issue 27")
     multi, grad = raw["profiles"]["multi"]["overrides"], raw["profiles"]["grad"]["overrides"]

@@ -220,7 +220,9 @@ def test_anp_prunes_by_mask_and_changes_nothing_else():
 
 def test_compare_argument_parsing():
     assert set(BASELINES) <= set(default_defenses())
-    assert parse_defenses("bnp, anp,bnp") == ["bnp", "anp"]
+    assert parse_defenses("bnp, anp") == ["bnp", "anp"]
+    with pytest.raises(UserError, match="--defenses names bnp twice"):  # issue 47: an error, not a silent drop
+        parse_defenses("bnp, anp,bnp")
     assert parse_clean_images("500,100,500") == [100, 500]
     with pytest.raises(UserError, match="unknown defense"):
         parse_defenses("bnpp")
@@ -297,11 +299,11 @@ def test_merge_keeps_the_rows_it_does_not_recompute(tmp_path):
 
     ref = [{"defense": "clean model", "clean_images": None, "x": 1}, {"defense": "no defense", "clean_images": None}]
     path = tmp_path / "defenses_154.json"
-    old = ref + [{"defense": "bnp", "clean_images": 500, "x": "old"}, {"defense": "anp", "clean_images": 500, "x": 2}]
+    old = ref + [{"defense": "bnp", "clean_images": 500, "x": 0.1}, {"defense": "anp", "clean_images": 500, "x": 2}]
     path.write_text(json.dumps({"seed": 0, "test": {"images": 8}, "base_model": None, "rows": old}))
-    new = ref + [{"defense": "bnp", "clean_images": 500, "x": "new"}, {"defense": "rnp", "clean_images": 500, "x": 3}]
+    new = ref + [{"defense": "bnp", "clean_images": 500, "x": 0.2}, {"defense": "rnp", "clean_images": 500, "x": 3}]
     rows = merged_rows(path, new, seed=0, images=8, base_model=None)
-    assert [(r["defense"], r["x"]) for r in rows[2:]] == [("bnp", "new"), ("anp", 2), ("rnp", 3)]
+    assert [(r["defense"], r["x"]) for r in rows[2:]] == [("bnp", 0.2), ("anp", 2), ("rnp", 3)]
     assert merged_rows(tmp_path / "none.json", new, seed=0, images=8, base_model=None) == new
     with pytest.raises(UserError, match="other test images, seed or base model"):
         merged_rows(path, new, seed=1, images=8, base_model=None)

@@ -136,7 +136,9 @@ def test_registry_knows_the_three_detectors_and_refuses_typos(case):
     assert {"strip", "sentinet", "februus"} <= set(DETECTORS)
     assert get_detector("sentinet").localises and get_detector("februus").purifies
     assert not get_detector("februus").calibrated and get_detector("strip").calibrated
-    assert parse_detectors("strip, strip,februus") == ["strip", "februus"]
+    assert parse_detectors("strip, februus") == ["strip", "februus"]
+    with pytest.raises(UserError, match="--detectors names strip twice"):  # issue 47: an error, not a silent drop
+        parse_detectors("strip, strip,februus")
     with pytest.raises(UserError, match="unknown detector 'nope'; known: februus, sentinet, strip"):
         parse_detectors("strip,nope")
     with pytest.raises(UserError, match="--detectors takes"):

@@ -21,7 +21,7 @@ def _probe(cwd, data_root):
 def test_probe_records_each_epoch_resumes_an_unfinished_one_and_keeps_a_finished_one(tmp_path, tiny_data_root):
     (tmp_path / "experimentsettings").mkdir()
     shutil.copy(ROOT / "experimentsettings" / "155.json", tmp_path / "experimentsettings")
-    out = tmp_path / "results" / "probes" / "p.json"
+    out = tmp_path / "output" / "probes" / "p.json"  # the default --save-dir (the shipped probes: results/probes)
     r = _probe(tmp_path, tiny_data_root)
     assert r.returncode == 0, r.stderr
     full = json.loads(out.read_text())

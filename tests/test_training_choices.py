@@ -60,7 +60,7 @@ def test_is_run_and_check_resume_match_parameters_and_seed():
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("map_norm", "l2", "max, zscore"), ("explain_class", "target", "label, prediction"),
-    ("adam_eps", 0, "a number > 0"), ("adam_eps", "1e-5", "a number > 0"),
+    ("adam_eps", 0, "a number in (0, 0.01]"), ("adam_eps", "1e-5", "a number in (0, 0.01]"),
     ("lr_schedule", "cosine", "exponential, inverse"), ("batch_makeup", "half", "split, pairs"),
     ("conv_lr_factor", 0, "a number > 0"), ("conv_lr_factor", None, "a number > 0"),
     ("pair_weighting", "inverse", "equal, loss"), ("warmup_steps", -1, "an integer >= 0"),

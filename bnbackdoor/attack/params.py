@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..poisoning import POISONINGS, Poisoning
 from ..data import DATASETS
 from ..device import PRECISIONS
 from ..errors import UserError
@@ -110,9 +111,9 @@ def _int(lo: int) -> Check:
     return check
 
 
-def _number(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> Check:
+def _number(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False, why: str = "") -> Check:
     text = (f"a number {'>' if lo_open else '>='} {lo}" if hi == math.inf else
-            f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+            f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}") + (f" ({why})" if why else "")
 
     def check(v: Any) -> Problem | None:
         ok = (_is_number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
@@ -178,7 +179,7 @@ FIELDS: dict[str, Check] = {
     "target_classes": _list(_optional(_int(0)), "class indices or null (one per trigger)"),
     "lossStr": _choice(LOSSES),
     "loss_weight": _number(0, 1),
-    "learning_rate": _number(0, lo_open=True),
+    "learning_rate": _number(0, lo_open=True),  # a too high rate is the divergence guard's to stop (bnbackdoor.divergence)
     "decay_rate": _number(0, 1, lo_open=True),
     "log_per_batch": _bool,
     "save_intermediate_models": _bool,
@@ -198,7 +199,8 @@ FIELDS: dict[str, Check] = {
     "bn_mode": _choice(BN_MODES),
     "map_norm": _choice(MAP_NORMS),
     "explain_class": _choice(EXPLAIN_CLASSES),
-    "adam_eps": _number(0, lo_open=True),
+    "adam_eps": _number(0, 1e-2, lo_open=True, why="Adam steps by lr m / (sqrt(v) + eps): a larger eps dwarfs the "
+                                                   "gradients' scale and the weights cannot move"),
     "lr_schedule": _choice(LR_SCHEDULES),
     "batch_makeup": _choice(BATCH_MAKEUPS),
     "conv_lr_factor": _number(0, lo_open=True),
@@ -246,6 +248,15 @@ def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
         if n != 1 or v["target_classes"][0] is None:
             return "target_classes", Problem("", v["target_classes"], "one target class (all-to-one poisoning, "
                                                                       "one trigger) when regime is 'scratch'")
+        rate, size = v.get("percentage_trigger", 0), v.get("training_size", 1)  # a grid's base: per point later
+        if 0 < rate and round(rate * size) == 0:
+            return "percentage_trigger", Problem("", rate, f"0 or at least {1 / size:.2g}: a share of "
+                                                           f"{size} training images that is at least one image")
+        noise = POISONINGS.get(v["triggerStrs"][0], Poisoning()).noise_ratio
+        if rate * (1 + noise) > 1:
+            return "percentage_trigger", Problem("", rate, f"at most {1 / (1 + noise):.3g} for "
+                                                           f"{v['triggerStrs'][0]} ({noise:g} noise-mode images per "
+                                                           "poisoned image must fit in the training set)")
     return None
 
 

@@ -81,7 +81,7 @@ def train_poisoned(clean_model: nn.Module, params: AttackParams, *, device: torc
     metrics = evaluate_attack(model, clean_model, params, x_test, y_test, batch_size=eval_batch_size,
                               device=device, clean_expl=test_ref[0], clean_pred=test_ref[1], progress=False)
     history = [dict(row) for row in meta["history"]]
-    history[-1].update({"seconds": meta["train_seconds"], "poisoned_images": len(poisoned.poisoned),
-                        "noise_images": len(poisoned.noise), **metrics})
+    history[-1].update({"seconds": meta["train_seconds"], **poisoned.record(),  # what was done, and what was asked
+                        "poisoned_share_asked": params.percentage_trigger, **metrics})
     seconds = meta["train_seconds"]
     return FinetuneResult(model, history, seconds, max(0.0, seconds - seconds_before), meta["precision"])

@@ -2,9 +2,10 @@
 
 ``experimentsettings/catalogue/catalogue.json`` lists every shipped id as one run: grid point ``gs_id`` of
 ``experimentsettings/<settings>.json`` with its profile's ``overrides`` (then the run's own ``overrides``) applied
-through :meth:`AttackParams.replace`; a profile may ``extends`` another (its overrides on top of the other's). An
-override naming a field that :class:`AttackParams` does not have (yet) is kept as *pending*: stated in the plan and
-the provenance, not applied.
+through :meth:`AttackParams.replace`; a profile may ``extends`` another (its overrides on top of the other's). The
+whole file is validated on load (:func:`load_catalogue`, so ``--list`` refuses what a build would refuse): every
+profile's and run's ``overrides`` is an object of known parameter fields with valid values, never one the run sets
+itself (``id``, ``attack_id``, ``gs_id``), and ``extends`` names a known profile.
 
 Building is a loop over the selected runs that is safe to interrupt and to restart in another session:
 
@@ -22,8 +23,8 @@ Every finished or failed run appends one line to ``<save_path>/catalogue.log`` (
 """
 from __future__ import annotations
 
+import difflib
 import concurrent.futures as cf
-import json
 import multiprocessing
 import os
 import sys
@@ -64,7 +65,6 @@ class PlannedRun:
     profile: str
     params: AttackParams  # the concrete run (id = the catalogue id, so it is promoted to manipulated_models/<id>)
     applied: dict[str, Any] = field(default_factory=dict)  # overrides applied to the grid point
-    pending: dict[str, Any] = field(default_factory=dict)  # overrides AttackParams has no field for (yet)
     ancestor_diff: tuple[tuple[str, Any, Any], ...] = ()  # (field, ancestor's GPU value, this run's)
     if_not_accepted: tuple[str, ...] = ()  # what was tried and found (profile's, then the run's), for a failed run
 
@@ -98,19 +98,24 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     for k in ("id", "settings", "profile"):
         if not isinstance(entry.get(k), str) or not entry[k]:
             raise UserError(f"{where}: '{k}' must be a non-empty string")
+    if not isinstance(entry.get("gs_id", 0), int) or isinstance(entry.get("gs_id"), bool) or entry.get("gs_id", 0) < 0:
+        raise UserError(f"{where}: 'gs_id' must be a grid point index (an integer >= 0), got {entry['gs_id']!r}")
+    _overrides(entry, where)
     if entry["profile"] not in profiles:
         raise UserError(f"{where}: unknown profile '{entry['profile']}'; known: {', '.join(profiles)}")
     gs_id = entry.get("gs_id", 0)
     grid_file = root / SETTINGS_DIR / f"{entry['settings']}.json"
     base = grid_point(read_json(grid_file), gs_id, str(grid_file))
     overrides = {**profiles[entry["profile"]].get("overrides", {}), **entry.get("overrides", {})}
-    applied = {k: v for k, v in overrides.items() if k in FIELDS}
-    pending = {k: v for k, v in overrides.items() if k not in FIELDS}
+    applied = overrides  # every name known (_overrides); the values are checked by replace() below
     # A variant of a catalogue attack (e.g. 154bntrain, 154nbn) is named by its attack id plus a suffix.
     if not entry["id"].startswith(str(base.attack_id)):
         raise UserError(f"{where}: id must be the grid's attack_id '{base.attack_id}', optionally followed by a "
                         "variant suffix (e.g. 154bntrain)")
-    params = base.replace(**applied, id=entry["id"])
+    try:
+        params = base.replace(**applied, id=entry["id"])
+    except UserError as e:
+        raise UserError(f"{where}: its overrides do not make a valid run ({e})") from None
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
     # the ancestor's settings describe its fine-tuning attack: a model trained from scratch has no counterpart there
@@ -119,8 +124,27 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     notes = (profiles[entry["profile"]].get("if_not_accepted"), entry.get("if_not_accepted"))
     if any(n is not None and not isinstance(n, str) for n in notes):  # 0 or [] too, not only truthy non-strings
         raise UserError(f"{where}: 'if_not_accepted' must be a string")
-    return PlannedRun(entry["id"], entry["settings"], gs_id, entry["profile"], params, applied, pending, diff,
+    return PlannedRun(entry["id"], entry["settings"], gs_id, entry["profile"], params, applied, diff,
                       tuple(n for n in notes if n))
+
+
+_RUN_SETS = ("id", "attack_id", "gs_id")  # fields the run entry and its grid file set: never overridden
+
+
+def _overrides(entry: dict, where: str) -> dict:
+    """A profile's or run's ``overrides``: an object of known parameter fields, none that the run sets itself."""
+    o = entry.get("overrides", {})
+    if not isinstance(o, dict):
+        raise UserError(f"{where}: 'overrides' must be an object of parameter fields, got {type(o).__name__}")
+    for k in o:
+        if k in _RUN_SETS:
+            raise UserError(f"{where}: overrides '{k}', which the run sets itself (its 'id', 'settings' and "
+                            "'gs_id'); remove it from the overrides")
+        if k not in FIELDS:
+            close = difflib.get_close_matches(k, FIELDS, n=1)
+            raise UserError(f"{where}: overrides unknown field '{k}'"
+                            + (f" (did you mean '{close[0]}'?)" if close else "") + "; fields: see experimentsettings/README.md")
+    return o
 
 
 def _resolve_profile(name: str, profiles: dict, source: str) -> dict:
@@ -131,6 +155,8 @@ def _resolve_profile(name: str, profiles: dict, source: str) -> dict:
     if base_name is None:
         return prof
     where = f"{source}: profile '{name}'"
+    if not isinstance(base_name, str):
+        raise UserError(f"{where}: 'extends' must be a profile name (a string), got {type(base_name).__name__}")
     if base_name not in profiles:
         raise UserError(f"{where}: extends unknown profile '{base_name}'; known: {', '.join(profiles)}")
     base = profiles[base_name]
@@ -150,6 +176,9 @@ def load_catalogue(path: str | Path | None = None, root: str | Path = ".") -> li
     profiles = _keys(d.get("profiles", {}), set(d.get("profiles", {})), str(path))
     for name, prof in profiles.items():
         _keys(prof, _PROFILE_KEYS, f"{path}: profile '{name}'")
+        _overrides(prof, f"{path}: profile '{name}'")
+    if not isinstance(d.get("runs", []), list):
+        raise UserError(f"{path}: 'runs' must be a list of run entries, got {type(d['runs']).__name__}")
     profiles = {name: _resolve_profile(name, profiles, str(path)) for name in profiles}
     runs = [plan_run(e, profiles, d.get("ancestor", {}), root, str(path)) for e in d.get("runs", [])]
     seen: set[str] = set()
@@ -333,9 +362,6 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
     else:
         lines.append("None: " + ("the ancestor has no run trained from scratch on a poisoned set." if scratch
                                  else "this run has the ancestor's settings."))
-    if run.pending:
-        lines += ["", "Not applied (the parameters have no such field in this version): "
-                  + ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in run.pending.items()) + "."]
     lines += ["", f"## Acceptance: {verdict.summary()}", "", "| check | value | threshold | result |", "|---|---|---|---|"]
     for c in verdict.checks:
         res = "n/a" if c.passed is None else ("pass" if c.passed else "FAIL")
@@ -475,8 +501,7 @@ def plan_table(runs: list[PlannedRun], save_path: str | Path, seed: int = 0) -> 
         rows.append([r.id, p.dataset, p.canonical_modeltype.split("_", 1)[1], p.attack_name, p.explanation_methodStr,
                      p.lossStr, r.profile, f"{p.training_size}×{p.max_epochs}ep b{p.batch_size}",
                      status(r, save_path, seed),
-                     ", ".join([f"{k} {_fmt(a)}→{_fmt(b)}" for k, a, b in r.ancestor_diff]
-                               + [f"{k}={v} not applied" for k, v in r.pending.items()])])
+                     ", ".join(f"{k} {_fmt(a)}→{_fmt(b)}" for k, a, b in r.ancestor_diff)])
     return rows
 
 

@@ -28,11 +28,12 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..cli import OptionKind, check_options, parse_option_spec
 from ..data import CleanSet
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
-           "apply_defense", "defense_label", "parse_spec"]
+           "apply_defense", "defense_label", "parse_spec", "OPTION_KINDS"]
 
 
 @dataclass
@@ -52,19 +53,55 @@ class Defense:
     needs_labels: bool = False       # uses CleanSet.y
     needs_bn: bool = False           # acts on BatchNorm layers only (a model without any: not applicable)
     label: Callable[[Mapping[str, Any]], str] | None = None   # full options -> row label (default: name k=v ...)
+    kinds: Mapping[str, OptionKind] = field(default_factory=dict)  # option -> type and range (OPTION_KINDS)
 
 
 DEFENSES: dict[str, Defense] = {}
 
+_EPOCHS = OptionKind(int, 1, reason="at least one pass over the clean images")
+_LR = OptionKind(float, 0, 1, lo_open=True, reason="a step size above 1 diverges with these optimisers")
+_SHARE = OptionKind(float, 0, 1)
+# Every option name a registered defense declares, with its type and range; a defense registers other ranges
+# for its own options with ``kinds=``. An option with no kind here or there is refused at registration.
+OPTION_KINDS: dict[str, OptionKind] = {
+    "epochs": _EPOCHS, "teacher_epochs": OptionKind(int, 0), "unlearn_epochs": OptionKind(int, 0),
+    "recover_epochs": _EPOCHS, "unlearn_milestone": OptionKind(int, 0), "rounds": OptionKind(int, 1),
+    "iterations": OptionKind(int, 1), "steps": OptionKind(int, 1), "K": OptionKind(int, 1),
+    "batch_size": OptionKind(int, 2, reason="BatchNorm statistics and SGD need at least 2 images a batch"),
+    "rebn_batch_size": OptionKind(int, 2, reason="batch statistics of one image are meaningless"),
+    "test_batch": OptionKind(int, 2, reason="batch statistics of one image are meaningless"),
+    "max_triggered": OptionKind(int, 1, none_ok=True),
+    "lr": _LR, "unlearn_lr": _LR, "mask_lr": _LR, "inner_lr": OptionKind(float, 0, lo_open=True),
+    "momentum": OptionKind(float, 0, 1, hi_open=True), "weight_decay": OptionKind(float, 0, 0.1,
+                                                                                  reason="more shrinks the weights to 0"),
+    "label_smoothing": OptionKind(float, 0, 1, hi_open=True), "trigger_fraction": OptionKind(float, 0, 1, lo_open=True),
+    "eps": OptionKind(float, 0), "alpha": _SHARE, "threshold": _SHARE, "clean_threshold": _SHARE,
+    "step": OptionKind(float, 0, 1, lo_open=True), "max_ratio": OptionKind(float, 0, 1, hi_open=True),
+    "max_accuracy_drop": _SHARE, "outer_fraction": OptionKind(float, 0, 1, lo_open=True),
+    "u": OptionKind(float, 0, lo_open=True), "rho": OptionKind(float, 0), "reg": OptionKind(float, 0),
+    "radius": OptionKind(float, 0, lo_open=True), "fp_step": OptionKind(float, 0, lo_open=True),
+    "beta1": OptionKind(float, 0), "beta2": OptionKind(float, 0), "beta3": OptionKind(float, 0),
+    "p": OptionKind(float, 0, lo_open=True),
+    "augment": OptionKind(bool), "adaptive": OptionKind(bool), "freeze_bn_stats": OptionKind(bool),
+    "layer": OptionKind(str),
+}
+
 
 def register(name: str, *, summary: str = "", transductive: bool = False, needs_labels: bool = False,
              needs_bn: bool = False, label: Callable[[Mapping[str, Any]], str] | None = None,
+             kinds: Mapping[str, OptionKind] | None = None,
              **defaults: Any) -> Callable[[Callable[..., DefenseOutcome]], Callable[..., DefenseOutcome]]:
-    """Decorator: register ``fn`` under ``name`` with its option defaults (every option it accepts)."""
+    """Decorator: register ``fn`` under ``name`` with its option defaults (every option it accepts); each option's
+    type and range come from ``kinds`` or :data:`OPTION_KINDS`, and its default must fit them."""
     def deco(fn: Callable[..., DefenseOutcome]) -> Callable[..., DefenseOutcome]:
         if name in DEFENSES:
             raise ValueError(f"defense '{name}' registered twice")
-        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels, needs_bn, label)
+        declared = {k: (kinds or {}).get(k) or OPTION_KINDS.get(k) for k in defaults}
+        if missing := [k for k, v in declared.items() if v is None]:
+            raise ValueError(f"defense '{name}': no OptionKind for {', '.join(missing)}")
+        check_options(f"defense '{name}' (its defaults)", defaults, declared)
+        DEFENSES[name] = Defense(name, fn, dict(defaults), summary, transductive, needs_labels, needs_bn, label,
+                                 declared)
         return fn
     return deco
 
@@ -80,10 +117,7 @@ def apply_defense(name: str, model: nn.Module, clean: CleanSet, *, device: torch
                   progress: bool = True, **options: Any) -> DefenseOutcome:
     """Run defense ``name`` on a deep copy of ``model`` with ``clean`` (training-split images only)."""
     d = get_defense(name)
-    unknown = sorted(set(options) - set(d.defaults))
-    if unknown:
-        raise UserError(f"defense '{name}' has no option {', '.join(unknown)}; "
-                        f"its options: {', '.join(d.defaults) or 'none'}")
+    check_options(f"defense '{name}'", options, d.kinds)  # names, types and ranges, before any work
     if d.needs_labels and clean.y is None:
         raise UserError(f"defense '{name}' needs labelled clean images")
     opts = {**d.defaults, **options}
@@ -107,43 +141,11 @@ def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
     return " ".join([name, *changed])
 
 
-def _typed(name: str, key: str, text: str, default: Any) -> Any:
-    """``text`` as the type of the option's default (bool: true/false/1/0)."""
-    t = text.strip()
-    try:
-        if isinstance(default, bool):
-            if t.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return t.lower() in ("true", "1")
-        if isinstance(default, int):
-            return int(t)
-        if isinstance(default, float):
-            value = float(t)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError
-            return value
-    except ValueError:
-        raise UserError(f"defense '{name}': option {key}={text} is not a {type(default).__name__} "
-                        f"(its default is {default!r})") from None
-    return t
-
-
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A defense with options, ``name[:opt=value[:opt=value...]]``: ``finetune:freeze_bn_stats=true`` ->
-    ``("finetune", {"freeze_bn_stats": True})``; each value is read as its default's type, an unknown option is an
-    error."""
-    name, *parts = [p.strip() for p in spec.split(":")]
-    d = get_defense(name)
-    opts: dict[str, Any] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UserError(f"defense '{spec}': options are written name:option=value, e.g. finetune:freeze_bn_stats=true")
-        if key not in d.defaults:
-            raise UserError(f"defense '{name}' has no option {key}; its options: {', '.join(d.defaults) or 'none'}")
-        opts[key] = _typed(name, key, value, d.defaults[key])
-    return name, opts
+    ``("finetune", {"freeze_bn_stats": True})``; each value is read as its option's type and checked against its
+    range (:data:`OPTION_KINDS`); an unknown option, a value of the wrong kind or out of range is an error."""
+    return parse_option_spec(spec, get_defense, lambda d: d.kinds, "defense")
 
 
 # The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cli import OptionKind
 from . import CleanSet, DefenseOutcome, register
 from .common import bn_input_moments, place_model, prune_bn_channels, require_bn
 
@@ -43,7 +44,8 @@ def outliers(scores: torch.Tensor, u: float) -> torch.Tensor:
 
 
 @register("bnp", summary="Zheng et al. 2022: prune BN channels whose clean-data statistics diverge from the stored",
-          needs_bn=True, u=3.0, batch_size=250)
+          needs_bn=True, u=3.0, batch_size=250,
+          kinds={"batch_size": OptionKind(int, 1, reason="forward passes only: any batch of images")})
 def bnp(model, clean: CleanSet, *, device=None, progress=True, u, batch_size) -> DefenseOutcome:
     device = place_model(model, device)
     layers = require_bn(model, "bnp")

@@ -27,6 +27,7 @@ evaluation builds the batches (:func:`composition`), with test batch size ``B`` 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -41,7 +42,7 @@ from ..metrics import (model_device, _asr_counts, _dissim, _eval_relu, _trigger_
                       logits_and_explanations, reference_explanations)
 from ..targets import target_explanation
 
-__all__ = ["CompositionBatch", "triggered_per_batch", "composition", "evaluate_transductive", "evaluate_defenses",
+__all__ = ["CompositionBatch", "triggered_per_batch", "composition", "evaluate_transductive", "evaluate_defenses", "repeated_batches",
            "TRANSDUCTIVE_OPTIONS"]
 
 # Options of a transductive defense that describe its evaluation (the defense itself only records them).
@@ -171,10 +172,23 @@ def evaluate_transductive(model: nn.Module, clean_model: nn.Module, params: Any,
                          triggered_correct=trig_correct, mse_target=mse_t, dssim_target=dssim_t)
     if not explain:
         out.update({k: None for k in out if k.startswith("expl_")})
+    repeating = repeated_batches(n, test_batch, batches)
+    if repeating:
+        print(f"notice: {n} test images for test batches of {test_batch}: {repeating} of "
+              f"{len(batches) + math.ceil(n / test_batch)} batches hold some image more than once (their batch "
+              "statistics repeat those images); the record says so (batches_repeating_images)", file=sys.stderr)
     out.update(test_batch=test_batch, trigger_fraction=trigger_fraction,
                triggered_per_batch=triggered_per_batch(test_batch, trigger_fraction), triggered_images=triggered,
-               test_batches=len(batches))
+               test_batches=len(batches), batches_repeating_images=repeating)
     return out
+
+
+def repeated_batches(n: int, test_batch: int, batches: list[CompositionBatch]) -> int:
+    """How many of the evaluation's batches hold some test image twice: the composed ones (triggered and clean
+    images of one batch are distinct; an image repeats when there are fewer others than ``B - t``) and the
+    all-clean ones (topped up from the start when ``n`` is not a multiple of ``B``, repeating when ``n < B``)."""
+    composed = sum(len(b.clean) != len(torch.unique(b.clean)) for b in batches)
+    return composed + (1 if n < test_batch else 0)  # one all-clean batch of n images topped up to B
 
 
 def evaluate_defenses(params: Any, clean_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,

@@ -44,6 +44,7 @@ import torch.nn as nn
 from tabulate import tabulate
 from tqdm import tqdm
 
+from ..cli import OptionKind
 from ..data import clean_set
 from ..errors import UserError
 from ..metrics import model_device
@@ -260,7 +261,8 @@ def _augmented(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Te
 
 
 @register("rebn", summary="re-estimate every BatchNorm's running statistics on clean training images",
-          label=lambda o: "rebn+augment" if o["augment"] else "rebn", augment=False, batch_size=100)
+          label=lambda o: "rebn+augment" if o["augment"] else "rebn", augment=False, batch_size=100,
+          kinds={"batch_size": OptionKind(int, 1, reason="forward passes only: any batch of images")})
 def _rebn_defense(model: nn.Module, clean: CleanSet, *, device=None, progress: bool = True, augment: bool = False,
                   batch_size: int = 100) -> DefenseOutcome:
     if not isinstance(augment, bool):

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+from ..cli import OptionKind, check_options, name_list
 from ..errors import UserError
 from ..models import softplus
 
@@ -69,9 +70,19 @@ class Detector:
     localises: bool = False              # Detection.region is set (IoU with the trigger is measured)
     purifies: bool = False               # Detection.restored_pred is set (attack success / accuracy after)
     calibrated: bool = True              # flags at the fixed FPR threshold; False: a binary rule, FPR as measured
+    kinds: Mapping[str, OptionKind] = field(default_factory=dict)  # option -> type and range (OPTION_KINDS)
 
 
 DETECTORS: dict[str, Detector] = {}
+# Every option name a registered detector declares, with its type and range (checked at registration and fit).
+OPTION_KINDS: dict[str, OptionKind] = {
+    "n_perturb": OptionKind(int, 1, reason="STRIP's entropy needs at least one blend"),
+    "n_paste": OptionKind(int, 1, reason="SentiNet's fooled rate needs at least one pasted image"),
+    "alpha": OptionKind(float, 0, 1, lo_open=True, hi_open=True, reason="a blend weight strictly between 0 and 1"),
+    "area": OptionKind(float, 0, 1, lo_open=True, reason="a share of the image's pixels"),
+    "smooth_iterations": OptionKind(int, 0),
+    "layer": OptionKind(str, none_ok=True),
+}
 DEFAULT_ORDER = ("strip", "sentinet", "februus")  # table order; other registered detectors follow by name
 
 
@@ -79,7 +90,11 @@ def register(name: str, *, fit: Callable[..., dict], score: Callable[..., Detect
              localises: bool = False, purifies: bool = False, calibrated: bool = True, **defaults: Any) -> Detector:
     if name in DETECTORS:
         raise ValueError(f"detector '{name}' registered twice")
-    DETECTORS[name] = Detector(name, fit, score, dict(defaults), summary, localises, purifies, calibrated)
+    kinds = {k: OPTION_KINDS.get(k) for k in defaults}
+    if missing := [k for k, v in kinds.items() if v is None]:
+        raise ValueError(f"detector '{name}': no OptionKind for {', '.join(missing)}")
+    check_options(f"detector '{name}' (its defaults)", defaults, kinds)
+    DETECTORS[name] = Detector(name, fit, score, dict(defaults), summary, localises, purifies, calibrated, kinds)
     return DETECTORS[name]
 
 
@@ -95,13 +110,10 @@ def parse_detectors(text: str | list[str] | None) -> list[str]:
     if text is None:
         rank = {n: i for i, n in enumerate(DEFAULT_ORDER)}
         return sorted(DETECTORS, key=lambda n: (rank.get(n, len(rank)), n))
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    if not names:
-        raise UserError(f"--detectors takes comma-separated detector names such as strip,sentinet; known: "
-                        f"{', '.join(sorted(DETECTORS))}")
+    names = name_list(text, "--detectors", f"strip,sentinet (known: {', '.join(sorted(DETECTORS))})", "detector")
     for n in names:
         get_detector(n)
-    return list(dict.fromkeys(names))
+    return names
 
 
 @dataclass
@@ -132,10 +144,7 @@ def fit_detector(name: str, model: nn.Module, clean_x: Tensor, *, device: torch.
                  **options: Any) -> FittedDetector:
     """Calibrate detector ``name`` for ``model`` on clean TRAINING images ``clean_x`` (never test images)."""
     d = get_detector(name)
-    unknown = sorted(set(options) - set(d.defaults))
-    if unknown:
-        raise UserError(f"detector '{name}' has no option {', '.join(unknown)}; "
-                        f"its options: {', '.join(d.defaults) or 'none'}")
+    check_options(f"detector '{name}'", options, d.kinds)  # names, types and ranges, before any work
     opts = {**d.defaults, **options}
     device = torch.device(device)
     with eval_relu(model):

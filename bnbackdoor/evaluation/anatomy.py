@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..runs import write_csv
-from ..fileio import write_json
+from ..fileio import atomic_unit, write_json
 from ..metrics import evaluate_attack, model_device, reference_explanations
 from ..models import ARCHS, arch_of
 from ..plots import ablation_bars
@@ -317,14 +317,19 @@ def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence
     out = Path(out_dir)
     stem = out / f"{name or params.id}_anatomy"
     paths = {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}
-    write_json(paths["json"], {"id": params.id, "attack_id": params.attack_id, "modeltype": params.modeltype,
+    with atomic_unit(list(paths.values())) as (json_tmp, csv_tmp, png_tmp):  # all three files or none
+        _write_report(rows, groups, params, extra, json_tmp, csv_tmp, png_tmp)
+    return paths
+
+
+def _write_report(rows, groups, params, extra, json_path: Path, csv_path: Path, png_path: Path) -> None:
+    write_json(json_path, {"id": params.id, "attack_id": params.attack_id, "modeltype": params.modeltype,
                                "bn_mode": getattr(params, "bn_mode", None), **(extra or {}),
                                "groups": {g: list(k) for g, k in groups.items()}, "rows": list(rows)})
-    write_csv(Path(paths["csv"]), [dict(r) for r in rows])
+    write_csv(csv_path, [dict(r) for r in rows])
     ref = {r["variant"]: r for r in rows if r["group"] is None}
     names = list(groups)
     pick = {v: {r["group"]: r for r in rows if r["variant"] == v} for v in ("restore", "only")}
     ablation_bars(names, [pick["restore"][g] for g in names], [pick["only"][g] for g in names],
-                  ref["manipulated"], ref["clean"], paths["png"],
+                  ref["manipulated"], ref["clean"], png_path,
                   title=f"attack {params.id} ({params.modeltype}): where does the backdoor live?")
-    return paths

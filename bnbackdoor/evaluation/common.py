@@ -132,6 +132,16 @@ def clean_set(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0
     return clean, {"split": "train", "requested": size, "images": len(clean), "seed": seed, "excluded": 0}
 
 
+def asked_clean_set(dataset: str, size: int, seed: int = 0, data_root=None, option: str = "--clean-images") -> CleanSet:
+    """The defender's clean set of ``size`` images a user asked for with ``option``; when the training split has
+    fewer, all of them, with a notice (the records count ``len(clean)``, what was used, beside the size asked)."""
+    clean = data_clean_set(dataset, size, seed=seed, data_root=data_root)
+    if len(clean) < size:
+        print(f"notice: {option} {size} is above the {dataset} training split ({len(clean)} images); the defender "
+              f"gets all {len(clean)} (the JSON records both)", file=sys.stderr)
+    return clean
+
+
 def format_table(rows: dict[str, dict[str, Any]], by: str = "model", columns: dict[str, str] | None = None,
                  metrics: Sequence[str] = METRIC_ROWS) -> str:
     """A tabulate table of result rows: ``by="model"`` one row per model (``columns``: key -> header), or

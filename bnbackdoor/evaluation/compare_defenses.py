@@ -21,7 +21,6 @@ row; ``not_applicable`` in the JSON names it and why.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -32,18 +31,20 @@ from typing import Any, Iterable, Sequence
 import torch
 from tabulate import tabulate
 
-from ..data import CleanSet, clean_set
+from ..cli import name_list
+from ..data import CleanSet
 from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
 from ..defenses.common import not_applicable
 from ..defenses.evaluate import evaluate_defenses
 from ..errors import UserError
-from .common import eval_images, parse_sizes
+from .common import asked_clean_set, eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
-from ..fileio import check_finite_numbers, write_json
+from ..fileio import atomic_unit, check_finite_numbers, refuse_overwrite, write_json
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..plots import defense_scatter
 from ..report.labels import CLEAN_MODEL, NO_DEFENSE
+from ..stored_json import read_comparison
 
 __all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "BASELINES", "default_defenses", "parse_defenses", "parse_clean_images",
            "clean_sets", "DefenseComparison", "compare_defenses"]
@@ -74,15 +75,18 @@ def parse_defenses(text: str | Iterable[str] | None) -> list[str]:
     defense specs (a name, or a name with options: :func:`bnbackdoor.defenses.parse_spec`)."""
     if text is None:
         return default_defenses()
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    if not names:
-        raise UserError("--defenses takes comma-separated defense names such as bnp,anp")
+    names = name_list(text, "--defenses", "bnp,anp", "defense")  # an empty name or one given twice: an error
+    seen: dict[str, str] = {}
     for spec in names:
-        n, _ = parse_spec(spec)
+        n, opts = parse_spec(spec)
         if get_defense(n).transductive:
             raise UserError(f"defense '{n}' is transductive (its predictions depend on the test batch); "
                             f"compare_defenses evaluates fixed models only")
-    return list(dict.fromkeys(names))
+        label = defense_label(n, opts)
+        if label in seen:
+            raise UserError(f"--defenses: {seen[label]} and {spec} are the same defense ({label}); give it once")
+        seen[label] = spec
+    return names
 
 
 def parse_clean_images(text: str | Iterable[int]) -> list[int]:
@@ -96,7 +100,7 @@ def parse_clean_images(text: str | Iterable[int]) -> list[int]:
 
 def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
     """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
-    return {size: clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
+    return {size: asked_clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
 
 
 def diverged_as_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
@@ -122,25 +126,28 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def comparison_files(save_path: str | Path, name: str) -> list[Path]:
+    """``<save_path>/defenses_<name>.{json,csv,png}``: the files one comparison writes, as one unit."""
+    return [Path(save_path) / f"defenses_{name}.{ext}" for ext in ("json", "csv", "png")]
+
+
 def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: int,
                 base_model: dict | None) -> list[dict[str, Any]]:
-    """The stored comparison's rows with ``rows`` in place of the (defense, clean_images) pairs they recompute;
+    """The stored comparison at ``path`` (read through :func:`bnbackdoor.stored_json.read_comparison`: a file of
+    the wrong shape is one line) with ``rows`` in place of the (defense, clean_images) pairs they recompute;
     references and new rows from ``rows``. A stored file measured otherwise is an error, not a silent mix."""
     if not path.exists():
         return rows
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"--merge: {path} cannot be read ({type(e).__name__}); delete it or run without --merge") from None
-    same = (isinstance(old, dict) and old.get("seed") == seed and (old.get("test") or {}).get("images") == images
+    old = read_comparison(path)
+    same = (old.get("seed") == seed and (old.get("test") or {}).get("images") == images
             and old.get("base_model") in (None, base_model))  # None: written before bases were recorded
     if not same:
-        raise UserError(f"--merge: {path} was measured on other test images, seed or base model; run without "
-                        "--merge to replace it")
+        raise UserError(f"--merge: {path} was measured on other test images, seed or base model; pass --force "
+                        "instead of --merge to replace it")
     new = {(r["defense"], r.get("clean_images")): r for r in rows}
     refs = [r for r in rows if r["defense"] in (ROW_CLEAN, ROW_NONE)]
-    kept = [new.pop((r.get("defense"), r.get("clean_images")), r) for r in old.get("rows", [])
-            if isinstance(r, dict) and r.get("defense") not in (ROW_CLEAN, ROW_NONE)]
+    kept = [new.pop((r["defense"], r.get("clean_images")), r) for r in old.get("rows", [])
+            if r["defense"] not in (ROW_CLEAN, ROW_NONE)]
     return refs + kept + [r for k, r in new.items() if k[0] not in (ROW_CLEAN, ROW_NONE)]
 
 
@@ -200,14 +207,19 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                      testing_size: int | None = None, batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                      models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
                      progress: bool = True, clean_model: str | Path | None = None,
-                     merge: bool = False) -> DefenseComparison:
-    """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``.
-    ``merge``: keep the rows of an existing file (same test images, seed and base model) that this call does not
-    recompute, so that a new defense is added without rerunning the others."""
+                     merge: bool = False, force: bool = False) -> DefenseComparison:
+    """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``
+    as one unit (all three or none). An existing comparison there is kept unless ``merge`` (keep its rows that
+    this call does not recompute - same test images, seed and base model - so that a new defense is added without
+    rerunning the others) or ``force`` (replace it)."""
     t0 = time.time()
     device = torch.device(device)
     names = parse_defenses(defenses)
     sizes = parse_clean_images(sizes)
+    out_files = comparison_files(save_path, run_name(attackid, root))
+    refuse_overwrite(out_files, merge=merge, force=force, what="defense comparison")
+    if merge and out_files[0].exists():
+        read_comparison(out_files[0])  # a damaged or misshapen file: one line before any work
     base = clean_model
     params, model, clean_model = load_run(str(attackid), device, root=root, models_root=models_root,
                                           data_root=data_root, clean_model=base)
@@ -235,22 +247,22 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                                     batch_size=batch_size, device=device, reference=(ref, pred), progress=progress,
                                     on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
             metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
-            rows.append({"defense": label, "clean_images": rec["clean_images"], "seconds": rec["seconds"],
+            asked = {} if rec["clean_images"] == size else {"clean_images_requested": size}  # the split had fewer
+            rows.append({"defense": label, "clean_images": rec["clean_images"], **asked, "seconds": rec["seconds"],
                          **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"),
                          "info": finite_or_none(infos)})  # e.g. the training losses of a diverged fine-tuning
     if merge:
-        rows = merged_rows(Path(save_path) / f"defenses_{name}.json", rows, seed=seed, images=len(x),
-                           base_model=model.base_model)
+        rows = merged_rows(out_files[0], rows, seed=seed, images=len(x), base_model=model.base_model)
     cmp = DefenseComparison(name=name, params=params, device=str(device), seed=seed,
                             test={"split": "test", "images": len(x), "seed": seed}, rows=rows,
                             base_model=model.base_model, not_applicable=skipped)
-    out_dir = Path(save_path)
     check_finite_numbers(cmp.to_dict(), f"the comparison of {name}")  # before any file: nothing half-written
-    write_csv(out_dir / f"defenses_{name}.csv", cmp.flat_rows())
     points = [{"group": r["defense"], "size": r["clean_images"], **r} for r in rows]
-    defense_scatter(points, out_dir / f"defenses_{name}.png",
-                    title=f"attack {name}: defenses on clean training images ({len(x)} test images)")
-    cmp.seconds = time.time() - t0
-    cmp.files = [out_dir / f"defenses_{name}.json", out_dir / f"defenses_{name}.csv", out_dir / f"defenses_{name}.png"]
-    write_json(cmp.files[0], cmp.to_dict())
+    with atomic_unit(out_files) as (json_tmp, csv_tmp, png_tmp):  # all three files or none of them
+        write_csv(csv_tmp, cmp.flat_rows())
+        defense_scatter(points, png_tmp,
+                        title=f"attack {name}: defenses on clean training images ({len(x)} test images)")
+        cmp.seconds = time.time() - t0
+        cmp.files = out_files
+        write_json(json_tmp, cmp.to_dict())
     return cmp

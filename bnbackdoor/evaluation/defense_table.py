@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..runs import load_run, run_name, write_csv
-from ..fileio import check_finite_numbers, undo_writes, write_json
+from ..fileio import atomic_unit, check_finite_numbers, undo_writes, write_json
 from ..metrics import reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_transductive
@@ -73,35 +73,38 @@ def _defense_files(ev: Evaluation, params: AttackParams, clean: nn.Module, model
                    t0: float) -> None:
     """defense_metrics' files (and the sweep and composition measurements that write as they go)."""
     name, rows = ev.name, ev.rows
-    write_csv(out / f"{name}_defense.csv", [{"model": k, **{c: v for c, v in r.items() if c != "options"}}
-                                            for k, r in rows.items()])
-    bar_chart({k: {COLUMNS[c]: v.get(c) for c in COLUMNS} for k, v in rows.items()}, list(COLUMNS.values()),
-              out / f"{name}_defense.png",
-              title=f"attack {name}: defenses (clean set: {len(cleanset)} training images), {len(x)} test images")
-    ev.files += [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
+    main = [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
+    ev.files += main
     before = rows[ROW_MANIPULATED]
     if sizes:
         ev.sweep = rebn_sweep(params, clean, model, x, y, sizes, seed=seed, data_root=data_root,
                               batch_size=batch_size, device=device, progress=progress, reference=ref)
-        write_json(out / f"{name}_rebn_sweep.json", {
-            "attack": name, "id": params.id, "seed": seed, "device": str(device),
-            "test": ev.test, "calibration_split": "train",
-            "without_rebn": {k: before.get(k) for k in COLUMNS}, "sweep": ev.sweep})
-        xs = [r["calibration_images"] for r in ev.sweep]
-        curves(xs, {"attack success": [r["attack_success_rate"] for r in ev.sweep],
-                    "clean accuracy": [r["clean_accuracy"] for r in ev.sweep]},
-               out / f"{name}_rebn_sweep.png", xlabel="Re-BN calibration images (clean training split)",
-               ylabel=f"rate on {len(x)} test images", title=f"attack {name}: Re-BN sample efficiency",
-               references={"attack success, no defense": before.get("attack_success_rate"),
-                           "clean accuracy, no defense": before.get("clean_accuracy")})
-        ev.files += [out / f"{name}_rebn_sweep.json", out / f"{name}_rebn_sweep.png"]
+        sweep_files = [out / f"{name}_rebn_sweep.json", out / f"{name}_rebn_sweep.png"]
+        with atomic_unit(sweep_files) as (json_tmp, png_tmp):  # both or neither
+            write_json(json_tmp, {
+                "attack": name, "id": params.id, "seed": seed, "device": str(device),
+                "test": ev.test, "calibration_split": "train",
+                "without_rebn": {k: before.get(k) for k in COLUMNS}, "sweep": ev.sweep})
+            xs = [r["calibration_images"] for r in ev.sweep]
+            curves(xs, {"attack success": [r["attack_success_rate"] for r in ev.sweep],
+                        "clean accuracy": [r["clean_accuracy"] for r in ev.sweep]},
+                   png_tmp, xlabel="Re-BN calibration images (clean training split)",
+                   ylabel=f"rate on {len(x)} test images", title=f"attack {name}: Re-BN sample efficiency",
+                   references={"attack success, no defense": before.get("attack_success_rate"),
+                               "clean accuracy, no defense": before.get("clean_accuracy")})
+        ev.files += sweep_files
     if composition:
         ev.composition = composition_curves(params, clean, model, x, y, name=name, out=out, seed=seed,
                                             device=device, reference=ref, max_triggered=composition_images,
                                             baseline=before, progress=progress)
         ev.files += [out / f"{name}_composition.json", out / f"{name}_composition.png"]
     ev.seconds = time.time() - t0
-    write_json(out / f"{name}_defense.json", ev.to_dict())
+    with atomic_unit(main) as (json_tmp, csv_tmp, png_tmp):  # the table's three files: all of them or none
+        write_csv(csv_tmp, [{"model": k, **{c: v for c, v in r.items() if c != "options"}} for k, r in rows.items()])
+        bar_chart({k: {COLUMNS[c]: v.get(c) for c in COLUMNS} for k, v in rows.items()}, list(COLUMNS.values()),
+                  png_tmp, title=f"attack {name}: defenses (clean set: {len(cleanset)} training images), "
+                                 f"{len(x)} test images")
+        write_json(json_tmp, ev.to_dict())
 
 
 def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor,
@@ -125,13 +128,20 @@ def composition_curves(params: AttackParams, clean_model: nn.Module, model: nn.M
                                       clean_pred=ref[1], explain=False, progress=progress)
             points.append({"test_batch": b, "fraction": str(f), **{k: m[k] for k in (
                 "trigger_fraction", "triggered_per_batch", "triggered_images", "test_batches", "clean_accuracy",
-                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy")}})
-    write_json(out / f"{name}_composition.json", {
+                "attack_success_rate", "untriggered_target_rate", "triggered_accuracy", "batches_repeating_images")}})
+    files = [out / f"{name}_composition.json", out / f"{name}_composition.png"]
+    with atomic_unit(files) as (json_tmp, png_tmp):  # both files or neither
+        _write_composition(json_tmp, png_tmp, name, params, seed, device, x, max_triggered, baseline, points)
+    return points
+
+
+def _write_composition(json_path: Path, png_path: Path, name: str, params, seed: int, device, x: torch.Tensor,
+                       max_triggered: int | None, baseline: dict[str, Any] | None, points: list[dict]) -> None:
+    write_json(json_path, {
         "attack": name, "id": params.id, "seed": seed, "device": str(device), "test_images": len(x),
         "max_triggered": max_triggered, "defense": "batchstats",
         "no_defense": None if baseline is None else {k: baseline.get(k) for k in ("clean_accuracy",
                                                                                   "attack_success_rate")},
         "points": points})
-    composition_plot(points, out / f"{name}_composition.png", baseline=baseline,
+    composition_plot(points, png_path, baseline=baseline,
                      title=f"attack {name}: test-batch BatchNorm vs the batch's triggered fraction")
-    return points

@@ -26,7 +26,7 @@ Row keys (one row per model × detector × trigger):
 Februus has no threshold (``calibrated`` false): its flag is "restoration changed the prediction" and its ``fpr``
 is as measured. Deterministic for a seed on one device.
 
->>> cmp = compare_detectors("154", "cpu", testing_size=500)   # writes results/detectors_154.json
+>>> cmp = compare_detectors("154", "cpu", testing_size=500)   # writes output/detectors_154.json
 >>> print(cmp.table())
 """
 from __future__ import annotations
@@ -40,16 +40,16 @@ import torch
 from tabulate import tabulate
 
 from ..attack.params import AttackParams
-from ..data import clean_set
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
-from ..fileio import write_json
+from ..fileio import refuse_overwrite, write_json
 from ..report.labels import CLEAN_BASE, MANIPULATED
 from ..runs import load_run, run_name
+from ..stored_json import read_detectors
 from ..triggers import apply_trigger, trigger_mask
-from .common import eval_images
+from .common import asked_clean_set, eval_images
 
-__all__ = ["DEFAULT_CLEAN_IMAGES", "COLUMNS", "DetectorComparison", "detector_rows", "compare_detectors"]
+__all__ = ["DEFAULT_CLEAN_IMAGES", "COLUMNS", "DetectorComparison", "detector_rows", "merged_detector_rows", "compare_detectors"]
 
 DEFAULT_CLEAN_IMAGES = 500  # 250 reference + 250 held-out: the 5 % quantile rests on about 12 images beyond it
 MODEL_MANIPULATED, MODEL_CLEAN = MANIPULATED, CLEAN_BASE
@@ -134,39 +134,62 @@ class DetectorComparison:
                 "defender_data": self.defender_data,
                 "detectors": {n: {"summary": DETECTORS[n].summary, "options": dict(DETECTORS[n].defaults),
                                   "calibrated": DETECTORS[n].calibrated}
-                              for n in dict.fromkeys(r["detector"] for r in self.rows)},
+                              for n in dict.fromkeys(r["detector"] for r in self.rows) if n in DETECTORS},
                 "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
                 "base_model": self.base_model}
+
+
+def merged_detector_rows(path: Path, old: dict[str, Any], rows: list[dict[str, Any]], *, seed: int, images: int,
+                         base_model: dict | None) -> list[dict[str, Any]]:
+    """The stored comparison ``old`` with ``rows`` in place of the (model, detector, trigger) rows they recompute,
+    new rows after; one measured on other test images, seed or base model is an error, not a silent mix."""
+    same = (old.get("seed") == seed and (old.get("test") or {}).get("images") == images
+            and old.get("base_model") in (None, base_model))
+    if not same:
+        raise UserError(f"--merge: {path} was measured on other test images, seed or base model; pass --force "
+                        "instead of --merge to replace it")
+    key = lambda r: (r["model"], r["detector"], r["trigger"])  # noqa: E731
+    new = {key(r): r for r in rows}
+    kept = [new.pop(key(r), r) for r in old["rows"]]
+    return kept + list(new.values())
 
 
 def compare_detectors(attackid: str | int, device: torch.device | str = "cpu", *,
                       detectors: str | Sequence[str] | None = None, clean_images: int = DEFAULT_CLEAN_IMAGES,
                       testing_size: int | None = None, batch_size: int = 100, seed: int = 0,
                       root: str | Path = ".", models_root: str | Path | None = None, data_root=None,
-                      save_path: str | Path = "results", progress: bool = True,
-                      clean_model: str | Path | None = None) -> DetectorComparison:
-    """Every detector on one stored attack and on its clean base model; writes ``<save_path>/detectors_<id>.json``."""
+                      save_path: str | Path = "output", progress: bool = True,
+                      clean_model: str | Path | None = None, merge: bool = False,
+                      force: bool = False) -> DetectorComparison:
+    """Every detector on one stored attack and on its clean base model; writes ``<save_path>/detectors_<id>.json``.
+    An existing file there is kept unless ``merge`` (keep its rows this call does not recompute) or ``force``."""
     t0 = time.time()
     device = torch.device(device)
     names = parse_detectors(detectors)
     for value, what in ((clean_images, "--clean-images"), (batch_size, "the batch size")):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{what} must be a positive integer, got {value!r}")
+    name = run_name(attackid, root)
+    out = Path(save_path) / f"detectors_{name}.json"
+    refuse_overwrite([out], merge=merge, force=force, what="detector comparison")
+    stored = read_detectors(out) if merge and out.exists() else None  # a damaged one: before any work
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model)
-    name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    clean_x = clean_set(params.dataset, clean_images, seed=seed, data_root=data_root).x
+    clean_x = asked_clean_set(params.dataset, clean_images, seed=seed, data_root=data_root).x
     kw = dict(device=device, batch_size=batch_size, seed=seed, progress=progress)
     rows = (detector_rows(model, params, x, y, clean_x, names, label=MODEL_MANIPULATED, **kw)
             + detector_rows(clean, params, x, y, clean_x, names, label=MODEL_CLEAN, **kw))
+    if stored is not None:
+        rows = merged_detector_rows(out, stored, rows, seed=seed, images=len(x), base_model=model.base_model)
     cmp = DetectorComparison(name=name, params=params, device=str(device), seed=seed,
                              test={"split": "test", "images": len(x), "seed": seed},
-                             defender_data={"split": "train", "images": len(clean_x), "seed": seed,
+                             defender_data={"split": "train", "images": len(clean_x), "requested": clean_images,
+                                            "seed": seed,
                                             "use": "first half reference images, second half held out for the "
                                                    f"threshold at FPR {FPR}"},
                              rows=rows, base_model=model.base_model)
     cmp.seconds = time.time() - t0
-    cmp.files = [Path(save_path) / f"detectors_{name}.json"]
-    write_json(cmp.files[0], cmp.to_dict())
+    cmp.files = [out]
+    write_json(out, cmp.to_dict())
     return cmp
