@@ -27,6 +27,7 @@ from bnbackdoor.runs import run_attack
 from conftest import ROOT, assert_same_weights
 from test_finetune import _tiny_setup
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = resolve_attack("154", root=ROOT)
 LEVERS = ("clean_term", "distill_temperature", "select", "validation_size")
 
@@ -230,7 +231,8 @@ REAL_EVALUATE = finetune_module.evaluate_attack  # not a patched one: a test scr
 
 
 def _scripted(monkeypatch, first_epoch=1):
-    """Validation evaluations (told apart by their size: 8 images, the test set has 16) report SCRIPT's DSSIM (epochs counted from ``first_epoch``), and the verdict SCRIPT's;
+    """Validation evaluations (told apart by their size: 8 images, the test set has 16) report SCRIPT's DSSIM
+    (epochs counted from ``first_epoch``), and the verdict SCRIPT's;
     test evaluations stay real."""
     real = REAL_EVALUATE
     epoch = [first_epoch - 1]
@@ -264,7 +266,7 @@ def _run(clean, p, folder, data_root, stop_after=None, states=None):
 def test_select_best_keeps_the_best_accepted_epoch_and_resumes_bit_identically(tmp_path, tiny_data_root,
                                                                                 monkeypatch):
     clean, _ = _tiny_setup(tmp_path, tiny_data_root)
-    p = params(max_epochs=3, select="best", validation_size=8)
+    p = params(max_epochs=3, select="best", validation_size=8, training_size=16)  # one step an epoch
     _scripted(monkeypatch)
     states: dict = {}
     full = _run(clean, p, tmp_path / "full", tiny_data_root, states=states)
@@ -308,12 +310,13 @@ def test_select_last_records_no_selection(tmp_path, tiny_data_root):
     res = _run(clean, params(max_epochs=1), tmp_path / "run", tiny_data_root, stop_after=None)
     assert res.selected_epoch is None and res.validation is None
     assert not any(k.startswith("val_") for r in res.history for k in r)
+    assert "best" not in torch.load(tmp_path / "run" / "resume.pt", weights_only=False)  # the state as before
 
 
 def test_run_attack_records_the_selected_epoch(tmp_path, tiny_data_root, monkeypatch):
     clean, models_root = _tiny_setup(tmp_path, tiny_data_root)
     _scripted(monkeypatch)
-    p = params(max_epochs=3, select="best", validation_size=8)
+    p = params(max_epochs=3, select="best", validation_size=8, training_size=16)  # one step an epoch
     out = tmp_path / "out"
     m = run_attack(p, torch.device("cpu"), save_path=out, data_root=tiny_data_root, models_root=models_root,
                    progress=False, defenses={})
