@@ -69,6 +69,29 @@ def test_bad_lever_is_one_line(changes, field, allowed):
     assert "\n" not in msg and f"field '{field}'" in msg and allowed in msg
 
 
+def test_every_shipped_run_and_grid_loads_with_todays_levers():
+    from bnbackdoor.attack.params import expand_grid, is_grid, load_attack_file, read_json
+    runs = sorted((ROOT / "manipulated_models").glob("*/parameters.json"))
+    grids = sorted((ROOT / "experimentsettings").glob("*.json"))
+    assert runs and grids
+    for path in runs:
+        p = load_attack_file(path)
+        assert (p.clean_term, p.select, p.validation_size) == ("ce", "last", 0), path
+    for path in grids:  # grids, and a few concrete files kept beside them
+        d = read_json(path)
+        points = expand_grid(d, str(path)) if is_grid(d) else [load_attack_file(path)]
+        assert all(q.select == "last" and q.clean_term == "ce" for q in points), path
+
+
+def test_a_grid_names_the_lever_key():
+    from bnbackdoor.attack.params import expand_grid, read_json
+    grid = read_json(ROOT / "experimentsettings" / "154.json")
+    assert len(expand_grid({**grid, "clean_term": "distill", "distill_temperature": 2})) >= 1
+    with pytest.raises(UserError) as e:
+        expand_grid({**grid, "select": "best"}, "experimentsettings/x.json")
+    assert str(e.value).startswith("experimentsettings/x.json: field 'validation_size' is 0")
+
+
 def test_distill_temperature_is_stored_as_a_float():
     assert BASE.replace(clean_term="distill", distill_temperature=2).to_dict()["distill_temperature"] == 2.0
 
