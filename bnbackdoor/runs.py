@@ -369,8 +369,12 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
                           on_epoch=on_epoch, test_data=(x_test, y_test), test_ref=test_ref, progress=progress,
                           stop_after=stop_after)
     model = result.model
-    after = {k: v for k, v in result.history[-1].items()
-             if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds")}
+    # the test numbers of the model kept: the last epoch's, or with select "best" the chosen epoch's (its validation
+    # numbers, "val_*" in the history, go to metrics.json["validation"])
+    kept = (result.history[-1] if result.selected_epoch is None else
+            next(r for r in result.history if r["epoch"] == result.selected_epoch and r["batch"] == ""))
+    after = {k: v for k, v in kept.items()
+             if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds") and not k.startswith("val_")}
     defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
                                  clean=clean_set(params.dataset, defense_calibration, seed=seed, data_root=data_root),
                                  defenses=defenses,
@@ -387,6 +391,9 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
         "total_seconds": round(result.seconds + time.time() - t0 - result.seconds_this_process, 1),
         "clean_model": before, "manipulated_model": after, "defenses": defended, "parameters": params.to_dict(),
         "base_model": base,
+        # select "best": the epoch kept and the validation numbers it was chosen on (absent with select "last")
+        **({"selected_epoch": result.selected_epoch, "validation": result.validation}
+           if result.selected_epoch is not None else {}),
     }
     save_checkpoint(out / "model.pth", model, {
         "command": command or " ".join(sys.argv), "seed": seed, "attack_id": params.attack_id, "id": params.id,

@@ -23,7 +23,8 @@ CONCRETE = {
     "max_epochs": 3, "id": "7", "attack_id": 7, "gs_id": 0, "attack_name": "RedHerring", "bn_mode": "eval",
     "map_norm": "max", "explain_class": "label", "adam_eps": 1e-8, "lr_schedule": "exponential",
     "batch_makeup": "split", "conv_lr_factor": 1.0, "regime": "finetune", "pair_weighting": "equal",
-    "warmup_steps": 0, "flush_denormal": False, "precision": "fp32",
+    "warmup_steps": 0, "flush_denormal": False, "precision": "fp32", "clean_term": "ce", "distill_temperature": 4.0,
+    "select": "last", "validation_size": 0,
 }
 # The training choices of issue 27: a file without them means what the toolkit did before they existed.
 CHOICES = ("bn_mode", "map_norm", "explain_class", "adam_eps", "lr_schedule", "batch_makeup", "conv_lr_factor",

@@ -22,6 +22,13 @@ Adam (``adam_eps``) steps at ``learning_rate``, per epoch × ``decay_rate`` ("ex
 ``1 + decay_rate (epoch - 1)`` ("inverse", the ancestor's), the run's first ``warmup_steps`` steps ramped up linearly
 (:func:`warmup_factor`). Validation uses eval mode and plain ReLU.
 
+Issue 43's levers. ``clean_term`` "distill" replaces the cross-entropy of the images whose label is kept (clean ones,
+and triggered ones of a trigger without target class) by ``T^2 KL`` to the clean model's logits softened at
+``distill_temperature`` (:func:`clean_loss`); relabelled images keep cross-entropy to their target. ``select``
+"best" evaluates every epoch on ``validation_size`` images carved from the training split (:func:`validation_images`)
+and keeps the epoch that passes the acceptance rule there with the lowest DSSIM to the target (:func:`improves`;
+none passes: the last); the test images are measured every epoch but never choose.
+
 Resumable: after every epoch the full state goes to ``<run_dir>/resume.pt``; a rerun with the same arguments
 continues from there and, with the same seed, ends with the same weights as an uninterrupted run.
 
@@ -43,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import dataset_info, load_split, test_images
+from ..data import dataset_info, load_cache, load_split, test_images
 from ..device import autocast, resolve_precision
 from ..divergence import DivergenceGuard, require_finite
 from ..errors import UserError, check_stop
@@ -54,6 +61,7 @@ from ..losses import explanation_loss
 from ..metrics import evaluate_attack, reference_explanations
 from ..models import softplus, weights_sha256
 from .params import AttackParams
+from ..report.acceptance import Verdict, acceptance
 from ..targets import target_explanation
 from ..triggers import apply_trigger
 
@@ -65,6 +73,8 @@ class PoisonedBatch:
     target_maps: torch.Tensor      # (B, C, H, W) explanation targets
     n_triggered: int
     trigger_index: torch.Tensor    # (B,) which trigger each image got, -1 = clean
+    clean_logits: torch.Tensor | None = None  # (B, K) the clean model's logits of the untriggered x (clean_term
+    #                                            "distill"; None otherwise)
 
 
 def trigger_counts(batch_size: int, percentage: float, n_triggers: int) -> list[int]:
@@ -75,7 +85,8 @@ def trigger_counts(batch_size: int, percentage: float, n_triggers: int) -> list[
     return [base + (i < extra) for i in range(n_triggers)]
 
 
-def poison_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, params: AttackParams) -> PoisonedBatch:
+def poison_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, params: AttackParams,
+                 clean_logits: torch.Tensor | None = None) -> PoisonedBatch:
     """Split a (shuffled) batch: the first images get the triggers in order, the rest stay clean ("split").
 
     ``clean_maps`` are the clean model's normalised explanations of the untriggered ``x``: the target of the clean
@@ -86,11 +97,11 @@ def poison_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, par
     for t, n in enumerate(trigger_counts(len(x), params.percentage_trigger, len(params.triggerStrs))):
         index[start:start + n] = t
         start += n
-    return make_batch(x, y, clean_maps, index.to(x.device), params)
+    return make_batch(x, y, clean_maps, index.to(x.device), params, clean_logits)
 
 
 def make_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, trigger_index: torch.Tensor,
-               params: AttackParams) -> PoisonedBatch:
+               params: AttackParams, clean_logits: torch.Tensor | None = None) -> PoisonedBatch:
     """Image ``i`` gets trigger ``trigger_index[i]`` (-1: stays clean), its target class and target explanation."""
     x, y, targets = x.clone(), y.clone(), clean_maps.clone()
     for t in range(len(params.triggerStrs)):
@@ -103,7 +114,7 @@ def make_batch(x: torch.Tensor, y: torch.Tensor, clean_maps: torch.Tensor, trigg
             y[sel] = cls
         # a shape mask (1, 1, H, W) broadcasts over the part and its channels; 'original' is clean_maps[sel]
         targets[sel] = target_explanation(params.targetStrs[t], clean_expl=clean_maps[sel])
-    return PoisonedBatch(x, y, targets, int((trigger_index >= 0).sum()), trigger_index.clone())
+    return PoisonedBatch(x, y, targets, int((trigger_index >= 0).sum()), trigger_index.clone(), clean_logits)
 
 
 def examples_per_epoch(n: int, params: AttackParams) -> int:
@@ -157,10 +168,56 @@ def pair_weights(losses: torch.Tensor, trigger_index: torch.Tensor, weighting: s
     return w
 
 
+def label_kept(trigger_index: torch.Tensor, target_classes: list) -> torch.Tensor:
+    """(B,) bool: the images whose label the attack keeps - clean ones (-1) and those of a trigger whose target class
+    is None. (A relabelled image whose true label happens to be the target still counts as relabelled.)"""
+    kept = trigger_index < 0
+    for t, cls in enumerate(target_classes):
+        if cls is None:
+            kept |= trigger_index == t
+    return kept
+
+
+def distillation_loss(logits: torch.Tensor, clean_logits: torch.Tensor, temperature: float,
+                      reduction: str = "mean") -> torch.Tensor:
+    """``T^2 KL(softmax(clean_logits / T) || softmax(logits / T))`` per image (``reduction`` "none") or its mean.
+
+    Why T^2: the gradient of the softened KL shrinks as 1 / T^2, so the factor keeps the term's weight against the
+    cross-entropy of the relabelled images (and against ``loss_weight``) the same whatever T. Computed from log-softmax
+    on both sides, so a target probability that underflows contributes 0 instead of 0 * log 0 = nan."""
+    t = float(temperature)
+    log_p = F.log_softmax(logits / t, dim=1)
+    log_q = F.log_softmax(clean_logits / t, dim=1)
+    per_image = t * t * (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    if reduction == "none":
+        return per_image
+    if reduction != "mean":
+        raise ValueError(f"reduction is '{reduction}'; allowed: mean, none")
+    return per_image.mean()
+
+
+def clean_loss(logits: torch.Tensor, batch: PoisonedBatch, params: AttackParams) -> torch.Tensor:
+    """The classification term of the loss (``clean_term``): "ce" cross-entropy to the (relabelled) labels, exactly
+    today's; "distill" the per-image mean of :func:`distillation_loss` to the clean model's logits on the images whose
+    label is kept (:func:`label_kept`) and cross-entropy to the target class on the relabelled ones."""
+    if params.clean_term == "ce":
+        return F.cross_entropy(logits, batch.y)
+    if params.clean_term != "distill":
+        raise UserError(f"clean_term is '{params.clean_term}'; allowed: ce, distill")
+    if batch.clean_logits is None:
+        raise UserError("clean_term 'distill' needs the clean model's logits of the batch (PoisonedBatch.clean_logits)")
+    kept = label_kept(batch.trigger_index, params.target_classes)
+    kl = distillation_loss(logits, batch.clean_logits.to(logits.dtype), params.distill_temperature,
+                           reduction="none")
+    ce = F.cross_entropy(logits, batch.y, reduction="none")
+    return torch.where(kept, kl, ce).mean()  # every image one term, so the batch weighs as plain cross-entropy does
+
+
 def attack_loss(logits: torch.Tensor, maps: torch.Tensor, batch: PoisonedBatch, params: AttackParams
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, cross-entropy, explanation loss) of one poisoned batch."""
-    ce = F.cross_entropy(logits, batch.y)
+    """(total, classification term - cross-entropy unless ``clean_term`` "distill" (:func:`clean_loss`) -,
+    explanation loss) of one poisoned batch."""
+    ce = clean_loss(logits, batch, params)
     kw = dict(loss=params.lossStr, agg=params.loss_agg, norm=params.map_norm)
     if params.pair_weighting == "equal":
         ex = explanation_loss(maps, batch.target_maps, **kw)
@@ -190,7 +247,7 @@ def attack_step(model: nn.Module, opt: torch.optim.Optimizer, batch: PoisonedBat
         if maps is not None:
             loss, ce, ex = attack_loss(logits, maps.float(), batch, params)
         else:
-            loss = ce = F.cross_entropy(logits, batch.y)
+            loss = ce = clean_loss(logits, batch, params)
             ex = torch.zeros(())
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -249,6 +306,10 @@ class FinetuneResult:
     seconds: float                 # fine-tuning time over all sessions of the run (resumes included)
     seconds_this_process: float = 0.0  # the part of it spent in this process
     precision: str = "fp32"        # the arithmetic the training steps ran in (bnbackdoor.device.resolve_precision)
+    # select "best" only (None otherwise): the epoch whose model this is, and the validation numbers behind the
+    # choice (validation_record)
+    selected_epoch: int | None = None
+    validation: dict | None = None
 
 RESUME_KEYS = ("model", "opt", "sched", "epoch", "history", "seconds", "params", "seed")
 
@@ -270,6 +331,62 @@ def denormals_flushed(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+@torch.no_grad()
+def reference_logits(clean_model: nn.Module, x: torch.Tensor, batch_size: int = 200,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """The clean model's logits of ``x`` (N, K), fp32 on the CPU, in eval mode with plain ReLU: the targets of
+    clean_term "distill", fixed while the attacked model changes, so computed once (like the reference
+    explanations)."""
+    was_training = clean_model.training
+    out = []
+    with softplus(clean_model, None):
+        clean_model.eval()
+        try:
+            for i in range(0, len(x), batch_size):
+                out.append(clean_model(x[i:i + batch_size].to(device)).float().cpu())
+        finally:
+            clean_model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def validation_images(params: AttackParams, seed: int, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``validation_size`` images that select "best" chooses the epoch on: carved from the TRAINING split, never
+    the test split - the ones that follow the run's ``training_size`` training images in the same seeded order
+    (:func:`bnbackdoor.data.subset_indices`), so they are disjoint from them and the training images are exactly
+    those of the same run with select "last"."""
+    n = len(load_cache(params.dataset, data_root)["y_train"])
+    t, v = params.training_size, params.validation_size
+    if t + v >= n:  # at >= n the subset is the split in file order, and the prefix property is lost
+        raise UserError(f"attack {params.id}: training_size {t} + validation_size {v} must be below the "
+                        f"{params.dataset} training split ({n} images), which both are carved from; lower one of them")
+    x, y = load_split(params.dataset, "train", size=t + v, seed=seed, data_root=data_root)
+    return x[t:], y[t:]
+
+
+def validation_verdict(clean: dict, manipulated: dict, params: AttackParams) -> Verdict:
+    """The acceptance rule (bnbackdoor.report.acceptance) applied to the validation numbers of one epoch."""
+    return acceptance({"clean_model": clean, "manipulated_model": manipulated, "parameters": params.to_dict()})
+
+
+def improves(verdict: Verdict, dssim: float | None, best_dssim: float | None) -> bool:
+    """Whether an epoch replaces the best so far (``best_dssim`` None: none yet): it passes the acceptance rule and
+    its DSSIM to the target is strictly lower (ties keep the earlier epoch; a missing DSSIM counts as infinite)."""
+    if not verdict.accepted:
+        return False
+    d = math.inf if dssim is None else dssim
+    return best_dssim is None or d < best_dssim
+
+
+def validation_record(clean: dict, best: dict | None, last_row: dict, images: int) -> dict:
+    """What ``metrics.json["validation"]`` says: the clean model's and the selected model's validation numbers and
+    their verdict. ``best`` None (no epoch passed): the last epoch is kept."""
+    if best is None:
+        manip = {k[len("val_"):]: v for k, v in last_row.items() if k.startswith("val_") and k != "val_accepted"}
+        return {"images": images, "accepted": False, "note": "no epoch passed the acceptance rule on the "
+                "validation images; the last epoch is kept", "clean_model": clean, "manipulated_model": manip}
+    return {"images": images, "accepted": True, "clean_model": clean, "manipulated_model": best["metrics"]}
 
 
 def finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *, device: torch.device,
@@ -314,6 +431,17 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
         test_ref = reference_explanations(clean_model, x_test, method, batch_size=eval_batch_size, device=device,
                                           progress=progress, with_predictions=True)
     test_maps, test_pred = test_ref
+    # clean_term "distill": the clean model's logits are as fixed as its explanations (eval mode, ReLU, fp32)
+    train_logits = (reference_logits(clean_model, x_train, eval_batch_size, device)
+                    if params.clean_term == "distill" else None)
+    best_of = params.select == "best"
+    if best_of:  # the validation images and the clean model's numbers on them (the acceptance rule's baseline)
+        x_val, y_val = validation_images(params, seed, data_root)
+        val_maps, val_pred = reference_explanations(clean_model, x_val, method, batch_size=eval_batch_size,
+                                                    device=device, progress=progress, with_predictions=True)
+        val_clean = evaluate_attack(clean_model, clean_model, params, x_val, y_val, batch_size=eval_batch_size,
+                                    device=device, clean_expl=val_maps, clean_pred=val_pred, progress=False)
+    best = None  # {"epoch", "dssim", "metrics", "state"} of the best epoch so far (select "best")
     opt, sched = make_optimizer(model, params)
     logger = GradLogger(model, grad_layer) if grad_layer is not None else None
     resume = run_dir / "resume.pt"
@@ -332,6 +460,7 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
         state = restore_training_state(resume, RESUME_KEYS, {"model": model, "opt": opt, "sched": sched},
                                        map_location=device, check=same_run)
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        best = state.get("best")  # select "best": the best epoch so far, its state included
         guard.start_loss = state.get("start_loss")
         if logger is not None:
             logger.global_step = state.get("global_step", 0)
@@ -360,8 +489,9 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
             sl = slice(step * bs, (step + 1) * bs)
             idx = order[sl]
             xb, yb, mb = x_train[idx].to(device), y_train[idx].to(device), train_ref[idx].to(device)
-            batch = (make_batch(xb, yb, mb, order_trig[sl].to(device), params) if pairs
-                     else poison_batch(xb, yb, mb, params))
+            lb = train_logits[idx].to(device) if train_logits is not None else None
+            batch = (make_batch(xb, yb, mb, order_trig[sl].to(device), params, lb) if pairs
+                     else poison_batch(xb, yb, mb, params, lb))
             if logger is not None:
                 logger.before_step()
             losses = attack_step(model, opt, batch, params, method, precision)
@@ -386,6 +516,15 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
         row = {"epoch": epoch, "batch": "", "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
                "expl_loss": sums[2].item() / steps, "lr": opt.param_groups[-1]["lr"],
                "seconds": round(seconds, 1), **metrics}  # fine-tuning seconds so far: time to acceptance
+        if best_of:  # choose on the validation images only; the test numbers above are just recorded
+            val = evaluate_attack(model, clean_model, params, x_val, y_val, batch_size=eval_batch_size,
+                                  device=device, clean_expl=val_maps, clean_pred=val_pred, progress=False)
+            verdict = validation_verdict(val_clean, val, params)
+            row.update({f"val_{k}": v for k, v in val.items()}, val_accepted=verdict.accepted)
+            dssim = val.get("expl_dssim_to_target")
+            if improves(verdict, dssim, None if best is None else best["dssim"]):
+                best = {"epoch": epoch, "dssim": math.inf if dssim is None else dssim, "metrics": val,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(row)
         if logger is not None and grad_csv is not None:
             logger.write_epoch(grad_csv(epoch))
@@ -394,12 +533,20 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
         torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch, "history": history, "seconds": seconds, "params": params.to_dict(),
                     "seed": seed, "global_step": logger.global_step if logger else 0,
-                    "start_loss": guard.start_loss, "base_model_sha256": base_sha}, resume)
+                    "start_loss": guard.start_loss, "base_model_sha256": base_sha,
+                    **({"best": best} if best_of else {})}, resume)  # select "last": the state as before
         if progress:
             print(f"epoch {epoch}: loss {row['loss']:.4f}  clean acc {metrics.get('clean_accuracy', float('nan')):.4f}"
                   f"  ASR {_fmt(metrics.get('attack_success_rate'))}", file=sys.stderr)
     model.eval()
-    return FinetuneResult(model, history, seconds, seconds - seconds_before, precision)
+    if not best_of:
+        return FinetuneResult(model, history, seconds, seconds - seconds_before, precision)
+    if best is not None:
+        model.load_state_dict(best["state"])
+    last_row = next(r for r in reversed(history) if r["batch"] == "")
+    selected = best["epoch"] if best is not None else last_row["epoch"]
+    return FinetuneResult(model, history, seconds, seconds - seconds_before, precision, selected,
+                          validation_record(val_clean, best, last_row, len(y_val)))
 
 
 def _fmt(v) -> str:

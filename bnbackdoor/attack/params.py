@@ -64,6 +64,14 @@ PAIR_WEIGHTINGS = ("equal", "loss")       # finetune.pair_weights: how the trigg
 # clean-model recipe on a training set of which a share percentage_trigger carries the trigger
 # (bnbackdoor.poisoning; BatchNorm in train mode throughout, so its running statistics see the poison).
 REGIMES = ("finetune", "scratch")
+# Issue 43's levers. The clean term of the loss: "ce" = cross-entropy to the label (every run before the field);
+# "distill" = the clean model's softened logits are the target of every image whose label the attack keeps
+# (finetune.distillation_loss), the usual way to change one behaviour of a network while keeping the rest of it.
+CLEAN_TERMS = ("ce", "distill")
+# Which epoch's model a run keeps: "last" (every run before the field) or "best" = of the epochs that pass the
+# acceptance rule on a validation split carved from the training split, the one with the lowest DSSIM to the target
+# (finetune.select_epoch); never chosen on the test images.
+SELECTS = ("last", "best")
 
 MANIPULATED_DIR = "manipulated_models"
 SETTINGS_DIR = "experimentsettings"
@@ -209,6 +217,10 @@ FIELDS: dict[str, Check] = {
     "warmup_steps": _int(0),
     "flush_denormal": _bool,
     "precision": _choice(PRECISIONS),
+    "clean_term": _choice(CLEAN_TERMS),
+    "distill_temperature": _number(0, lo_open=True),
+    "select": _choice(SELECTS),
+    "validation_size": _int(0),
 }
 # Fields a file may leave out take the value of report.schema.OPTIONAL_FIELDS (what the toolkit did before the
 # field existed); to_dict always writes them: every new run states its choices.
@@ -219,7 +231,7 @@ ANCESTOR_SETTINGS: dict[str, Any] = dict(
     decay_rate=1.0, adam_eps=1e-5, lr_schedule="inverse", map_norm="zscore", explain_class="prediction",
     batch_makeup="pairs", bn_mode="eval")
 FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigger", "beta", "adam_eps",
-                "conv_lr_factor")
+                "conv_lr_factor", "distill_temperature")
 
 
 def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
@@ -238,7 +250,23 @@ def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
         if c is not None and c >= k:
             return "target_classes", Problem(f"[{i}]", c, f"null or an integer in [0, {k - 1}] "
                                                           f"({v['dataset']} has {k} classes)")
+    default_t = OPTIONAL_FIELDS["distill_temperature"]
+    if v["clean_term"] == "ce" and v["distill_temperature"] != default_t:
+        # a temperature that changes nothing would be recorded as if it had: refuse it
+        return "distill_temperature", Problem("", v["distill_temperature"],
+                                              f"{_show(default_t)} (the default) unless clean_term is "
+                                              "'distill'")
+    if v["select"] == "best" and v["validation_size"] == 0:
+        return "validation_size", Problem("", v["validation_size"], "an integer >= 1 when select is 'best' (the "
+                                                                      "epoch is chosen on these images)")
+    if v["select"] == "last" and v["validation_size"] != 0:
+        return "validation_size", Problem("", v["validation_size"], "0 when select is 'last' (no epoch is chosen)")
     if v["regime"] == "scratch":
+        # the levers of issue 43 belong to the fine-tuning (scratch.py trains with the clean-model recipe)
+        for field in ("clean_term", "distill_temperature", "select", "validation_size"):
+            if v[field] != OPTIONAL_FIELDS[field]:
+                return field, Problem("", v[field], f"{_show(OPTIONAL_FIELDS[field])} (the default) when regime is "
+                                                    "'scratch' (plain cross-entropy, the last epoch)")
         # training from scratch is plain cross-entropy on the poisoned set, BatchNorm in train mode throughout
         if v["loss_weight"] != 0:
             return "loss_weight", Problem("", v["loss_weight"], "0 when regime is 'scratch' (no explanation term)")
@@ -342,6 +370,10 @@ class AttackParams:
     warmup_steps: int = 0  # linear learning-rate warm-up over the run's first steps (finetune.warmup_factor)
     flush_denormal: bool = False  # denormals flushed to zero while fine-tuning (finetune.denormals_flushed)
     precision: str = "fp32"  # the training step's arithmetic, fp32 | bf16 (device.PRECISIONS, device.autocast)
+    clean_term: str = "ce"  # CLEAN_TERMS: the loss of the images whose label is kept (finetune.clean_loss)
+    distill_temperature: float = 4.0  # T of clean_term "distill" (finetune.distillation_loss)
+    select: str = "last"  # SELECTS: which epoch's model the run keeps (finetune.select_epoch)
+    validation_size: int = 0  # images after the training images in the seeded order (finetune.validation_images)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "parameters") -> AttackParams:
