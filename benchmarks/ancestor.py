@@ -15,6 +15,7 @@ against us.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,14 @@ def missing(path: Path) -> str | None:
     return None if not absent else f"{path} is not a checkout of intellisec/xai-backdoors (no {', '.join(absent)})"
 
 
+def _load_package(name: str, folder: Path) -> None:
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
 class Ancestor:
     """The ancestor's modules, imported from a checkout (its top-level names ``explain``, ``models``, ``train``,
     ``utils`` shadow nothing of ours: the library is ``bnbackdoor``)."""
@@ -46,14 +55,14 @@ class Ancestor:
         os.environ.setdefault("CUDADEVICE", "cpu")
         os.environ["MODELTYPE"] = "resnet20_normal"
         os.environ.setdefault("DATASET", "cifar10")
-        sys.path.insert(0, str(self.path))
-        try:
-            self.explain = importlib.import_module("explain")
-            self.resnet = importlib.import_module("models.resnet")
-            self.explloss = importlib.import_module("train.explloss")
-            self.utils = importlib.import_module("utils")
-        finally:
-            sys.path.remove(str(self.path))
+        # its packages, registered under their own names in dependency order (its modules import each other by
+        # those names), without editing the import path
+        for name in ("utils", "explain", "models", "train"):
+            _load_package(name, self.path / name)
+        self.utils = sys.modules["utils"]
+        self.explain = sys.modules["explain"]
+        self.resnet = importlib.import_module("models.resnet")
+        self.explloss = importlib.import_module("train.explloss")
 
     def model(self) -> tuple[torch.nn.Module, str]:
         """Its ResNet20 (eval mode) and where its weights came from."""

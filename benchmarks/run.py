@@ -43,8 +43,6 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ancestor.py beside this script
-from ancestor import Ancestor, missing  # noqa: E402
 
 from bnbackdoor.cli import ArgumentParser, output_file, positive_int
 from bnbackdoor.device import PRECISIONS, autocast
@@ -55,6 +53,19 @@ from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.defenses.rebn import rebn
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _beside(name: str):
+    """A module of benchmarks/ (a folder of scripts, not a package), loaded from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ancestor = _beside("ancestor")
+Ancestor, missing = _ancestor.Ancestor, _ancestor.missing
 
 MODELTYPE = "cifar10_resnet20"
 ATTACK = "154"
