@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import bnbackdoor.attack.finetune as finetune_module
@@ -26,6 +25,7 @@ from bnbackdoor.runs import run_attack
 
 from conftest import ROOT, assert_same_weights
 from test_finetune import _tiny_setup
+from test_training_choices import _Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = resolve_attack("154", root=ROOT)
@@ -156,16 +156,6 @@ def test_clean_loss_ce_is_todays_and_distill_mixes_per_image():
     torch.testing.assert_close(clean_loss(z, b, keep), kl.mean())
     with pytest.raises(UserError):
         clean_loss(z, _batch([3, 1, 1, 7], [-1, 0, 0, -1]), p)  # no clean logits: told, not silently ce
-
-
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(3 * 32 * 32, 10)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
 
 
 def test_attack_step_with_distill_hand_case():
