@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import bnbackdoor.attack.finetune as finetune_module
