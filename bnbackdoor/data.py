@@ -9,8 +9,8 @@ there. A damaged cache (truncated, bit-flipped, not ours) is a one-line error na
 from __future__ import annotations
 
 import os
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
