@@ -39,8 +39,8 @@ from typing import Any, Sequence
 import torch
 from tabulate import tabulate
 
-from ..data import clean_set
 from ..attack.params import AttackParams
+from ..data import clean_set
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
 from ..fileio import refuse_overwrite, write_json
