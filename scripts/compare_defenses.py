@@ -43,7 +43,8 @@ def main() -> int:
     for attackid in a.attackids:
         with kept_on_interrupt(done, attackid, a.attackids, a.save_path, "defenses"):
             cmp = compare_defenses(attackid, device, clean_images=sizes, defenses=a.defenses,
-                                   testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
+                                   testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
+                                   data_root=a.data_root, save_path=a.save_path,
                                    clean_model=a.clean_model, merge=a.merge, force=a.force)
             print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
                   f"{cmp.test['images']} test images")
