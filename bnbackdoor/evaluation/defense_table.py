@@ -21,8 +21,8 @@ from ..defenses import DEFAULT_DEFENSES, CleanSet, apply_defense
 from ..defenses.rebn import rebn_batch_size
 from ..defenses.specs import parse_fraction
 from ..plots import bar_chart, composition_plot, curves
-from .common import (COLUMNS, COMPOSITION_BATCHES, COMPOSITION_FRACTIONS, DEFAULT_REBN_SIZE, Evaluation, ROW_MANIPULATED,
-                     compare_models, eval_images, parse_sizes, rebn_sweep)
+from .common import (COLUMNS, COMPOSITION_BATCHES, COMPOSITION_FRACTIONS, DEFAULT_REBN_SIZE, Evaluation,
+                     ROW_MANIPULATED, compare_models, eval_images, parse_sizes, rebn_sweep)
 
 
 # ------------------------------------------------------------------------------ evaluate_attack_defense_metrics.py
