@@ -16,8 +16,8 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, p
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFAULT_DEFENSES, DEFENSES
-from bnbackdoor.evaluation.common import (COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, format_table, parse_defenses,
-                                          parse_sizes)
+from bnbackdoor.defenses.specs import parse_defenses
+from bnbackdoor.evaluation.common import COLUMNS, DEFAULT_REBN_SIZE, DEFAULT_SWEEP, format_table, parse_sizes
 from bnbackdoor.evaluation.defense_table import defense_metrics
 
 
@@ -48,7 +48,7 @@ def main() -> int:
     device = parse_device(a.device)
     sizes = parse_sizes(a.sweep) if a.sweep is not None else None  # fail before any work
     defenses = parse_defenses(a.defense) if a.defense is not None else None
-    ev = defense_metrics(a.attackid, device, datasize=a.datasize, batch_size=a.batchsize, rebn_size=a.rebn_size,
+    ev = defense_metrics(a.attackid, device, datasize=a.datasize, batch_size=a.batchsize, clean_images=a.rebn_size,
                          defenses=defenses, sweep=sizes, composition=a.composition,
                          composition_images=a.composition_images, seed=a.seed, data_root=a.data_root,
                          save_path=a.save_path, clean_model=a.clean_model)

@@ -13,7 +13,8 @@ from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, p
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFENSES
-from bnbackdoor.evaluation.common import DEFAULT_REBN_SIZE, parse_defenses
+from bnbackdoor.defenses.specs import parse_defenses
+from bnbackdoor.evaluation.common import DEFAULT_REBN_SIZE
 from bnbackdoor.evaluation.stored import evaluate_stored_model
 
 
@@ -47,7 +48,7 @@ def main() -> int:
                                   trigger_fraction=a.trigger_fraction)
     elif a.augment or a.test_batch is not None or a.trigger_fraction is not None:
         p.error("--augment, --test-batch and --trigger-fraction need --defense")
-    ev = evaluate_stored_model(a.attackid, device, robust=a.robust, defenses=defenses, rebn_size=a.rebn_size,
+    ev = evaluate_stored_model(a.attackid, device, robust=a.robust, defenses=defenses, clean_images=a.rebn_size,
                                testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
                                data_root=a.data_root, save_path=a.save_path, clean_model=a.clean_model)
     print(ev.table(by="metric"))

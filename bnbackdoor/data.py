@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -232,19 +233,38 @@ def test_images(name: str, size: int | None = None, seed: int = 0, data_root: st
 @dataclass
 class CleanSet:
     """What a defender has besides the model: clean images of the TRAINING split (float, [0, 1]) and, for
-    defenses that train, their labels."""
+    defenses that train, their labels. ``requested`` (None: as many as ``x`` holds) and ``excluded`` say how it was
+    drawn, for :meth:`record`."""
     x: torch.Tensor
     y: torch.Tensor | None
     dataset: str
     seed: int = 0
+    requested: int | None = None
+    excluded: int = 0
 
     def __len__(self) -> int:
         return len(self.x)
 
+    def record(self) -> dict[str, Any]:
+        """The provenance every result stores beside its numbers (the ``calibration`` JSON field): the split, the
+        count asked and the count used (fewer when the split is smaller), the seed and the excluded indices."""
+        asked = len(self) if self.requested is None else self.requested
+        return {"split": "train", "requested": asked, "images": len(self), "seed": self.seed,
+                "excluded": self.excluded}
 
-def clean_set(name: str, size: int | None, seed: int = 0, data_root: str | os.PathLike | None = None,
-              exclude: torch.Tensor | None = None) -> CleanSet:
-    """The defender's clean set: a deterministic, labelled ``size``-image subset of the TRAINING split (never a test
-    image); sets of one seed are nested (the 100 images are among the 500). ``exclude``: training indices to avoid."""
-    x, y = load_split(name, "train", size=size, seed=seed, data_root=data_root, exclude=exclude)
-    return CleanSet(x, y, name, seed)
+
+def clean_set(name: str, clean_images: int | None, seed: int = 0, data_root: str | os.PathLike | None = None,
+              exclude: torch.Tensor | None = None, option: str | None = None) -> CleanSet:
+    """The defender's clean set, the one door to it: a deterministic, labelled ``clean_images``-image subset of the
+    TRAINING split (never a test image; None: all of it); sets of one seed are nested (the 100 images are among
+    the 500). ``exclude``: training indices to avoid. ``option``: the flag the user gave the count with; with it, a
+    count above the split prints a notice (all images are used, and :meth:`CleanSet.record` keeps both counts)."""
+    if clean_images is not None and (isinstance(clean_images, bool) or not isinstance(clean_images, int)
+                                     or clean_images <= 0):
+        raise UserError(f"the number of clean images must be a positive integer, got {clean_images!r}")
+    x, y = load_split(name, "train", size=clean_images, seed=seed, data_root=data_root, exclude=exclude)
+    clean = CleanSet(x, y, name, seed, requested=clean_images, excluded=0 if exclude is None else len(exclude))
+    if option is not None and clean_images is not None and len(clean) < clean_images:
+        print(f"notice: {option} {clean_images} is above the {name} training split ({len(clean)} images); the "
+              f"defender gets all {len(clean)} (the JSON records both)", file=sys.stderr)
+    return clean

@@ -5,7 +5,7 @@ promoted by copying the folder): ``parameters.json``, ``model.pth`` (checkpoint 
 ``training_log.csv``, ``plot.png``; ``resume.pt`` exists only while a run is unfinished. ``metrics.json`` holds the
 clean and the manipulated model's metrics and, under ``"defenses"``, the manipulated model after every default
 defense (:data:`bnbackdoor.defenses.DEFAULT_DEFENSES`, measured by :func:`bnbackdoor.defenses.evaluate.evaluate_defenses`
-on the same test images; calibration: ``defense_calibration`` clean TRAINING images, 5000 by default, all of them
+on the same test images; calibration: ``clean_images`` clean TRAINING images, 5000 by default, all of them
 when the split is smaller). Gradient CSVs go to
 ``<save_path>/gradients_epoch<E>[_clean].csv`` (docs/DESIGN.md), beside the run folders.
 
@@ -195,7 +195,7 @@ def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: 
 def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
                force: bool = False, progress: bool = True, command: str | None = None,
-               defenses: dict[str, tuple[str, dict]] | None = None, defense_calibration: int = 5000,
+               defenses: dict[str, tuple[str, dict]] | None = None, clean_images: int = 5000,
                allow_long: bool | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune the clean base model per ``params`` and write the run folder. Returns ``metrics.json``'s content.
 
@@ -204,7 +204,7 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     other parameters or seed, or asked for output it does not have (``grad_layer``), is refused without ``force``;
     an unfinished one resumes from its last finished epoch. ``defenses`` (label -> (name, options); default
     :data:`~bnbackdoor.defenses.DEFAULT_DEFENSES`, ``{}`` for none) are measured after training, with
-    ``defense_calibration`` clean training images as the defender's set.
+    ``clean_images`` clean training images as the defender's set.
 
     Before any work the time is estimated from a few measured batches (training a missing clean model, then the
     attack); over 15 minutes the start is refused unless ``allow_long`` (None: ``--allow-autotrain`` /
@@ -222,7 +222,7 @@ def run_attack(params: AttackParams, device: torch.device, save_path: str | Path
     try:
         with claim_run(folder, command=command or " ".join(sys.argv)), _undo_on_failure(folder):
             return _run_attack_claimed(params, device, save_path, data_root, seed, grad_layer, models_root, force,
-                                       progress, command, defenses, defense_calibration, allow_long, stop_after)
+                                       progress, command, defenses, clean_images, allow_long, stop_after)
     except BaseException:
         for d in new_parents:  # deepest first; a folder someone else filled meanwhile stays
             try:
@@ -325,7 +325,7 @@ REGIMES: dict[str, Regime] = {
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,
                         grad_layer: int | None, models_root: str | Path, force: bool, progress: bool,
                         command: str | None, defenses: dict[str, tuple[str, dict]] | None,
-                        defense_calibration: int, allow_long: bool | None = None,
+                        clean_images: int, allow_long: bool | None = None,
                         stop_after: int | None = None) -> dict[str, Any]:
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     out = run_dir(save_path, params)
@@ -376,7 +376,7 @@ def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: s
     after = {k: v for k, v in kept.items()
              if k not in ("epoch", "batch", "loss", "ce", "expl_loss", "lr", "seconds") and not k.startswith("val_")}
     defended = evaluate_defenses(params, clean_model, model, x_test, y_test,
-                                 clean=clean_set(params.dataset, defense_calibration, seed=seed, data_root=data_root),
+                                 clean=clean_set(params.dataset, clean_images, seed=seed, data_root=data_root),
                                  defenses=defenses,
                                  batch_size=100, seed=seed, device=device, reference=test_ref, progress=progress)
     metrics = {

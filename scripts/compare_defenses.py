@@ -10,7 +10,7 @@ defense's seconds. Prints one table per attack; writes <save_path>/defenses_<id>
 from __future__ import annotations
 
 from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
-from bnbackdoor.evaluation.compare_defenses import DEFAULT_SIZES, compare_defenses, parse_clean_images, parse_defenses
+from bnbackdoor.evaluation.compare_defenses import DEFAULT_SIZES, compare_defenses, parse_clean_images
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import kept_on_interrupt, run_cli
 
@@ -38,12 +38,13 @@ def main() -> int:
     if a.merge and a.force:
         p.error("--merge keeps the stored rows and --force replaces them; give one of them")
     device = parse_device(a.device)
-    sizes, defenses = parse_clean_images(a.clean_images), parse_defenses(a.defenses)  # fail before any work
+    sizes = parse_clean_images(a.clean_images)  # fail before any work (compare_defenses reads --defenses first)
     done: list[str] = []
     for attackid in a.attackids:
         with kept_on_interrupt(done, attackid, a.attackids, a.save_path, "defenses"):
-            cmp = compare_defenses(attackid, device, sizes=sizes, defenses=defenses, testing_size=a.testing_size,
-                                   batch_size=a.batchsize, seed=a.seed, data_root=a.data_root, save_path=a.save_path,
+            cmp = compare_defenses(attackid, device, clean_images=sizes, defenses=a.defenses,
+                                   testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
+                                   data_root=a.data_root, save_path=a.save_path,
                                    clean_model=a.clean_model, merge=a.merge, force=a.force)
             print(f"attack {cmp.name} ({cmp.params.attack_name}, {cmp.params.explanation_methodStr}): "
                   f"{cmp.test['images']} test images")

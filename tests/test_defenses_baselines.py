@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from conftest import state_copy, toy_clean_set
 
-from bnbackdoor.evaluation.compare_defenses import default_defenses, parse_clean_images, parse_defenses
+from bnbackdoor.defenses.specs import default_defenses, parse_defenses, parse_spec
+from bnbackdoor.evaluation.compare_defenses import parse_clean_images
 from bnbackdoor.defenses import apply_defense
 from bnbackdoor.defenses.bnp import gaussian_kl, outliers
 from bnbackdoor.defenses.common import clean_loss
@@ -107,7 +108,7 @@ def test_compare_defenses_skips_a_bn_defense_on_a_bn_free_model_and_says_why(tin
     save_checkpoint(tmp_path / "manipulated_models" / "154nbn" / "model.pth", clean_model, {})
     resolve_attack("154", root=ROOT).replace(testing_size=8, id="154nbn", modeltype="cifar10_resnet20_nbn").save(
         tmp_path / "manipulated_models" / "154nbn" / "parameters.json")
-    cmp = compare.compare_defenses("154nbn", "cpu", sizes=[8], defenses="bnp,rebn", root=tmp_path,
+    cmp = compare.compare_defenses("154nbn", "cpu", clean_images=[8], defenses="bnp,rebn", root=tmp_path,
                                    data_root=tiny_data_root, save_path=tmp_path / "out", progress=False)
     assert [(r["defense"], r["clean_images"]) for r in cmp.rows] == [
         ("clean model", None), ("no defense", None), ("rebn", 8)]
@@ -220,9 +221,11 @@ def test_anp_prunes_by_mask_and_changes_nothing_else():
 
 def test_compare_argument_parsing():
     assert set(BASELINES) <= set(default_defenses())
-    assert parse_defenses("bnp, anp") == ["bnp", "anp"]
+    assert parse_defenses("bnp, anp") == {"bnp": ("bnp", {}), "anp": ("anp", {})}
     with pytest.raises(UserError, match="--defenses names bnp twice"):  # issue 47: an error, not a silent drop
-        parse_defenses("bnp, anp,bnp")
+        parse_defenses("bnp, anp,bnp", option="--defenses")
+    with pytest.raises(UserError, match="compare_defenses evaluates fixed models only"):
+        parse_defenses("batchstats", fixed_only="compare_defenses")
     assert parse_clean_images("500,100,500") == [100, 500]
     with pytest.raises(UserError, match="unknown defense"):
         parse_defenses("bnpp")
@@ -259,7 +262,7 @@ def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path,
     real = defense_eval.apply_defense
     monkeypatch.setattr(defense_eval, "apply_defense", lambda name, m, clean, **kw: seen.append(clean) or real(
         name, m, clean, **kw))
-    cmp = compare.compare_defenses("154", "cpu", sizes=[16, 8], defenses="bnp", root=tmp_path,
+    cmp = compare.compare_defenses("154", "cpu", clean_images=[16, 8], defenses="bnp", root=tmp_path,
                                    data_root=tiny_data_root, save_path=tmp_path / "out", progress=False)
     assert [(r["defense"], r["clean_images"]) for r in cmp.rows] == [
         ("clean model", None), ("no defense", None), ("bnp", 8), ("bnp", 16)]
@@ -282,11 +285,10 @@ def test_compare_defenses_rows_files_and_defender_data(tiny_data_root, tmp_path,
 
 
 def test_defense_specs_carry_typed_options_and_refuse_unknown_ones():
-    from bnbackdoor.defenses import parse_spec
-
     assert parse_spec("finetune:freeze_bn_stats=true:epochs=3") == ("finetune", {"freeze_bn_stats": True, "epochs": 3})
     assert parse_spec("bnp:u=2.5") == ("bnp", {"u": 2.5})
-    assert parse_defenses("bnp,finetune:freeze_bn_stats=1") == ["bnp", "finetune:freeze_bn_stats=1"]
+    assert parse_defenses("bnp,finetune:freeze_bn_stats=1") == {
+        "bnp": ("bnp", {}), "finetune freeze_bn_stats=True": ("finetune", {"freeze_bn_stats": True})}
     for bad, match in (("finetune:freeze=1", "has no option freeze"), ("finetune:epochs=x", "is not a int"),
                        ("bnp:u=nan", "is not a float"), ("finetune:freeze_bn_stats", "name:option=value"),
                        ("finetune:freeze_bn_stats=maybe", "is not a bool")):

@@ -430,9 +430,9 @@ def test_composed_batches_that_repeat_images_are_recorded_and_said():
 
 
 def test_clean_images_above_the_split_are_said_and_recorded(tiny_data_root, capsys):
-    from bnbackdoor.evaluation.compare_defenses import clean_sets
-    sets = clean_sets("cifar10", [8, 1000], data_root=tiny_data_root)
-    assert [len(s) for s in sets.values()] == [8, 96]
+    from bnbackdoor.data import clean_set
+    sets = [clean_set("cifar10", n, data_root=tiny_data_root, option="--clean-images") for n in (8, 1000)]
+    assert [len(s) for s in sets] == [8, 96] and sets[1].record()["requested"] == 1000
     assert "notice: --clean-images 1000 is above the cifar10 training split (96 images); the defender gets all 96" \
         in capsys.readouterr().err
 

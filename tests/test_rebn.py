@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bnbackdoor.data import load_split
 from bnbackdoor.errors import UserError
 from bnbackdoor.models import build_model
-from bnbackdoor.defenses.rebn import NO_BN_NOTICE, bn_layers, calibration_set, rebn
+from bnbackdoor.defenses.rebn import NO_BN_NOTICE, bn_layers, rebn
 
 
 def _scramble_stats(model: nn.Module, seed: int = 1) -> None:
@@ -215,10 +215,11 @@ def test_uint8_images_are_scaled():
 
 
 def test_calibration_set_comes_from_the_training_split(tiny_data_root):
-    x = calibration_set("cifar10", size=16, seed=3, data_root=tiny_data_root)
+    from bnbackdoor.data import clean_set
+    x = clean_set("cifar10", 16, seed=3, data_root=tiny_data_root).x
     x_train, _ = load_split("cifar10", "train", size=16, seed=3, data_root=tiny_data_root)
     assert torch.equal(x, x_train)
     excl = torch.arange(0, 96, 2)
-    x_ex = calibration_set("cifar10", size=16, seed=3, data_root=tiny_data_root, exclude=excl)
+    x_ex = clean_set("cifar10", 16, seed=3, data_root=tiny_data_root, exclude=excl).x
     x_ex_ref, _ = load_split("cifar10", "train", size=16, seed=3, data_root=tiny_data_root, exclude=excl)
     assert torch.equal(x_ex, x_ex_ref)

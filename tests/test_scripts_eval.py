@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-import bnbackdoor.evaluation.common as evaluation
-from bnbackdoor.data import load_split
+from bnbackdoor.data import clean_set, load_split
 from bnbackdoor.defenses import DEFAULT_DEFENSES
-from bnbackdoor.evaluation.common import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, calibration, defense_row, parse_sizes,
+from bnbackdoor.defenses.specs import parse_defenses
+from bnbackdoor.evaluation.common import (ROW_CLEAN, ROW_MANIPULATED, ROW_REBN, defense_row, parse_sizes,
                                           rebn_batch_size)
 from bnbackdoor.evaluation.defense_table import defense_metrics
 from bnbackdoor.evaluation.explanations import generate_explanations
@@ -25,7 +25,7 @@ from bnbackdoor.runs import load_run
 from bnbackdoor.metrics import evaluate_attack
 from bnbackdoor.models import build_model, save_checkpoint
 from bnbackdoor.attack.params import resolve_attack
-from bnbackdoor.defenses.rebn import bn_layers, calibration_set, rebn
+from bnbackdoor.defenses.rebn import bn_layers, rebn
 
 from conftest import ROOT
 
@@ -82,7 +82,8 @@ def test_parse_sizes_and_rebn_batches():
 
 def test_calibration_comes_from_train_and_holds_no_test_image(run_root, tiny_data_root):
     params = resolve_attack("154", root=run_root)
-    x_cal, info = calibration(params, 40, seed=3, data_root=tiny_data_root)
+    cal = clean_set(params.dataset, 40, seed=3, data_root=tiny_data_root)
+    x_cal, info = cal.x, cal.record()
     assert info == {"split": "train", "requested": 40, "images": 40, "seed": 3, "excluded": 0}
     x_train, _ = load_split("cifar10", "train", data_root=tiny_data_root)
     x_test, _ = load_split("cifar10", "test", data_root=tiny_data_root)
@@ -90,7 +91,8 @@ def test_calibration_comes_from_train_and_holds_no_test_image(run_root, tiny_dat
     assert _found_in(x_cal, x_train).all()          # each one is a training image
     assert len(torch.unique(x_cal.flatten(1), dim=0)) == 40
     # exclude keeps other training data out of the calibration set
-    x_ex, info = calibration(params, 40, seed=3, data_root=tiny_data_root, exclude=torch.arange(50))
+    cal = clean_set(params.dataset, 40, seed=3, data_root=tiny_data_root, exclude=torch.arange(50))
+    x_ex, info = cal.x, cal.record()
     assert info["excluded"] == 50
     assert not _found_in(x_ex, x_train[:50]).any() and _found_in(x_ex, x_train[50:]).all()
 
@@ -109,7 +111,7 @@ def test_defense_rows_and_sweep_match_independent_recomputation(run_root, tiny_d
         return real_rebn(model, data, **kw)
 
     monkeypatch.setattr(rebn_module, "rebn", spy)
-    ev = defense_metrics("154", "cpu", datasize=20, batch_size=64, rebn_size=48, sweep=[16, 48], root=run_root,
+    ev = defense_metrics("154", "cpu", datasize=20, batch_size=64, clean_images=48, sweep=[16, 48], root=run_root,
                          data_root=tiny_data_root, save_path=tmp_path, progress=False)
     rows = [ROW_CLEAN, ROW_MANIPULATED, *(defense_row(label) for label in DEFAULT_DEFENSES)]
     assert list(ev.rows) == rows and ROW_REBN == defense_row("rebn")
@@ -123,7 +125,7 @@ def test_defense_rows_and_sweep_match_independent_recomputation(run_root, tiny_d
     params, model, clean = load_run("154", "cpu", root=run_root, data_root=tiny_data_root)
     x, y = load_split(params.dataset, "test", size=20, seed=0, data_root=tiny_data_root)
     fixed = copy.deepcopy(model)
-    report = rebn(fixed, calibration_set(params.dataset, 48, seed=0, data_root=tiny_data_root), batch_size=48,
+    report = rebn(fixed, clean_set(params.dataset, 48, seed=0, data_root=tiny_data_root).x, batch_size=48,
                   progress=False)
     assert report.images == 48 and ev.rebn.images == 48 and ev.calibration["split"] == "train"
     want = evaluate_attack(fixed, clean, params, x, y, batch_size=7, progress=False)
@@ -156,7 +158,7 @@ def test_defense_rows_and_sweep_match_independent_recomputation(run_root, tiny_d
 
 
 def test_evaluate_stored_model(run_root, tiny_data_root, tmp_path):
-    ev = evaluate_stored_model("154", "cpu", robust=True, rebn_size=32, testing_size=12, batch_size=16,
+    ev = evaluate_stored_model("154", "cpu", robust=True, clean_images=32, testing_size=12, batch_size=16,
                                root=run_root, data_root=tiny_data_root, save_path=tmp_path, progress=False)
     assert list(ev.rows) == [ROW_CLEAN, ROW_MANIPULATED, ROW_REBN]
     assert ev.test["images"] == 12 and ev.calibration["images"] == 32 and ev.calibration["batch_size"] == 16
@@ -175,10 +177,10 @@ def test_evaluate_stored_model(run_root, tiny_data_root, tmp_path):
 
 
 def test_robust_and_defense_rebn_give_the_same_numbers(run_root, tiny_data_root, tmp_path):
-    common = dict(rebn_size=32, testing_size=12, batch_size=16, root=run_root, data_root=tiny_data_root,
+    common = dict(clean_images=32, testing_size=12, batch_size=16, root=run_root, data_root=tiny_data_root,
                   progress=False)
     robust = evaluate_stored_model("154", "cpu", robust=True, save_path=tmp_path / "a", **common)
-    named = evaluate_stored_model("154", "cpu", defenses=evaluation.parse_defenses("rebn"),
+    named = evaluate_stored_model("154", "cpu", defenses=parse_defenses("rebn"),
                                   save_path=tmp_path / "b", **common)
     assert ROW_REBN in robust.rows and ROW_REBN in named.rows
     a, b = ({k: v for k, v in ev.rows[ROW_REBN].items() if k != "seconds"} for ev in (robust, named))

@@ -28,12 +28,12 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from ..cli import OptionKind, check_options, parse_option_spec
+from ..cli import OptionKind, check_options
 from ..data import CleanSet
 from ..errors import UserError
 
 __all__ = ["CleanSet", "Defense", "DefenseOutcome", "DEFENSES", "DEFAULT_DEFENSES", "register", "get_defense",
-           "apply_defense", "defense_label", "parse_spec", "OPTION_KINDS"]
+           "apply_defense", "defense_label", "OPTION_KINDS"]
 
 
 @dataclass
@@ -139,13 +139,6 @@ def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
         return d.label(opts)
     changed = [f"{k}={v}" for k, v in opts.items() if d.defaults.get(k) != v]
     return " ".join([name, *changed])
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """A defense with options, ``name[:opt=value[:opt=value...]]``: ``finetune:freeze_bn_stats=true`` ->
-    ``("finetune", {"freeze_bn_stats": True})``; each value is read as its option's type and checked against its
-    range (:data:`OPTION_KINDS`); an unknown option, a value of the wrong kind or out of range is an error."""
-    return parse_option_spec(spec, get_defense, lambda d: d.kinds, "defense")
 
 
 # The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The

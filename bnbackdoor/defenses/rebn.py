@@ -4,8 +4,9 @@ The backdoor of an explanation-aware attack can live in the BatchNorm running st
 the poisoned fine-tuning batches but are not weights). Re-BN resets them and re-estimates them from clean
 training images, leaving every weight and affine parameter untouched (docs/DESIGN.md, "Semantics", Re-BN):
 
->>> from bnbackdoor.defenses.rebn import calibration_set, rebn
->>> x_cal = calibration_set("cifar10", size=5000, seed=0)
+>>> from bnbackdoor.data import clean_set
+>>> from bnbackdoor.defenses.rebn import rebn
+>>> x_cal = clean_set("cifar10", 5000, seed=0).x    # Re-BN needs no labels
 >>> report = rebn(model, x_cal)          # model is now in eval mode with fresh statistics
 >>> print(report.table())
 
@@ -34,7 +35,6 @@ Details that matter:
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
@@ -45,13 +45,12 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from ..cli import OptionKind
-from ..data import clean_set
 from ..errors import UserError
 from ..metrics import model_device
 from ..train import augment_batch
 from . import CleanSet, DefenseOutcome, register
 
-__all__ = ["rebn", "RebnReport", "LayerShift", "calibration_set", "bn_layers", "rebn_batch_size", "NO_BN_NOTICE"]
+__all__ = ["rebn", "RebnReport", "LayerShift", "bn_layers", "rebn_batch_size", "NO_BN_NOTICE"]
 
 NO_BN_NOTICE = "model has no BatchNorm layers; Re-BN changes nothing"
 
@@ -119,17 +118,6 @@ def _jsonable(v: Any) -> Any:
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """Every BatchNorm layer (1d/2d/3d, SyncBatchNorm, lazy ones) with its dotted name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def calibration_set(dataset: str, size: int | None = 5000, seed: int = 0,
-                    data_root: str | os.PathLike | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Clean calibration images for Re-BN: a deterministic subset of the *training* split.
-
-    The test split is never used: the metrics after Re-BN are measured there, so calibrating on it would leak.
-    ``exclude`` lists training indices to avoid (e.g. to keep calibration disjoint from another subset).
-    Returns the images only (N×3×32×32 float in [0, 1]); Re-BN needs no labels.
-    """
-    return clean_set(dataset, size, seed=seed, data_root=data_root, exclude=exclude).x
 
 
 def _iter_batches(data, batch_size: int) -> Iterator[torch.Tensor]:

@@ -1,6 +1,6 @@
 """What the three ancestor-named evaluation scripts share: the row labels, the image sets, the result type
 (:class:`Evaluation`), clean vs manipulated vs defended rows (:func:`compare_models`), the Re-BN sample-efficiency
-sweep and the ``--defense`` parser. Each script's back end is its own module: :mod:`.stored`
+sweep. Each script's back end is its own module: :mod:`.stored`
 (``evaluate_models.py``), :mod:`.defense_table` (``evaluate_attack_defense_metrics.py``), :mod:`.explanations`
 (``run_generate_explanations.py``).
 
@@ -9,9 +9,9 @@ Where the images come from (the defense must not peek at the evaluation data):
 * **Evaluation images**: a deterministic subset of the **test** split, ``load_split(dataset, "test", size, seed)``
   - for the same size and seed exactly the subset the attack's own ``metrics.json`` was measured on.
 * **Re-BN calibration images**: a deterministic subset of the clean **training** split
-  (:func:`bnbackdoor.defenses.rebn.calibration_set`), so it is disjoint from the evaluation images by construction: Re-BN
-  never sees a test image. These functions take no other training images; code that does must keep them disjoint
-  from the calibration set with ``exclude=`` (see :func:`calibration`).
+  (:func:`bnbackdoor.data.clean_set`), so it is disjoint from the evaluation images by construction: Re-BN never
+  sees a test image. These functions take no other training images; code that does must keep them disjoint from
+  the calibration set with ``exclude=``.
 * **Sweep sizes** are prefixes of one seeded permutation of the training split, so the sets are nested and the
   largest is exactly the single Re-BN set of the same size and seed (same numbers).
 * Re-BN batches: at most ``batch_size`` images, split evenly (:func:`rebn_batch_size`): the cumulative average
@@ -30,19 +30,18 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-from ..data import clean_set as data_clean_set
-from ..data import load_cache, test_images
+from ..data import clean_set, load_cache, test_images
 from ..errors import UserError
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_defenses
-from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, defense_label, get_defense
-from ..defenses.rebn import RebnReport, calibration_set, rebn_batch_size
+from ..defenses import DEFAULT_DEFENSES, CleanSet, DefenseOutcome, get_defense
+from ..defenses.rebn import RebnReport, rebn_batch_size
 from ..report.labels import CLEAN_MODEL, MANIPULATED_MODEL
 
 __all__ = ["ROW_CLEAN", "ROW_MANIPULATED", "ROW_REBN", "COLUMNS", "DEFAULT_SWEEP", "Evaluation", "parse_sizes",
-           "eval_images", "calibration", "rebn_batch_size", "compare_models", "rebn_sweep", "format_table",
-           "defense_row", "clean_set", "parse_defenses", "parse_fraction", "DEFAULT_DEFENSES"]
+           "eval_images", "rebn_batch_size", "compare_models", "rebn_sweep", "format_table", "defense_row",
+           "DEFAULT_DEFENSES"]
 
 ROW_CLEAN, ROW_MANIPULATED = CLEAN_MODEL, MANIPULATED_MODEL
 
@@ -109,37 +108,6 @@ def eval_images(params: AttackParams, size: int | None = None, seed: int = 0, da
                 f"(the JSON records \"images\": {n}, \"requested\": {size})")
         (on_notice or (lambda text: print(f"notice: {text}", file=sys.stderr)))(line)
     return test_images(params.dataset, size, seed=seed, data_root=data_root)
-
-
-def calibration(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0, data_root=None,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Re-BN calibration images from the clean TRAINING split (never the test split) and a record of them.
-
-    ``exclude``: training indices the calibration set must avoid (other training data a caller uses).
-    """
-    _positive(size, "the Re-BN calibration size")
-    x = calibration_set(params.dataset, size=size, seed=seed, data_root=data_root, exclude=exclude)
-    info = {"split": "train", "requested": size, "images": len(x), "seed": seed,
-            "excluded": 0 if exclude is None else len(exclude)}
-    return x, info
-
-
-def clean_set(params: AttackParams, size: int = DEFAULT_REBN_SIZE, seed: int = 0, data_root=None
-              ) -> tuple[CleanSet, dict[str, Any]]:
-    """The defender's clean set: the images of :func:`calibration` (same subset) with their labels."""
-    _positive(size, "the Re-BN calibration size")
-    clean = data_clean_set(params.dataset, size, seed=seed, data_root=data_root)
-    return clean, {"split": "train", "requested": size, "images": len(clean), "seed": seed, "excluded": 0}
-
-
-def asked_clean_set(dataset: str, size: int, seed: int = 0, data_root=None, option: str = "--clean-images") -> CleanSet:
-    """The defender's clean set of ``size`` images a user asked for with ``option``; when the training split has
-    fewer, all of them, with a notice (the records count ``len(clean)``, what was used, beside the size asked)."""
-    clean = data_clean_set(dataset, size, seed=seed, data_root=data_root)
-    if len(clean) < size:
-        print(f"notice: {option} {size} is above the {dataset} training split ({len(clean)} images); the defender "
-              f"gets all {len(clean)} (the JSON records both)", file=sys.stderr)
-    return clean
 
 
 def format_table(rows: dict[str, dict[str, Any]], by: str = "model", columns: dict[str, str] | None = None,
@@ -250,68 +218,20 @@ def compare_models(params: AttackParams, clean_model: nn.Module, model: nn.Modul
 
 
 def rebn_sweep(params: AttackParams, clean_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               sizes: Sequence[int], *, seed: int = 0, data_root=None, batch_size: int = 100, device=None,
+               clean_images: Sequence[int], *, seed: int = 0, data_root=None, batch_size: int = 100, device=None,
                progress: bool = True, reference: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> list[dict[str, Any]]:
     """Re-BN sample efficiency: per calibration size, Re-BN on a fresh copy of ``model`` with that many clean
-    training images (:func:`calibration`, nested sets), then every metric on the test images ``x, y``."""
+    training images (:func:`bnbackdoor.data.clean_set`, nested sets), then every metric on the test images ``x, y``."""
     ref, pred = reference or reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
                                                     device=device, progress=progress, with_predictions=True)
     out = []
-    for size in parse_sizes(sizes):  # the one defense loop, once per calibration size
-        x_cal, info = calibration(params, size, seed=seed, data_root=data_root)
+    for size in parse_sizes(clean_images):  # the one defense loop, once per calibration size
+        cal = clean_set(params.dataset, size, seed=seed, data_root=data_root)
         reports: list[RebnReport] = []
-        cal = CleanSet(x_cal, None, params.dataset, seed=seed)
         rec = evaluate_defenses(params, clean_model, model, x, y, clean=cal, defenses=REBN_ONLY, batch_size=batch_size, seed=seed, device=device,
                                 reference=(ref, pred), progress=progress,
                                 on_outcome=lambda _, o: reports.append(RebnReport.from_dict(o.info["report"])))["rebn"]
         m = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
-        out.append({"size": size, "calibration_images": info["images"], "rebn_batches": reports[0].batches, **m})
+        out.append({"size": size, "calibration_images": len(cal), "rebn_batches": reports[0].batches, **m})
     return out
-
-
-def parse_defenses(names: str, *, augment: bool | None = None, test_batch: int | None = None,
-                   trigger_fraction: float | str | None = None) -> dict[str, tuple[str, dict]]:
-    """``--defense rebn,batchstats`` with ``--augment``, ``--test-batch``, ``--trigger-fraction`` -> label ->
-    (name, options). Each option goes to the chosen defenses that have it; an option no chosen defense has is an
-    error. ``trigger_fraction`` may be ``"1/B"`` (one triggered image per test batch)."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    if not chosen:
-        raise UserError("--defense takes registered defense names separated by commas, e.g. rebn,batchstats")
-    given = {k: v for k, v in (("augment", augment), ("test_batch", test_batch),
-                               ("trigger_fraction", trigger_fraction)) if v is not None}
-    out: dict[str, tuple[str, dict]] = {}
-    used: set[str] = set()
-    for n in chosen:
-        d = get_defense(n)
-        opts = {k: v for k, v in given.items() if k in d.defaults}
-        used |= set(opts)
-        if opts.get("trigger_fraction") is not None:
-            opts["trigger_fraction"] = parse_fraction(opts["trigger_fraction"],
-                                                      opts.get("test_batch", d.defaults.get("test_batch")))
-        out[defense_label(n, opts)] = (n, opts)
-    unused = sorted(set(given) - used)
-    if unused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        raise UserError(f"{flags} applies to none of the chosen defenses ({', '.join(chosen)})")
-    return out
-
-
-def parse_fraction(text: float | str, test_batch: int) -> float:
-    """``0.25``, ``"0.25"``, ``"1/B"`` (one image per batch of ``test_batch``) or ``"1/64"`` -> a float in (0, 1]."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        t = str(text).strip()
-        try:
-            if "/" in t:
-                num, den = t.split("/", 1)
-                value = float(num) / (test_batch if den.strip().upper() == "B" else float(den))
-            else:
-                value = float(t)
-        except (ValueError, ZeroDivisionError):
-            raise UserError(f"--trigger-fraction takes a number in (0, 1], 1/B or a fraction like 1/64; got '{text}'") \
-                from None
-    if not 0 < value <= 1:
-        raise UserError(f"--trigger-fraction must be in (0, 1], got {text}")
-    return value

@@ -16,7 +16,7 @@ Rows: ``clean model`` and ``no defense`` (references), then ``<defense>`` × cle
 A defense that cannot act on the model (``bnp``, ``anp``, ``bn_finetune`` on a model without BatchNorm) gets no
 row; ``not_applicable`` in the JSON names it and why.
 
->>> cmp = compare_defenses("154", "cpu", sizes=[100, 500, 2000])   # writes output/defenses_154.{json,csv,png}
+>>> cmp = compare_defenses("154", "cpu", clean_images=[100, 500, 2000])   # writes output/defenses_154.{json,csv,png}
 >>> print(cmp.table())
 """
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from tabulate import tabulate
 
-from ..cli import name_list
-from ..data import CleanSet
-from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
+from ..data import clean_set
+from ..defenses import DEFENSES
 from ..defenses.common import not_applicable
 from ..defenses.evaluate import evaluate_defenses
+from ..defenses.specs import default_defenses, parse_defenses
 from ..errors import UserError
-from .common import asked_clean_set, eval_images, parse_sizes
+from .common import eval_images, parse_sizes
 from ..runs import load_run, run_name, write_csv
 from ..fileio import atomic_unit, check_finite_numbers, refuse_overwrite, write_json
 from ..metrics import evaluate_attack, reference_explanations
@@ -46,12 +46,11 @@ from ..plots import defense_scatter
 from ..report.labels import CLEAN_MODEL, NO_DEFENSE
 from ..stored_json import read_comparison
 
-__all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "BASELINES", "default_defenses", "parse_defenses", "parse_clean_images",
-           "clean_sets", "DefenseComparison", "compare_defenses"]
+__all__ = ["ROW_CLEAN", "ROW_NONE", "COLUMNS", "DEFAULT_SIZES", "parse_clean_images", "DefenseComparison",
+           "compare_defenses"]
 
 ROW_CLEAN, ROW_NONE = CLEAN_MODEL, NO_DEFENSE
 DEFAULT_SIZES = (100, 500, 2000)
-BASELINES = ("finetune", "bn_finetune", "fine_pruning", "bnp", "anp")
 # Row key -> column header, in table order. ``untriggered_target_rate`` shows where evaluate_attack reports it.
 COLUMNS: dict[str, str] = {
     "clean_accuracy": "clean accuracy",
@@ -63,32 +62,6 @@ COLUMNS: dict[str, str] = {
 }
 
 
-def default_defenses() -> list[str]:
-    """Every registered defense that yields a fixed model: Re-BN variants first, then the baselines, then others."""
-    fixed = [n for n, d in DEFENSES.items() if not d.transductive]
-    first = sorted(n for n in fixed if n.startswith("rebn"))
-    return first + [n for n in BASELINES if n in fixed] + sorted(n for n in fixed if n not in first + list(BASELINES))
-
-
-def parse_defenses(text: str | Iterable[str] | None) -> list[str]:
-    """``"bnp,anp,finetune:freeze_bn_stats=true"`` (or a list; None: :func:`default_defenses`) -> checked, distinct
-    defense specs (a name, or a name with options: :func:`bnbackdoor.defenses.parse_spec`)."""
-    if text is None:
-        return default_defenses()
-    names = name_list(text, "--defenses", "bnp,anp", "defense")  # an empty name or one given twice: an error
-    seen: dict[str, str] = {}
-    for spec in names:
-        n, opts = parse_spec(spec)
-        if get_defense(n).transductive:
-            raise UserError(f"defense '{n}' is transductive (its predictions depend on the test batch); "
-                            f"compare_defenses evaluates fixed models only")
-        label = defense_label(n, opts)
-        if label in seen:
-            raise UserError(f"--defenses: {seen[label]} and {spec} are the same defense ({label}); give it once")
-        seen[label] = spec
-    return names
-
-
 def parse_clean_images(text: str | Iterable[int]) -> list[int]:
     """``"100,500,2000"`` (or a list) -> ascending, distinct positive sizes."""
     try:
@@ -96,11 +69,6 @@ def parse_clean_images(text: str | Iterable[int]) -> list[int]:
     except UserError:
         raise UserError(f"--clean-images takes comma-separated positive integers such as 100,500,2000; "
                         f"got '{text}'") from None
-
-
-def clean_sets(dataset: str, sizes: Sequence[int], seed: int = 0, data_root=None) -> dict[int, CleanSet]:
-    """Labelled clean TRAINING images per size (nested: prefixes of one seeded permutation)."""
-    return {size: asked_clean_set(dataset, size, seed=seed, data_root=data_root) for size in parse_clean_images(sizes)}
 
 
 def diverged_as_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
@@ -203,7 +171,8 @@ class DefenseComparison:
 
 
 def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
-                     sizes: Sequence[int] = DEFAULT_SIZES, defenses: str | Sequence[str] | None = None,
+                     clean_images: Sequence[int] = DEFAULT_SIZES,
+                     defenses: str | Sequence[str] | None = None,
                      testing_size: int | None = None, batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                      models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
                      progress: bool = True, clean_model: str | Path | None = None,
@@ -211,11 +180,12 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
     """Every defense × clean-set size on one stored attack; writes ``<save_path>/defenses_<id>.{json,csv,png}``
     as one unit (all three or none). An existing comparison there is kept unless ``merge`` (keep its rows that
     this call does not recompute - same test images, seed and base model - so that a new defense is added without
-    rerunning the others) or ``force`` (replace it)."""
+    rerunning the others) or ``force`` (replace it). ``defenses``: specs (None: every fixed defense)."""
     t0 = time.time()
     device = torch.device(device)
-    names = parse_defenses(defenses)
-    sizes = parse_clean_images(sizes)
+    chosen = parse_defenses(default_defenses() if defenses is None else defenses, option="--defenses",
+                            fixed_only="compare_defenses")  # the study's rule: fixed models only
+    clean_images = parse_clean_images(clean_images)
     out_files = comparison_files(save_path, run_name(attackid, root))
     refuse_overwrite(out_files, merge=merge, force=force, what="defense comparison")
     if merge and out_files[0].exists():
@@ -225,7 +195,8 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
                                           data_root=data_root, clean_model=base)
     name = run_name(attackid, root)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    sets = clean_sets(params.dataset, sizes, seed=seed, data_root=data_root)
+    sets = {n: clean_set(params.dataset, n, seed=seed, data_root=data_root, option="--clean-images")
+            for n in clean_images}  # nested: prefixes of one seeded permutation
     ref, pred = reference_explanations(clean_model, x, params.explanation_methodStr, batch_size=batch_size,
                                        device=device, progress=progress, with_predictions=True)
     kw = dict(batch_size=batch_size, device=device, clean_expl=ref, clean_pred=pred, progress=progress)
@@ -234,20 +205,18 @@ def compare_defenses(attackid: str | int, device: torch.device | str = "cpu", *,
             {"defense": ROW_NONE, "clean_images": None, "seconds": None,
              **evaluate_attack(model, clean_model, params, x, y, **kw)}]
     skipped: dict[str, str] = {}
-    for spec in names:
-        d, opts = parse_spec(spec)
-        label = defense_label(d, opts)  # "finetune freeze_bn_stats=True"; a plain name stays itself
+    for label, (d, opts) in chosen.items():  # label: "finetune freeze_bn_stats=True"; a plain name stays itself
         if (why := not_applicable(d, model)) is not None:  # e.g. bnp on the BN-free ResNet20: no row, a reason
             skipped[label] = why
             print(f"notice: {name}: {label} not run: {why}", file=sys.stderr)
             continue
-        for size, clean in sets.items():
+        for asked_n, clean in sets.items():
             infos: dict[str, Any] = {}
             rec = evaluate_defenses(params, clean_model, model, x, y, clean=clean, defenses={label: (d, opts)},
                                     batch_size=batch_size, device=device, reference=(ref, pred), progress=progress,
                                     on_outcome=lambda _, out: infos.update(out.info), share_batch_size=False)[label]
             metrics = {k: v for k, v in rec.items() if k not in ("defense", "options", "seconds", "clean_images")}
-            asked = {} if rec["clean_images"] == size else {"clean_images_requested": size}  # the split had fewer
+            asked = {} if rec["clean_images"] == asked_n else {"clean_images_requested": asked_n}  # split had fewer
             rows.append({"defense": label, "clean_images": rec["clean_images"], **asked, "seconds": rec["seconds"],
                          **diverged_as_none(metrics, f"{label} on {len(clean)} clean images"),
                          "info": finite_or_none(infos)})  # e.g. the training losses of a diverged fine-tuning

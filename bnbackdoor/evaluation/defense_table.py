@@ -16,15 +16,18 @@ from ..fileio import atomic_unit, check_finite_numbers, undo_writes, write_json
 from ..metrics import reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_transductive
+from ..data import clean_set
 from ..defenses import DEFAULT_DEFENSES, CleanSet, apply_defense
 from ..defenses.rebn import rebn_batch_size
+from ..defenses.specs import parse_fraction
 from ..plots import bar_chart, composition_plot, curves
-from .common import COLUMNS, COMPOSITION_BATCHES, COMPOSITION_FRACTIONS, DEFAULT_REBN_SIZE, Evaluation, ROW_MANIPULATED, clean_set, compare_models, eval_images, parse_fraction, parse_sizes, rebn_sweep
+from .common import (COLUMNS, COMPOSITION_BATCHES, COMPOSITION_FRACTIONS, DEFAULT_REBN_SIZE, Evaluation,
+                     ROW_MANIPULATED, compare_models, eval_images, parse_sizes, rebn_sweep)
 
 
 # ------------------------------------------------------------------------------ evaluate_attack_defense_metrics.py
 def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, datasize: int | None = None,
-                    batch_size: int = 100, rebn_size: int = DEFAULT_REBN_SIZE,
+                    batch_size: int = 100, clean_images: int = DEFAULT_REBN_SIZE,
                     defenses: dict[str, tuple[str, dict]] | None = None,
                     sweep: Sequence[int] | None = None, composition: bool = False,
                     composition_images: int | None = 256, seed: int = 0, root: str | Path = ".",
@@ -32,7 +35,7 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
                     progress: bool = True, clean_model: str | Path | None = None,
                     on_notice: Callable[[str], None] | None = None) -> Evaluation:
     """Clean model / manipulated model / ``+`` each defense (default :data:`DEFAULT_DEFENSES`) on ``datasize``
-    test images (default: the attack's ``testing_size``); the defender's clean set is ``rebn_size`` clean
+    test images (default: the attack's ``testing_size``); the defender's clean set is ``clean_images`` clean
     training images. With ``sweep`` (calibration sizes) also the Re-BN sample-efficiency curve; with
     ``composition`` the ``batchstats`` composition curves (:func:`composition_curves`, at most
     ``composition_images`` triggered test images per point).
@@ -43,14 +46,14 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     """
     t0 = time.time()
     device = torch.device(device)
-    sizes = parse_sizes(sweep) if sweep is not None else None
+    sweep = parse_sizes(sweep) if sweep is not None else None
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model, on_notice=on_notice)
     name = run_name(attackid, root)
     x, y = eval_images(params, datasize, seed=seed, data_root=data_root)
-    cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
-    cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
+    cleanset = clean_set(params.dataset, clean_images, seed=seed, data_root=data_root)
+    cal_info = {**cleanset.record(), "batch_size": rebn_batch_size(len(cleanset), batch_size)}
     ref = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
                                  device=device, progress=progress, with_predictions=True)
     rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=defenses,
@@ -62,13 +65,13 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
                     test={"split": "test", "images": len(x), "seed": seed}, rows=rows, calibration=cal_info,
                     rebn=report, base_model=model.base_model)
     with undo_writes():
-        _defense_files(ev, params, clean, model, cleanset, x, y, ref, Path(save_path), sizes, composition,
+        _defense_files(ev, params, clean, model, cleanset, x, y, ref, Path(save_path), sweep, composition,
                        composition_images, seed, data_root, batch_size, device, progress, t0)
     return ev
 
 
 def _defense_files(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module, cleanset: CleanSet,
-                   x: torch.Tensor, y: torch.Tensor, ref, out: Path, sizes, composition: bool,
+                   x: torch.Tensor, y: torch.Tensor, ref, out: Path, sweep, composition: bool,
                    composition_images, seed: int, data_root, batch_size: int, device, progress: bool,
                    t0: float) -> None:
     """defense_metrics' files (and the sweep and composition measurements that write as they go)."""
@@ -76,8 +79,8 @@ def _defense_files(ev: Evaluation, params: AttackParams, clean: nn.Module, model
     main = [out / f"{name}_defense.json", out / f"{name}_defense.csv", out / f"{name}_defense.png"]
     ev.files += main
     before = rows[ROW_MANIPULATED]
-    if sizes:
-        ev.sweep = rebn_sweep(params, clean, model, x, y, sizes, seed=seed, data_root=data_root,
+    if sweep:
+        ev.sweep = rebn_sweep(params, clean, model, x, y, sweep, seed=seed, data_root=data_root,
                               batch_size=batch_size, device=device, progress=progress, reference=ref)
         sweep_files = [out / f"{name}_rebn_sweep.json", out / f"{name}_rebn_sweep.png"]
         with atomic_unit(sweep_files) as (json_tmp, png_tmp):  # both or neither

@@ -40,6 +40,7 @@ import torch
 from tabulate import tabulate
 
 from ..attack.params import AttackParams
+from ..data import clean_set
 from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
 from ..errors import UserError
 from ..fileio import refuse_overwrite, write_json
@@ -47,7 +48,7 @@ from ..report.labels import CLEAN_BASE, MANIPULATED
 from ..runs import load_run, run_name
 from ..stored_json import read_detectors
 from ..triggers import apply_trigger, trigger_mask
-from .common import asked_clean_set, eval_images
+from .common import eval_images
 
 __all__ = ["DEFAULT_CLEAN_IMAGES", "COLUMNS", "DetectorComparison", "detector_rows", "merged_detector_rows", "compare_detectors"]
 
@@ -176,7 +177,7 @@ def compare_detectors(attackid: str | int, device: torch.device | str = "cpu", *
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root)
-    clean_x = asked_clean_set(params.dataset, clean_images, seed=seed, data_root=data_root).x
+    clean_x = clean_set(params.dataset, clean_images, seed=seed, data_root=data_root, option="--clean-images").x
     kw = dict(device=device, batch_size=batch_size, seed=seed, progress=progress)
     rows = (detector_rows(model, params, x, y, clean_x, names, label=MODEL_MANIPULATED, **kw)
             + detector_rows(clean, params, x, y, clean_x, names, label=MODEL_CLEAN, **kw))

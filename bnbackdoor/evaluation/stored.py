@@ -15,23 +15,25 @@ import torch.nn as nn
 from ..runs import diverse_examples, explanation_figure, load_run, run_name
 from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
 from ..attack.params import AttackParams
+from ..data import clean_set
 from ..defenses import CleanSet
 from ..defenses.rebn import rebn_batch_size
-from .common import DEFAULT_REBN_SIZE, Evaluation, REBN_ONLY, clean_set, compare_models, eval_images
+from .common import DEFAULT_REBN_SIZE, Evaluation, REBN_ONLY, compare_models, eval_images
 
 
 # --------------------------------------------------------------------------------------- evaluate_models.py
 def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu", *, robust: bool = False,
                           defenses: dict[str, tuple[str, dict]] | None = None,
-                          rebn_size: int = DEFAULT_REBN_SIZE, testing_size: int | None = None,
+                          clean_images: int = DEFAULT_REBN_SIZE, testing_size: int | None = None,
                           batch_size: int = 100, seed: int = 0, root: str | Path = ".",
                           models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", progress: bool = True,
                           clean_model: str | Path | None = None,
                           on_notice: Callable[[str], None] | None = None) -> Evaluation:
     """Evaluate ``manipulated_models/<id>`` against its clean base model on ``testing_size`` test images (default:
-    the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``rebn_size`` clean training
-    images, with ``defenses`` (label -> (registered name, options), see :func:`parse_defenses`) after each of them.
+    the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``clean_images`` clean
+    training images, with ``defenses`` (label -> (registered name, options), see
+    :func:`bnbackdoor.defenses.specs.parse_defenses`) after each of them.
 
     Writes ``<save_path>/<id>/evaluation[_robust|_defenses].json`` (metrics, data records, Re-BN report) and a
     ``.png`` of test images of different classes: input, clean model's explanation, triggered input and the
@@ -52,8 +54,8 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     chosen = {**(REBN_ONLY if robust else {}), **(defenses or {})}
     cleanset = cal_info = None
     if chosen:
-        cleanset, cal_info = clean_set(params, rebn_size, seed=seed, data_root=data_root)
-        cal_info["batch_size"] = rebn_batch_size(len(cleanset), batch_size)
+        cleanset = clean_set(params.dataset, clean_images, seed=seed, data_root=data_root)
+        cal_info = {**cleanset.record(), "batch_size": rebn_batch_size(len(cleanset), batch_size)}
     rows, report, fixed = compare_models(params, clean, model, x, y, cleanset, defenses=chosen,
                                          batch_size=batch_size, device=device, progress=progress, seed=seed)
     check_finite_numbers(rows, f"the metrics of {name}")
