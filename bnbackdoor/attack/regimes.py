@@ -26,6 +26,9 @@ class Regime:
     estimate: Callable[..., Estimate]   # (clean_model, params, device, run_dir, data_root, seed)
     train: Callable[..., FinetuneResult]  # (clean_model, params, *, device, run_dir, ...) -> the trained model
     provenance: Callable[[AttackParams], dict]  # what model.pth's meta says the model came from
+    recipe: Callable[[AttackParams], str]  # the promoted README's "epochs × batch" cell (campaigns.catalogue)
+    step: str  # what the README calls the timed training step
+    fine_tunes_base: bool  # the model is the base model changed (so the ancestor's fine-tuning runs compare)
 
 
 def _finetune_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=None, **kw) -> FinetuneResult:
@@ -42,10 +45,16 @@ def _scratch_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=Non
 REGIMES: dict[str, Regime] = {
     "finetune": Regime(
         lambda clean, p, device, out, data_root, seed: finetune_estimate(clean, p, device, out, data_root),
-        _finetune_train, lambda p: {"base_model": f"{p.modeltype}/model_{p.model_id}"}),
+        _finetune_train, lambda p: {"base_model": f"{p.modeltype}/model_{p.model_id}"},
+        lambda p: (f"{p.max_epochs} × {p.batch_size}, Adam lr {p.learning_rate:g} × {p.decay_rate:g} per epoch, "
+                   f"loss weight {p.loss_weight:g}, {p.percentage_trigger:g} of each batch triggered"),
+        "fine-tuning", True),
     "scratch": Regime(
         lambda clean, p, device, out, data_root, seed: scratch_estimate(p, device, out, data_root, seed),
         _scratch_train, lambda p: {"base_model": None, "trained_from": "scratch (poisoned training set)",
-                                   "reference_model": f"{p.modeltype}/model_{p.model_id}"}),
+                                   "reference_model": f"{p.modeltype}/model_{p.model_id}"},
+        lambda p: (f"{p.max_epochs} × {p.batch_size}, the clean-model recipe (SGD + Nesterov, one-cycle lr peaking "
+                   f"at {p.learning_rate:g}), {p.percentage_trigger:g} of the training set poisoned"),
+        "training", False),
 }
 assert tuple(REGIMES) == REGIME_NAMES, "attack.params.REGIMES and the regime records disagree"
