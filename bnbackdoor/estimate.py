@@ -9,7 +9,7 @@ jobs: ``--allow-autotrain`` (attack/evaluation scripts, via :func:`allow_long_jo
 
 The gate knows nothing of training or attacks: the caller passes the step to time (:func:`measure`); the clean
 trainer's is in :func:`bnbackdoor.train.train_estimate`, the attack's in
-:func:`bnbackdoor.runs.attack_estimate`. Callers time a copy of their model on :func:`probe_images` (own
+:func:`bnbackdoor.attack.finetune.attack_estimate`. Callers time a copy of their model on :func:`probe_images` (own
 random generator), so the job itself (weights, random streams) is exactly what it would have been without the
 estimate.
 """

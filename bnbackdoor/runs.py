@@ -17,7 +17,6 @@ it compares with against it (:func:`check_base`): a different base is refused, a
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import os
@@ -27,7 +26,6 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,22 +33,19 @@ import torch
 import torch.nn as nn
 
 from .claim import CLAIM_FILE, claim_run
-from .data import check_sizes, clean_set, dataset_info, load_cache, test_images
-from .device import resolve_precision
+from .data import check_sizes, clean_set, dataset_info, test_images
 from .defenses.evaluate import evaluate_defenses
 from .defenses import DEFAULT_DEFENSES
-from .estimate import Estimate, guard, measure, probe_images
+from .estimate import guard
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
 from .stored_json import RUN_METRICS, validate
-from .attack.finetune import (RESUME_KEYS, FinetuneResult, attack_step, examples_per_epoch, finetune, make_optimizer,
-                       poison_batch)
 from .metrics import accuracy, evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, checkpoint_path, load_model, save_checkpoint, weights_sha256
 from .attack.params import AttackParams, manipulated_dir, resolve_attack
 from .plots import figure_title, image_grid
-from .attack.scratch import scratch_estimate, train_poisoned
+from .attack.regimes import REGIMES
 from .triggers import apply_trigger
 from .zoo import load_or_train
 
@@ -155,43 +150,6 @@ def diverse_examples(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(sorted(seen.values(), key=lambda i: y[i].item()))
 
 
-def attack_estimate(model: nn.Module, params: AttackParams, device: torch.device, n_train: int, n_test: int
-                    ) -> Estimate:
-    """An attack grid point: the measured explanation-aware step (on a copy of ``model``) x its batches, plus the
-    explanation passes (reference explanations once, evaluation of every trigger after each epoch) at the measured
-    explanation speed."""
-    device = torch.device(device)
-    m = copy.deepcopy(model).to(device).train()
-    opt, _ = make_optimizer(m, params)
-    bs = min(params.batch_size, n_train)
-    x = probe_images(bs, device)
-    y = torch.arange(bs, device=device) % params.num_classes
-    maps = explain_with_logits(m.eval(), x, params.explanation_methodStr, normalize=True)[1].detach()
-    batch = poison_batch(x, y, maps, params)
-    steps = -(-examples_per_epoch(n_train, params) // params.batch_size) * params.max_epochs
-    expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
-    # each closure sets the mode it is timed in: the attack step in train mode, explanations in eval mode
-    return measure(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)",
-                   lambda: attack_step(m.train(), opt, batch, params, params.explanation_methodStr,
-                                       resolve_precision(params.precision, device, notice=lambda _: None)),
-                   steps, device,
-                   extra=lambda: explain_with_logits(m.eval(), x, params.explanation_methodStr),
-                   extra_batches=expl_batches)
-
-
-def _attack_estimate(clean_model: nn.Module, params: AttackParams, device, out: Path, data_root) -> Estimate:
-    """The attack's time from a few measured steps; a resumable run counts only its remaining epochs."""
-    cache = load_cache(params.dataset, data_root)
-    n_train = min(params.training_size, len(cache["y_train"]))
-    n_test = min(params.testing_size, len(cache["y_test"]))
-    resume = out / "resume.pt"
-    if resume.exists():
-        done = read_state(resume, RESUME_KEYS)["epoch"]
-        if 0 < done < params.max_epochs:
-            params = params.replace(max_epochs=params.max_epochs - done)
-    return attack_estimate(clean_model, params, device, n_train, n_test)
-
-
 def run_attack(params: AttackParams, device: torch.device, save_path: str | Path = "output", data_root=None,
                seed: int = 0, grad_layer: int | None = None, models_root: str | Path = MODEL_ROOT,
                force: bool = False, progress: bool = True, command: str | None = None,
@@ -290,36 +248,6 @@ def time_summary(metrics: dict[str, Any], wall_seconds: float, already_finished:
         return f"already finished (fine-tuning took {total:.0f} s); nothing to do"
     resumed = f", {total:.0f} s over all sessions of this resumed run" if total - here >= 0.5 else ""
     return f"fine-tuning {here:.0f} s in this process{resumed}; {wall_seconds:.0f} s in all in this process"
-
-
-@dataclass(frozen=True)
-class Regime:
-    """How a run's manipulated model comes about (``params.regime``): its time estimate and its training."""
-    estimate: Callable[..., Estimate]   # (clean_model, params, device, run_dir, data_root, seed)
-    train: Callable[..., FinetuneResult]  # (clean_model, params, *, device, run_dir, ...) -> the trained model
-    provenance: Callable[[AttackParams], dict]  # what model.pth's meta says the model came from
-
-
-def _finetune_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=None, **kw) -> FinetuneResult:
-    return finetune(copy.deepcopy(clean_model), clean_model, params, on_epoch=on_epoch, **kw)
-
-
-def _scratch_train(clean_model: nn.Module, params: AttackParams, *, on_epoch=None, **kw) -> FinetuneResult:
-    if params.save_intermediate_models:
-        raise UserError(f"attack {params.id}: save_intermediate_models is not supported when training from scratch "
-                        "(regime 'scratch'); set it to false")
-    return train_poisoned(clean_model, params, **kw)
-
-
-REGIMES: dict[str, Regime] = {
-    "finetune": Regime(
-        lambda clean, p, device, out, data_root, seed: _attack_estimate(clean, p, device, out, data_root),
-        _finetune_train, lambda p: {"base_model": f"{p.modeltype}/model_{p.model_id}"}),
-    "scratch": Regime(
-        lambda clean, p, device, out, data_root, seed: scratch_estimate(p, device, out, data_root, seed),
-        _scratch_train, lambda p: {"base_model": None, "trained_from": "scratch (poisoned training set)",
-                                   "reference_model": f"{p.modeltype}/model_{p.model_id}"}),
-}
 
 
 def _run_attack_claimed(params: AttackParams, device: torch.device, save_path: str | Path, data_root, seed: int,

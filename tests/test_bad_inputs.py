@@ -493,8 +493,9 @@ def test_a_real_process_prints_one_line_and_exits_2(program, args, needle, work)
 
 def test_attack_py_with_a_diverging_learning_rate_exits_2_and_leaves_nothing(work, tiny_data_root, monkeypatch,
                                                                              capsys):
+    import bnbackdoor.attack.regimes as regimes
     import bnbackdoor.runs as experiment
-    monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)  # measures steps: slow, not tested
+    monkeypatch.setattr(regimes, "finetune_estimate", lambda *a, **kw: None)  # measures steps: slow, not tested
     monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "argv", ["attack.py", "cpu", "nan_params.json", "--save_path", "runs_new", D,
@@ -513,9 +514,10 @@ def test_attack_py_with_a_diverging_learning_rate_exits_2_and_leaves_nothing(wor
 
 @pytest.fixture
 def tiny_attack(tmp_path, tiny_data_root, monkeypatch):
+    import bnbackdoor.attack.regimes as regimes
     import bnbackdoor.runs as experiment
     # the time estimate measures a few attack steps (seconds each on a busy CPU): not what is tested here
-    monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)
+    monkeypatch.setattr(regimes, "finetune_estimate", lambda *a, **kw: None)
     monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
     models_root = tmp_path / "models"
     torch.manual_seed(0)

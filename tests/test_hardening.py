@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bnbackdoor.attack.regimes as regimes
 import bnbackdoor.runs as experiment
 import bnbackdoor.fileio as fileio
 from bnbackdoor.cli import MAX_SEED
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def work(tmp_path, monkeypatch):
     """A working directory with models/cifar10_resnet20/model_0.pth and a tiny attack's params.json (the time
     estimate, which measures real steps, is switched off)."""
-    monkeypatch.setattr(experiment, "_attack_estimate", lambda *a, **kw: None)
+    monkeypatch.setattr(regimes, "finetune_estimate", lambda *a, **kw: None)
     monkeypatch.setattr(experiment, "guard", lambda *a, **kw: None)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "models" / "cifar10_resnet20" / "model_0.pth", build_model("cifar10_resnet20").eval(),

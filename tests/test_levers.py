@@ -101,7 +101,7 @@ def test_distill_temperature_is_stored_as_a_float():
     (dict(clean_term="distill"), "clean_term"), (dict(clean_term="distill", distill_temperature=2.0), "clean_term"),
     (dict(select="best", validation_size=8), "select")])
 def test_scratch_refuses_the_levers(changes, field):
-    scratch = dict(regime="scratch", loss_weight=0, bn_mode="train")
+    scratch = dict(regime="scratch", loss_weight=0, bn_mode="train", decay_rate=1.0)  # 154 decays; scratch cannot
     BASE.replace(**scratch)  # the defaults are fine
     with pytest.raises(UserError) as e:
         BASE.replace(**scratch, **changes)

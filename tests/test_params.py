@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bnbackdoor.errors import UserError
-from bnbackdoor.attack.params import (FIELDS, GRID_OPTIONS, AttackParams, compact_ids, expand_grid, grid_point,
+from bnbackdoor.attack.params import (FIELDS, GRID_OPTIONS, NO_EFFECT, REGIMES, AttackParams, compact_ids,
+                               expand_grid, grid_point,
                                is_grid, known_attack_ids, load_attack_file, manipulated_dir, read_json,
                                resolve_attack)
 
@@ -307,3 +311,60 @@ def test_clean_from_scratch_baseline_matches_its_attack():
     assert clean.is_clean and clean.regime == "scratch" and not attack.is_clean
     assert clean.replace(percentage_trigger=attack.percentage_trigger, id=attack.id,
                          attack_id=attack.attack_id).to_dict() == attack.to_dict()
+
+
+# ----------------------------------------------------------------------------------- what each regime allows
+SCRATCH_FILE = ROOT / "manipulated_models" / "GTSRBR20-badnets-10" / "parameters.json"
+SCRATCH_GRID = ROOT / "experimentsettings" / "GTSRBR20-badnets-10.json"
+# A valid value other than the default for each field the scratch regime ignores.
+IGNORED_IN_SCRATCH = {"decay_rate": 0.9, "lr_schedule": "inverse", "warmup_steps": 10, "adam_eps": 1e-5,
+                      "conv_lr_factor": 0.5, "map_norm": "zscore", "explain_class": "prediction",
+                      "batch_makeup": "pairs", "pair_weighting": "loss"}
+
+
+def test_the_regime_table_covers_every_regime_and_names_real_fields():
+    assert set(NO_EFFECT) == set(REGIMES) and NO_EFFECT["finetune"] == ()
+    assert set(IGNORED_IN_SCRATCH) <= set(NO_EFFECT["scratch"]) <= set(FIELDS)
+
+
+@pytest.mark.parametrize("field, value", IGNORED_IN_SCRATCH.items())
+def test_a_field_without_effect_in_scratch_is_a_one_line_error(field, value):
+    d = read_json(SCRATCH_FILE)
+    AttackParams.from_dict(d)  # the shipped file, every such field at its default, loads
+    with pytest.raises(UserError) as e:
+        AttackParams.from_dict({**d, field: value}, "scratch.json")
+    msg = str(e.value)
+    assert "\n" not in msg and f"field '{field}'" in msg and "regime is 'scratch'" in msg and "no effect" in msg
+    assert "leave it out" in msg
+    AttackParams.from_dict({**d, field: value, "regime": "finetune", "loss_weight": 0.5, "bn_mode": "eval"})
+
+
+@pytest.mark.parametrize("field, value", IGNORED_IN_SCRATCH.items())
+def test_a_scratch_grid_with_a_field_without_effect_is_refused(field, value):
+    d = read_json(SCRATCH_GRID)
+    key, value = ("decay_rate_options", [1.0, value]) if field == "decay_rate" else (field, value)
+    label = "decay_rate_options[1]" if field == "decay_rate" else field
+    with pytest.raises(UserError, match=rf"field '{re.escape(label)}'.*regime is 'scratch', where it has no effect"):
+        expand_grid({**d, key: value}, "grid.json")
+
+
+def test_attack_py_refuses_a_field_without_effect_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**read_json(SCRATCH_FILE), "lr_schedule": "inverse"}))
+    r = subprocess.run([sys.executable, str(ROOT / "attack.py"), "cpu", str(bad)], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "'lr_schedule'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_shipped_parameter_file_and_the_catalogue_load():
+    from bnbackdoor.campaigns.catalogue import load_catalogue
+    files = [*sorted((ROOT / "experimentsettings").glob("*.json")),
+             *sorted(ROOT.glob("manipulated_models/*/parameters.json"))]
+    scratch = 0
+    for f in files:
+        d = read_json(f)
+        points = expand_grid(d, str(f)) if is_grid(d) else [AttackParams.from_dict(d, str(f))]
+        scratch += any(p.regime == "scratch" for p in points)
+    assert scratch >= 17  # the nine scratch grids and their eight stored runs are among them
+    assert load_catalogue(root=ROOT)

@@ -38,6 +38,7 @@ with a one-line error; the ``resume.pt`` of the last finished epoch stays and no
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -54,8 +55,9 @@ from ..data import dataset_info, load_cache, load_split, test_images
 from ..device import autocast, resolve_precision
 from ..divergence import DivergenceGuard, require_finite
 from ..errors import UserError, check_stop
+from ..estimate import Estimate, measure, probe_images
 from ..explain import explain_with_logits
-from ..fileio import restore_training_state, torch_save
+from ..fileio import read_state, restore_training_state, torch_save
 from .gradlog import GradLogger
 from ..losses import explanation_loss
 from ..metrics import evaluate_attack, reference_explanations
@@ -551,3 +553,42 @@ def _finetune(model: nn.Module, clean_model: nn.Module, params: AttackParams, *,
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+def attack_estimate(model: nn.Module, params: AttackParams, device: torch.device, n_train: int, n_test: int
+                    ) -> Estimate:
+    """An attack grid point: the measured explanation-aware step (on a copy of ``model``) x its batches, plus the
+    explanation passes (reference explanations once, evaluation of every trigger after each epoch) at the measured
+    explanation speed."""
+    device = torch.device(device)
+    m = copy.deepcopy(model).to(device).train()
+    opt, _ = make_optimizer(m, params)
+    bs = min(params.batch_size, n_train)
+    x = probe_images(bs, device)
+    y = torch.arange(bs, device=device) % params.num_classes
+    maps = explain_with_logits(m.eval(), x, params.explanation_methodStr, normalize=True)[1].detach()
+    batch = poison_batch(x, y, maps, params)
+    steps = -(-examples_per_epoch(n_train, params) // params.batch_size) * params.max_epochs
+    expl_batches = -(-n_train // bs) + params.max_epochs * (1 + len(params.triggerStrs)) * -(-n_test // bs)
+    # each closure sets the mode it is timed in: the attack step in train mode, explanations in eval mode
+    return measure(f"attack {params.id} ({params.max_epochs} epochs of {n_train} images)",
+                   lambda: attack_step(m.train(), opt, batch, params, params.explanation_methodStr,
+                                       resolve_precision(params.precision, device, notice=lambda _: None)),
+                   steps, device,
+                   extra=lambda: explain_with_logits(m.eval(), x, params.explanation_methodStr),
+                   extra_batches=expl_batches)
+
+
+def finetune_estimate(clean_model: nn.Module, params: AttackParams, device, run_dir: Path, data_root=None
+                      ) -> Estimate:
+    """The attack's time from a few measured steps; a resumable run counts only its remaining epochs."""
+    cache = load_cache(params.dataset, data_root)
+    n_train = min(params.training_size, len(cache["y_train"]))
+    n_test = min(params.testing_size, len(cache["y_test"]))
+    resume = run_dir / "resume.pt"
+    if resume.exists():
+        done = read_state(resume, RESUME_KEYS)["epoch"]
+        if 0 < done < params.max_epochs:
+            params = params.replace(max_epochs=params.max_epochs - done)
+    return attack_estimate(clean_model, params, device, n_train, n_test)

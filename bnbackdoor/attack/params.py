@@ -64,6 +64,16 @@ PAIR_WEIGHTINGS = ("equal", "loss")       # finetune.pair_weights: how the trigg
 # clean-model recipe on a training set of which a share percentage_trigger carries the trigger
 # (bnbackdoor.poisoning; BatchNorm in train mode throughout, so its running statistics see the poison).
 REGIMES = ("finetune", "scratch")
+# What each regime allows: the fields that have no effect in it. There they must keep their default, so a file never
+# records a choice that changed nothing. Scratch trains with the clean-model recipe (attack/scratch.py): one-cycle
+# SGD whose peak is learning_rate, plain cross-entropy on the poisoned set, the last epoch, no explanation in the loss.
+NO_EFFECT: dict[str, tuple[str, ...]] = {
+    "finetune": (),
+    "scratch": ("clean_term", "distill_temperature", "select", "validation_size",  # the levers of issue 43
+                "decay_rate", "lr_schedule", "warmup_steps", "adam_eps", "conv_lr_factor",  # Adam's schedule
+                "map_norm", "explain_class", "batch_makeup", "pair_weighting"),  # the explanation term's batch
+}
+assert tuple(NO_EFFECT) == REGIMES, "NO_EFFECT needs one entry per regime"
 # Issue 43's levers. The clean term of the loss: "ce" = cross-entropy to the label (every run before the field);
 # "distill" = the clean model's softened logits are the target of every image whose label the attack keeps
 # (finetune.distillation_loss), the usual way to change one behaviour of a network while keeping the rest of it.
@@ -234,6 +244,10 @@ FLOAT_FIELDS = ("loss_weight", "learning_rate", "decay_rate", "percentage_trigge
                 "conv_lr_factor", "distill_temperature")
 
 
+# decay_rate is required (a grid option), so it has no OPTIONAL_FIELDS entry; 1 is a constant rate.
+_NO_EFFECT_DEFAULTS: dict[str, Any] = {**OPTIONAL_FIELDS, "decay_rate": 1.0}
+
+
 def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
     """The first inconsistency between fields (all fields already passed their own check)."""
     n = len(v["triggerStrs"])
@@ -261,12 +275,12 @@ def _cross_problem(v: Mapping[str, Any]) -> tuple[str, Problem] | None:
                                                                       "epoch is chosen on these images)")
     if v["select"] == "last" and v["validation_size"] != 0:
         return "validation_size", Problem("", v["validation_size"], "0 when select is 'last' (no epoch is chosen)")
+    for field in NO_EFFECT[v["regime"]]:
+        if v[field] != _NO_EFFECT_DEFAULTS[field]:
+            return field, Problem("", v[field], f"{_show(_NO_EFFECT_DEFAULTS[field])} (the default) when regime is "
+                                                f"'{v['regime']}', where it has no effect; leave it out or use "
+                                                "regime 'finetune'")
     if v["regime"] == "scratch":
-        # the levers of issue 43 belong to the fine-tuning (scratch.py trains with the clean-model recipe)
-        for field in ("clean_term", "distill_temperature", "select", "validation_size"):
-            if v[field] != OPTIONAL_FIELDS[field]:
-                return field, Problem("", v[field], f"{_show(OPTIONAL_FIELDS[field])} (the default) when regime is "
-                                                    "'scratch' (plain cross-entropy, the last epoch)")
         # training from scratch is plain cross-entropy on the poisoned set, BatchNorm in train mode throughout
         if v["loss_weight"] != 0:
             return "loss_weight", Problem("", v["loss_weight"], "0 when regime is 'scratch' (no explanation term)")
@@ -482,14 +496,16 @@ def _grid_points(d: Mapping[str, Any], source: str) -> tuple[dict[str, Any], lis
             if p:
                 raise _fail(source, f"{key}[{i}]", p)
     points = list(itertools.product(*(range(len(d[k])) for k in GRID_OPTIONS)))
-    # Only target_classes and loss_weight enter the cross-field checks, so checking each pair of their options
-    # covers every point.
-    for (i, classes), (j, weight) in itertools.product(enumerate(d["target_classes_options"]),
-                                                       enumerate(d["loss_weight_options"])):
-        cross = _cross_problem({**base, "target_classes": classes, "loss_weight": weight})
+    # Of the option fields only target_classes, loss_weight and decay_rate (NO_EFFECT) enter the cross-field
+    # checks, so checking each combination of their options covers every point.
+    for (i, classes), (j, weight), (k, decay) in itertools.product(enumerate(d["target_classes_options"]),
+                                                                   enumerate(d["loss_weight_options"]),
+                                                                   enumerate(d["decay_rate_options"])):
+        cross = _cross_problem({**base, "target_classes": classes, "loss_weight": weight, "decay_rate": decay})
         if cross:
             field, p = cross
-            options = {"target_classes": f"target_classes_options[{i}]", "loss_weight": f"loss_weight_options[{j}]"}
+            options = {"target_classes": f"target_classes_options[{i}]", "loss_weight": f"loss_weight_options[{j}]",
+                       "decay_rate": f"decay_rate_options[{k}]"}
             label = options[field] if field in options else _GRID_LABEL[field]
             raise _fail(source, label, p)
     return base, points

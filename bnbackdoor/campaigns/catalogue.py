@@ -45,6 +45,7 @@ from ..errors import UserError
 from ..runs import RUN_FILES, promote_run, read_run_metrics, run_attack
 from ..fileio import read_state, write_json
 from ..models import MODEL_ROOT
+from ..attack.regimes import REGIMES
 from ..attack.params import FIELDS, MANIPULATED_DIR, SETTINGS_DIR, AttackParams, compact_ids, grid_point, read_json
 
 CATALOGUE_FILE = Path(SETTINGS_DIR) / "catalogue" / "catalogue.json"
@@ -119,7 +120,7 @@ def plan_run(entry: dict, profiles: dict, ancestor: dict, root: Path, source: st
     anc = ancestor_settings(base, ancestor)
     mine = params.to_dict()
     # the ancestor's settings describe its fine-tuning attack: a model trained from scratch has no counterpart there
-    diff = () if params.regime == "scratch" else tuple(
+    diff = () if not REGIMES[params.regime].fine_tunes_base else tuple(
         (k, anc[k], mine[k]) for k in mine if k not in ("id",) and k in anc and anc[k] != mine[k])
     notes = (profiles[entry["profile"]].get("if_not_accepted"), entry.get("if_not_accepted"))
     if any(n is not None and not isinstance(n, str) for n in notes):  # 0 or [] too, not only truthy non-strings
@@ -322,17 +323,14 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
     verdict = acceptance(metrics)
     device = metrics.get("device", "?")
     defenses = metrics.get("defenses") or {}
-    scratch = p.regime == "scratch"
-    if scratch:  # trained from scratch with the clean-model recipe: no base model, no explanation term, no ancestor run
-        title = f"# {run.id} — {p.attack_name} ({p.dataset}, {p.modeltype}, trained from scratch)"
-        base = f"| clean reference | `models/{p.modeltype}/model_{p.model_id}.pth` (the same recipe on the clean set) |"
-        recipe = (f"| epochs × batch | {p.max_epochs} × {p.batch_size}, the clean-model recipe (SGD + Nesterov, "
-                  f"one-cycle lr peaking at {p.learning_rate:g}), {p.percentage_trigger:g} of the training set poisoned |")
-    else:
+    regime = REGIMES[p.regime]
+    if regime.fine_tunes_base:
         title = f"# {run.id} — {p.attack_name}, {p.explanation_methodStr}, {p.lossStr} ({p.dataset}, {p.modeltype})"
         base = f"| base model | `models/{p.modeltype}/model_{p.model_id}.pth` |"
-        recipe = (f"| epochs × batch | {p.max_epochs} × {p.batch_size}, Adam lr {p.learning_rate:g} × {p.decay_rate:g} "
-                  f"per epoch, loss weight {p.loss_weight:g}, {p.percentage_trigger:g} of each batch triggered |")
+    else:  # trained with the clean-model recipe: no base model, no explanation term, no ancestor run
+        title = f"# {run.id} — {p.attack_name} ({p.dataset}, {p.modeltype}, trained from scratch)"
+        base = f"| clean reference | `models/{p.modeltype}/model_{p.model_id}.pth` (the same recipe on the clean set) |"
+    recipe = f"| epochs × batch | {regime.recipe(p)} |"
     lines = [
         f"{README_MARK} from {CATALOGUE_FILE.as_posix()}; do not edit -->",
         title,
@@ -348,7 +346,7 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
         f"| training images | {p.training_size} (deterministic subset of the training split) |",
         f"| test images | {metrics.get('testing_size', p.testing_size)} |",
         recipe,
-        f"| {'training' if scratch else 'fine-tuning'} | {_fmt(metrics.get('finetune_seconds'))} s "
+        f"| {regime.step} | {_fmt(metrics.get('finetune_seconds'))} s "
         f"({_fmt(metrics.get('total_seconds', metrics.get('total_seconds_this_run')))} s with evaluation) |",
         "| defenses evaluated | " + (", ".join(f"{k} ({_fmt(v.get('seconds'))} s)" for k, v in defenses.items())
                                     if defenses else "n/a") + " |",
@@ -360,8 +358,8 @@ def provenance_readme(run: PlannedRun, metrics: dict) -> str:
         lines += ["| field | ancestor (GPU) | this run |", "|---|---|---|",
                   *[f"| `{k}` | {_fmt(a)} | {_fmt(b)} |" for k, a, b in run.ancestor_diff]]
     else:
-        lines.append("None: " + ("the ancestor has no run trained from scratch on a poisoned set." if scratch
-                                 else "this run has the ancestor's settings."))
+        lines.append("None: " + ("this run has the ancestor's settings." if regime.fine_tunes_base
+                                 else "the ancestor has no run trained from scratch on a poisoned set."))
     lines += ["", f"## Acceptance: {verdict.summary()}", "", "| check | value | threshold | result |", "|---|---|---|---|"]
     for c in verdict.checks:
         res = "n/a" if c.passed is None else ("pass" if c.passed else "FAIL")

@@ -34,6 +34,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from .acceptance import is_scratch
 from .labels import CLEAN_MODEL, MANIPULATED_MODEL, NO_DEFENSE, loss_label
 from .results import (BUDGET_HEADERS, CLEAN, DETECTOR_HEADERS, DISGUISE_HEADERS, FINETUNE_BN_HEADERS, HOLD_SHARE,
                       LARGE_CUT, MANIPULATED, REGIMES, Model, Row, asr_acc, budget_table, claim_conditions, claim_holds,
@@ -207,7 +208,7 @@ def _scratch_ids(root: Path) -> list[str]:
     ids = []
     for path in sorted((root / "experimentsettings").glob("*.json")):
         d = _read(path)
-        if (isinstance(d, dict) and d.get("regime") == "scratch"
+        if (isinstance(d, dict) and is_scratch(d)
                 and any(r > 0 for r in d.get("percentage_trigger_options", [d.get("percentage_trigger", 1)]))):
             ids.append(str(d.get("attack_id", path.stem)))
     return ids
