@@ -155,6 +155,13 @@ def common_options(p: argparse.ArgumentParser, save_path: bool = True) -> argpar
     return p
 
 
+def force_option(p: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    """``--force``: a study refuses to replace its existing output (:func:`bnbackdoor.fileio.refuse_overwrite`)
+    unless told to."""
+    p.add_argument("--force", action="store_true", help=f"replace an existing {what} instead of refusing")
+    return p
+
+
 def command_line() -> str:
     """The command that is running, for provenance records."""
     return "python " + shlex.join(sys.argv)

@@ -562,9 +562,9 @@ def test_paths_are_recorded_relative_to_the_repository(tmp_path):
 STUDIES = [  # (program, arguments after the data root, the stem of the files it writes in out/)
     ("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "rebn", "--clean-images", "8", "--testing-size", "8",
                                      "--force"], "defenses_154."),
-    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8"], "154_anatomy."),
-    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8"],
-     "154_defense."),
+    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8", "--force"], "154_anatomy."),
+    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8",
+                                            "--force"], "154_defense."),
 ]
 
 
@@ -609,3 +609,30 @@ def test_a_plain_interrupt_says_what_is_kept_without_claiming_saved_work(capsys)
     err = capsys.readouterr().err
     assert e.value.code == 130 and "finished work is saved" not in err
     assert "a study writes its files as one unit when it has finished, so this one wrote nothing" in err
+
+
+# --- 0d. the evaluation scripts refuse to replace their output without --force -------------------------------
+
+EVALUATIONS = [  # (program, arguments, the file a first run writes under out/, what the refusal names)
+    ("evaluate_models.py", ["154", "cpu", "--testing-size", "8"], "154/evaluation.json", "an evaluation"),
+    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8",
+                                            "--defense", "rebn"], "154_defense.json", "a defense table"),
+    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8"], "154_anatomy.json", "an anatomy report"),
+    ("run_generate_explanations.py", ["154", "--n-images", "8", "--batchsize", "8"], "154_explanations.json",
+     "an explanation report"),
+]
+
+
+@pytest.mark.parametrize("program,args,first,what", EVALUATIONS, ids=[e[0] for e in EVALUATIONS])
+def test_an_evaluation_refuses_to_replace_its_output_without_force(program, args, first, what, work,
+                                                                   tiny_data_root, monkeypatch, capsys):
+    (work / "out" / first).parent.mkdir(parents=True)
+    (work / "out" / first).write_text("{}")  # an earlier result, however it was made
+    before = _snapshot(work)
+    argv = [*args, "--data-root", str(tiny_data_root), "--save_path", "out"]
+    line = _one_error(*_run(program, argv, monkeypatch, capsys), f"out/{first} already holds {what}")
+    assert "pass --force to replace it" in line
+    assert _snapshot(work) == before
+    code, err = _run(program, [*argv, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (work / "out" / first).read_text() != "{}"

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..data import dataset_info
 from ..errors import UserError
 from ..runs import diverse_examples, load_run, predicted_maps, run_folder, run_name
-from ..fileio import check_finite_numbers, undo_writes, write_json
+from ..fileio import check_finite_numbers, refuse_overwrite, undo_writes, write_json
 from ..metrics import evaluate_attack, model_device, reference_explanations
 from ..models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
 from ..attack.params import AttackParams, resolve_attack
@@ -95,7 +95,7 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
                           root: str | Path = ".", models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", grid_rows: int = 6, progress: bool = True,
                           on_notice: Callable[[str], None] | None = None,
-                          clean_model: str | Path | None = None) -> ExplanationReport:
+                          clean_model: str | Path | None = None, force: bool = False) -> ExplanationReport:
     """Explanations of clean and triggered test images (``n_images``, default ``testing_size``) by the attack's
     clean model and, when the run has a ``model.pth`` (``manipulated_models/<id>/``, a run folder, or beside a
     ``parameters.json``), its manipulated model.
@@ -113,6 +113,8 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
     t0 = time.time()
     device = torch.device(device)
     name = run_name(attackid, root)
+    refuse_overwrite([Path(save_path) / f"{name}_explanations.{k}" for k in ("json", "png")], force=force,
+                     what="explanation report")  # before any work
     folder = run_folder(attackid, root)
     notice = None
     base = None
