@@ -636,3 +636,42 @@ def test_an_evaluation_refuses_to_replace_its_output_without_force(program, args
     code, err = _run(program, [*argv, "--force"], monkeypatch, capsys)
     assert code == 0, err
     assert (work / "out" / first).read_text() != "{}"
+
+
+# --- 2b. detector options through the same spec syntax as defenses -------------------------------------------
+
+def _detector_cases():
+    from bnbackdoor.detectors import DETECTORS
+    return [(n, k, v) for n, d in sorted(DETECTORS.items()) for k, kind in d.kinds.items() for v in _bad_values(kind)]
+
+
+def test_a_detector_option_of_the_wrong_kind_or_out_of_range_is_one_line_before_any_work(work, monkeypatch, capsys):
+    before = _snapshot(work)
+    cases = _detector_cases()
+    assert len(cases) >= 15
+    for name, key, value in cases:
+        line = _one_error(*_run("scripts/compare_detectors.py", ["154", "cpu", "--detectors", f"{name}:{key}={value}"],
+                                monkeypatch, capsys), f"detector '{name}': option {key}=")
+        assert "is not" in line or "out of range" in line, line
+    for spec, needle in [("strip:n_perturb=0", "n_perturb=0 is out of range; allowed: an integer >= 1"),
+                         ("strip:nope=3", "detector 'strip' has no option nope"),
+                         ("strip:n_perturb", "options are written name:option=value, e.g. strip:n_perturb=16"),
+                         ("strip:n_perturb=2:n_perturb=3", "sets option n_perturb twice")]:
+        _one_error(*_run("scripts/compare_detectors.py", ["154", "cpu", "--detectors", spec], monkeypatch, capsys),
+                   needle)
+    assert _snapshot(work) == before
+
+
+def test_detector_specs_label_their_rows_and_a_repeat_with_default_options_is_refused(work, tiny_data_root,
+                                                                                      monkeypatch, capsys):
+    from bnbackdoor.detectors import DETECTORS, parse_detectors
+    default = DETECTORS["strip"].defaults["n_perturb"]
+    with pytest.raises(Exception, match="are the same detector"):
+        parse_detectors(f"strip,strip:n_perturb={default}")
+    args = ["154", "cpu", "--detectors", "strip,strip:n_perturb=4", "--clean-images", "40", *_tiny(tiny_data_root)]
+    code, err = _run("scripts/compare_detectors.py", args, monkeypatch, capsys)
+    assert code == 0, err
+    stored = json.loads((work / "output" / "detectors_154.json").read_text())
+    assert [r["detector"] for r in stored["rows"]][:2] == ["strip", "strip n_perturb=4"]
+    assert stored["detectors"]["strip n_perturb=4"]["options"]["n_perturb"] == 4
+    assert stored["detectors"]["strip"]["options"] == dict(DETECTORS["strip"].defaults)

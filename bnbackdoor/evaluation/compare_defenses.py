@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tabulate import tabulate
 
-from ..cli import name_list
+from ..cli import spec_list
 from ..data import CleanSet
 from ..defenses import DEFENSES, defense_label, get_defense, parse_spec
 from ..defenses.common import not_applicable
@@ -75,18 +75,12 @@ def parse_defenses(text: str | Iterable[str] | None) -> list[str]:
     defense specs (a name, or a name with options: :func:`bnbackdoor.defenses.parse_spec`)."""
     if text is None:
         return default_defenses()
-    names = name_list(text, "--defenses", "bnp,anp", "defense")  # an empty name or one given twice: an error
-    seen: dict[str, str] = {}
-    for spec in names:
-        n, opts = parse_spec(spec)
+    specs = spec_list(text, "--defenses", "bnp,anp", "defense", parse_spec, defense_label)  # empty, twice: errors
+    for _, n, _ in specs:
         if get_defense(n).transductive:
             raise UserError(f"defense '{n}' is transductive (its predictions depend on the test batch); "
                             f"compare_defenses evaluates fixed models only")
-        label = defense_label(n, opts)
-        if label in seen:
-            raise UserError(f"--defenses: {seen[label]} and {spec} are the same defense ({label}); give it once")
-        seen[label] = spec
-    return names
+    return [spec for spec, _, _ in specs]
 
 
 def parse_clean_images(text: str | Iterable[int]) -> list[int]:
