@@ -675,3 +675,29 @@ def test_detector_specs_label_their_rows_and_a_repeat_with_default_options_is_re
     assert [r["detector"] for r in stored["rows"]][:2] == ["strip", "strip n_perturb=4"]
     assert stored["detectors"]["strip n_perturb=4"]["options"]["n_perturb"] == 4
     assert stored["detectors"]["strip"]["options"] == dict(DETECTORS["strip"].defaults)
+
+
+# --- 6b. a run record's base_model.path: relative to the repository, never a machine's absolute path ---------
+
+def test_base_model_paths_are_recorded_relative_and_old_absolute_records_still_merge(work, tiny_data_root,
+                                                                                     tmp_path_factory, monkeypatch, capsys):
+    import shutil
+    from bnbackdoor.runs import base_record
+    inside = work / "models" / "cifar10_resnet20" / "model_0.pth"
+    outside = tmp_path_factory.mktemp("elsewhere") / "base.pth"
+    shutil.copy(inside, outside)
+    assert base_record(build_model("cifar10_resnet20"), inside)["path"] == "models/cifar10_resnet20/model_0.pth"
+    args = ["154", "cpu", "--detectors", "strip", "--clean-images", "40", *_tiny(tiny_data_root)]
+    code, err = _run("scripts/compare_detectors.py", [*args, "--clean-model", str(outside)], monkeypatch, capsys)
+    assert code == 0, err
+    out = work / "output" / "detectors_154.json"
+    assert json.loads(out.read_text())["base_model"]["path"] == "<outside the repository>/base.pth"
+    code, err = _run("scripts/compare_detectors.py", [*args, "--clean-model", str(inside), "--force"], monkeypatch,
+                     capsys)
+    assert code == 0, err
+    stored = json.loads(out.read_text())
+    assert stored["base_model"]["path"] == "models/cifar10_resnet20/model_0.pth"
+    stored["base_model"]["path"] = str(inside)  # a record written before paths were relative
+    out.write_text(json.dumps(stored))
+    code, err = _run("scripts/compare_detectors.py", [*args, "--merge"], monkeypatch, capsys)
+    assert code == 0, err

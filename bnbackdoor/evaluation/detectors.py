@@ -44,7 +44,7 @@ from ..detectors import DETECTORS, FPR, detector_label, fit_detector, iou, parse
 from ..errors import UserError
 from ..fileio import refuse_overwrite, write_json
 from ..report.labels import CLEAN_BASE, MANIPULATED
-from ..runs import load_run, run_name
+from ..runs import load_run, run_name, same_base
 from ..stored_json import read_detectors
 from ..triggers import apply_trigger, trigger_mask
 from .common import asked_clean_set, eval_images
@@ -151,7 +151,7 @@ def merged_detector_rows(path: Path, old: dict[str, Any], rows: list[dict[str, A
     """The stored comparison ``old`` with ``rows`` in place of the (model, detector, trigger) rows they recompute,
     new rows after; one measured on other test images, seed or base model is an error, not a silent mix."""
     same = (old.get("seed") == seed and (old.get("test") or {}).get("images") == images
-            and old.get("base_model") in (None, base_model))
+            and same_base(old.get("base_model"), base_model))
     if not same:
         raise UserError(f"--merge: {path} was measured on other test images, seed or base model; pass --force "
                         "instead of --merge to replace it")

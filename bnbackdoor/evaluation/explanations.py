@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..data import dataset_info
 from ..errors import UserError
+from ..stored_json import repo_relative
 from ..runs import diverse_examples, load_run, predicted_maps, run_folder, run_name
 from ..fileio import check_finite_numbers, refuse_overwrite, undo_writes, write_json
 from ..metrics import evaluate_attack, model_device, reference_explanations
@@ -139,7 +140,7 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
             clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
                                   data_root=data_root)
             path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
-        base = {"path": str(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
+        base = {"path": repo_relative(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
                 "source": source}  # nothing to verify: no manipulated model
     ref, pred = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
                                        device=device, progress=progress, with_predictions=True)
