@@ -147,6 +147,10 @@ def test_no_study_writes_inside_results_or_manipulated_models_by_default(monkeyp
                 assert parts[:1] not in (("results",), ("manipulated_models",)), (prog, action.dest, action.default)
                 checked += 1
     assert checked >= 8
+    for prog in ("evaluate_models.py", "evaluate_attack_defense_metrics.py", "locate_backdoor.py",
+                 "run_generate_explanations.py"):  # the evaluations that used to replace their output unasked
+        save = next(a for a in parsers[prog]._actions if a.dest == "save_path")
+        assert Path(save.default).parts[:1] == ("output",), (prog, save.default)
     funcs = [getattr(m, n) for m in (ev.compare_defenses, ev.detectors, ev.anatomy, ev.stored, ev.defense_table,
                                      ev.explanations, ev.cam_fit, sweep) for n in dir(m)
              if callable(getattr(m, n)) and not n.startswith("_")]
