@@ -683,9 +683,9 @@ def test_detector_specs_label_their_rows_and_a_repeat_with_default_options_is_re
 
 # --- 6b. a run record's base_model.path: relative to the repository, never a machine's absolute path ---------
 
-def test_base_model_paths_are_recorded_relative_and_old_absolute_records_still_merge(work, tiny_data_root,
 def test_base_model_paths_are_relative_and_old_absolute_records_still_merge(work, tiny_data_root,
                                                                           tmp_path_factory, monkeypatch, capsys):
+    import shutil
     from bnbackdoor.runs import base_record
     inside = work / "models" / "cifar10_resnet20" / "model_0.pth"
     outside = tmp_path_factory.mktemp("elsewhere") / "base.pth"
