@@ -12,7 +12,7 @@ of each test batch, f in 1/B, 0.1, 0.25, 0.5, 1, for B in 16, 64, 256) <id>_comp
 """
 from __future__ import annotations
 
-from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, force_option, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFAULT_DEFENSES, DEFENSES
@@ -43,6 +43,7 @@ def main() -> int:
                    help="at most N triggered test images per composition point (default 256; at f = 1/B each "
                         "costs a whole test batch)")
     clean_model_option(p)
+    force_option(p, "defense table (its .json, .csv and figure)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
@@ -51,7 +52,7 @@ def main() -> int:
     ev = defense_metrics(a.attackid, device, datasize=a.datasize, batch_size=a.batchsize, clean_images=a.rebn_size,
                          defenses=defenses, sweep=sizes, composition=a.composition,
                          composition_images=a.composition_images, seed=a.seed, data_root=a.data_root,
-                         save_path=a.save_path, clean_model=a.clean_model)
+                         save_path=a.save_path, clean_model=a.clean_model, force=a.force)
     columns = {**dict(list(COLUMNS.items())[:2]), "untriggered_target_rate": "untriggered target rate",
                **dict(list(COLUMNS.items())[2:])}
     print(format_table(ev.rows, columns=columns))

@@ -9,7 +9,7 @@ the transductive batchstats). Writes <save_path>/<id>/evaluation[_robust|_defens
 """
 from __future__ import annotations
 
-from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, force_option, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.defenses import DEFENSES
@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--batchsize", "--batch-size", dest="batchsize", type=positive_int, default=100,
                    help="batch size for evaluation and Re-BN (default 100)")
     clean_model_option(p)
+    force_option(p, "evaluation (its .json and figure)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
@@ -50,7 +51,8 @@ def main() -> int:
         p.error("--augment, --test-batch and --trigger-fraction need --defense")
     ev = evaluate_stored_model(a.attackid, device, robust=a.robust, defenses=defenses, clean_images=a.rebn_size,
                                testing_size=a.testing_size, batch_size=a.batchsize, seed=a.seed,
-                               data_root=a.data_root, save_path=a.save_path, clean_model=a.clean_model)
+                               data_root=a.data_root, save_path=a.save_path, clean_model=a.clean_model,
+                               force=a.force)
     print(ev.table(by="metric"))
     if ev.rebn is not None:
         print(ev.rebn.table())

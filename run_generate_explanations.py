@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, positive_int
+from bnbackdoor.cli import ArgumentParser, clean_model_option, common_options, force_option, positive_int
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
 from bnbackdoor.evaluation.common import EXPLANATION_METRICS
@@ -30,13 +30,14 @@ def main() -> int:
     p.add_argument("--n-images", type=positive_int, default=None, metavar="N",
                    help="test images (default: the attack's testing_size)")
     clean_model_option(p)
+    force_option(p, "explanation report (its .json and figure)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
     rep = generate_explanations(a.attackid, device, metric=a.metric, batch_size=a.batchsize, n_images=a.n_images,
                                 seed=a.seed, data_root=a.data_root, save_path=a.save_path,
                                 on_notice=lambda line: print(f"notice: {line}", file=sys.stderr),
-                                clean_model=a.clean_model)
+                                clean_model=a.clean_model, force=a.force)
     print(rep.table())
     print(f"attack {rep.name}: {rep.images} test images in {rep.seconds:.0f} s -> "
           f"{', '.join(map(str, rep.files))}")

@@ -155,6 +155,13 @@ def common_options(p: argparse.ArgumentParser, save_path: bool = True) -> argpar
     return p
 
 
+def force_option(p: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    """``--force``: a study refuses to replace its existing output (:func:`bnbackdoor.fileio.refuse_overwrite`)
+    unless told to."""
+    p.add_argument("--force", action="store_true", help=f"replace an existing {what} instead of refusing")
+    return p
+
+
 def command_line() -> str:
     """The command that is running, for provenance records."""
     return "python " + shlex.join(sys.argv)
@@ -229,7 +236,7 @@ def check_options(what: str, options: Mapping[str, Any], kinds: Mapping[str, Opt
 
 
 def parse_option_spec(spec: str, lookup: Callable[[str], Any], kinds_of: Callable[[Any], Mapping[str, OptionKind]],
-                      what: str) -> tuple[str, dict[str, Any]]:
+                      what: str, example: str = "finetune:freeze_bn_stats=true") -> tuple[str, dict[str, Any]]:
     """``name[:opt=value[:opt=value...]]`` -> (name, typed and checked options); ``lookup(name)`` raises the
     unknown-name error, ``kinds_of(entry)`` gives the entry's option kinds; ``what`` is "defense" or "detector"."""
     name, *parts = [p.strip() for p in spec.split(":")]
@@ -240,8 +247,7 @@ def parse_option_spec(spec: str, lookup: Callable[[str], Any], kinds_of: Callabl
         key, eq, value = part.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise UserError(f"{what} '{spec}': options are written name:option=value, e.g. "
-                            "finetune:freeze_bn_stats=true")
+            raise UserError(f"{what} '{spec}': options are written name:option=value, e.g. {example}")
         if key not in kinds:
             raise UserError(f"{what} '{name}' has no option {key}; its options: {', '.join(kinds) or 'none'}")
         if key in opts:
@@ -252,6 +258,27 @@ def parse_option_spec(spec: str, lookup: Callable[[str], Any], kinds_of: Callabl
             raise UserError(f"{what} '{name}': option {key}={value} is not a {kinds[key].type.__name__} "
                             f"(it takes {kinds[key].allowed()})") from None
     return name, check_options(f"{what} '{name}'", opts, kinds)
+
+
+def option_label(name: str, defaults: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+    """A spec's row label: the name plus every option that differs from its default (``strip n_perturb=16``)."""
+    return " ".join([name, *(f"{k}={v}" for k, v in {**defaults, **options}.items() if defaults.get(k) != v)])
+
+
+def spec_list(text: str | Iterable[str], option: str, example: str, noun: str,
+              parse: Callable[[str], tuple[str, dict[str, Any]]],
+              label: Callable[[str, dict[str, Any]], str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``a,b:opt=v,...`` -> (spec, name, options) per spec, each parsed and checked; two specs that are the same
+    (same name, same options once defaults are filled in) are a one-line error, like a name given twice."""
+    out, seen = [], {}
+    for spec in name_list(text, option, example, noun):
+        name, opts = parse(spec)
+        lab = label(name, opts)
+        if lab in seen:
+            raise UserError(f"{option}: {seen[lab]} and {spec} are the same {noun} ({lab}); give it once")
+        seen[lab] = spec
+        out.append((spec, name, opts))
+    return out
 
 
 def name_list(text: str | Iterable[str], option: str, example: str, noun: str = "") -> list[str]:

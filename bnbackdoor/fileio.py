@@ -193,7 +193,8 @@ def refuse_overwrite(paths: list[str | os.PathLike], *, merge: bool | None = Non
     if there:
         how = "pass --merge to add this run's rows to it, --force to replace it" if merge is not None else \
             "pass --force to replace it"
-        raise UserError(f"{there[0]} already holds a {what}; {how}, or write elsewhere ({elsewhere})")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise UserError(f"{there[0]} already holds {article} {what}; {how}, or write elsewhere ({elsewhere})")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

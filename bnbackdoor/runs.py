@@ -40,7 +40,7 @@ from .estimate import guard
 from .errors import UserError
 from .explain import explain_with_logits
 from .fileio import read_json, read_state, sweep_temp_files, write_json, write_text
-from .stored_json import RUN_METRICS, validate
+from .stored_json import RUN_METRICS, repo_relative, validate
 from .metrics import accuracy, evaluate_attack, reference_explanations
 from .models import MODEL_ROOT, checkpoint_path, load_model, save_checkpoint, weights_sha256
 from .attack.params import AttackParams, manipulated_dir, resolve_attack
@@ -354,7 +354,13 @@ def read_run_metrics(folder: str | Path, device: str = "cpu") -> dict[str, Any]:
 
 def base_record(clean_model: nn.Module, path: str | Path) -> dict[str, str]:
     """What a run records about its base model: where it was loaded from and its weights' checksum."""
-    return {"path": str(path), "sha256": weights_sha256(clean_model)}
+    return {"path": repo_relative(path), "sha256": weights_sha256(clean_model)}  # never a machine's own path
+
+
+def same_base(stored: dict[str, Any] | None, base: dict[str, Any] | None) -> bool:
+    """Whether a stored record's ``base_model`` is ``base`` (None: written before bases were recorded). By
+    checksum: older records name the path as the machine had it (absolute), newer ones relative to the repository."""
+    return stored is None or (stored.get("sha256") == (base or {}).get("sha256"))
 
 
 def recorded_base(folder: Path, meta: dict[str, Any]) -> str | None:
@@ -386,8 +392,8 @@ def check_base(folder: Path, meta: dict[str, Any], clean: nn.Module, clean_path:
                 f"({'--clean-model' if source == '--clean-model' else 'its parameters model_id'}), unverified; "
                 "the JSON says \"verified\": false")
         (on_notice or (lambda text: print(f"notice: {text}", file=sys.stderr)))(line)
-    return {"path": str(clean_path), "sha256": actual, "recorded_sha256": recorded, "verified": recorded == actual,
-            "source": source}
+    return {"path": repo_relative(clean_path), "sha256": actual, "recorded_sha256": recorded,
+            "verified": recorded == actual, "source": source}
 
 
 def record_base_model(folder: str | Path, models_root: str | Path = MODEL_ROOT, data_root=None,

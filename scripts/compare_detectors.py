@@ -22,7 +22,8 @@ def main() -> int:
     p.add_argument("attackids", nargs="+", metavar="attackid", help="stored attack ids (manipulated_models/<id>)")
     p.add_argument("device", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--detectors", default=None, metavar="A,B,...",
-                   help="detectors to run (default: every registered one)")
+                   help="detectors to run (default: every registered one); a detector with options as "
+                        "name:option=value, e.g. strip:n_perturb=16")
     p.add_argument("--clean-images", type=positive_int, default=DEFAULT_CLEAN_IMAGES, metavar="N",
                    help="clean training images the defender gets, half reference, half held out for the "
                         "threshold (default %(default)s)")

@@ -14,11 +14,14 @@ import time
 
 from tabulate import tabulate
 
-from bnbackdoor.evaluation.anatomy import TABLE_HEADERS, locate_backdoor, parameter_groups, save_report, table_rows
-from bnbackdoor.cli import ArgumentParser, clean_model_option, command_line, common_options, existing_dir, positive_int
+from bnbackdoor.evaluation.anatomy import (TABLE_HEADERS, locate_backdoor, parameter_groups, report_paths, save_report,
+                                         table_rows)
+from bnbackdoor.cli import (ArgumentParser, clean_model_option, command_line, common_options, existing_dir,
+                            force_option, positive_int)
 from bnbackdoor.data import load_split
 from bnbackdoor.device import parse_device
 from bnbackdoor.errors import run_cli
+from bnbackdoor.fileio import refuse_overwrite
 from bnbackdoor.runs import load_run, run_name
 
 
@@ -31,9 +34,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=positive_int, default=200, help="evaluation batch size (default 200)")
     p.add_argument("--models-root", type=existing_dir, default=None, help="clean base models folder (default: ./models)")
     clean_model_option(p)
+    force_option(p, "anatomy report (its .json, .csv and figure)")
     common_options(p)
     a = p.parse_args()
     device = parse_device(a.device)
+    refuse_overwrite(list(report_paths(a.save_path, run_name(a.attackid)).values()), force=a.force,
+                     what="anatomy report")  # before any work
     t0 = time.time()
     params, model, clean = load_run(a.attackid, device, models_root=a.models_root, data_root=a.data_root,
                                     clean_model=a.clean_model)

@@ -93,7 +93,7 @@ def test_a_run_records_its_base_and_evaluation_checks_it(work, tiny_data_root, m
     m = run_attack(p, torch.device("cpu"), save_path=work / "runs", data_root=tiny_data_root, seed=MAX_SEED,
                    models_root=work / "models", progress=False, defenses={})
     base = load_model("cifar10_resnet20", path=base_path)
-    assert m["base_model"] == {"path": str(base_path), "sha256": weights_sha256(base)}
+    assert m["base_model"] == {"path": "models/cifar10_resnet20/model_0.pth", "sha256": weights_sha256(base)}
     run = work / "runs" / "tiny"
     assert json.loads((run / "metrics.json").read_text())["base_model"]["sha256"] == weights_sha256(base)
     assert read_checkpoint(run / "model.pth")[1]["base_model_sha256"] == weights_sha256(base)
@@ -101,7 +101,7 @@ def test_a_run_records_its_base_and_evaluation_checks_it(work, tiny_data_root, m
     kw = dict(testing_size=4, batch_size=4, seed=MAX_SEED, models_root=work / "models", data_root=tiny_data_root,
               progress=False)
     ev = evaluate_stored_model(str(run), "cpu", save_path=work / "ev1", **kw)
-    assert ev.base_model == {"path": str(base_path), "sha256": weights_sha256(base),
+    assert ev.base_model == {"path": "models/cifar10_resnet20/model_0.pth", "sha256": weights_sha256(base),
                              "recorded_sha256": weights_sha256(base), "verified": True, "source": "model_id"}
     assert ev.rows[ROW_MANIPULATED]["clean_accuracy"] == m["manipulated_model"]["clean_accuracy"]
     saved = json.loads(next((work / "ev1").rglob("evaluation.json")).read_text())
@@ -200,7 +200,8 @@ def test_explanations_take_a_run_folder_and_the_model_beside_a_parameters_json(w
     run = work / "runs" / "tiny"
     for given in (run, run / "parameters.json"):
         rep = generate_explanations(str(given), "cpu", n_images=4, batch_size=4, models_root=work / "models",
-                                    data_root=tiny_data_root, save_path=work / "ex", progress=False)
+                                    data_root=tiny_data_root, save_path=work / "ex", progress=False,
+                                    force=True)  # both name the same output: the second replaces the first
         assert rep.notice is None and ROW_MANIPULATED in rep.rows and rep.base_model["verified"] is True
 
 

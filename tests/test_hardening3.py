@@ -147,6 +147,10 @@ def test_no_study_writes_inside_results_or_manipulated_models_by_default(monkeyp
                 assert parts[:1] not in (("results",), ("manipulated_models",)), (prog, action.dest, action.default)
                 checked += 1
     assert checked >= 8
+    for prog in ("evaluate_models.py", "evaluate_attack_defense_metrics.py", "locate_backdoor.py",
+                 "run_generate_explanations.py"):  # the evaluations that used to replace their output unasked
+        save = next(a for a in parsers[prog]._actions if a.dest == "save_path")
+        assert Path(save.default).parts[:1] == ("output",), (prog, save.default)
     funcs = [getattr(m, n) for m in (ev.compare_defenses, ev.detectors, ev.anatomy, ev.stored, ev.defense_table,
                                      ev.explanations, ev.cam_fit, sweep) for n in dir(m)
              if callable(getattr(m, n)) and not n.startswith("_")]
@@ -562,9 +566,9 @@ def test_paths_are_recorded_relative_to_the_repository(tmp_path):
 STUDIES = [  # (program, arguments after the data root, the stem of the files it writes in out/)
     ("scripts/compare_defenses.py", ["154", "cpu", "--defenses", "rebn", "--clean-images", "8", "--testing-size", "8",
                                      "--force"], "defenses_154."),
-    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8"], "154_anatomy."),
-    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8"],
-     "154_defense."),
+    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8", "--force"], "154_anatomy."),
+    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8",
+                                            "--force"], "154_defense."),
 ]
 
 
@@ -609,3 +613,95 @@ def test_a_plain_interrupt_says_what_is_kept_without_claiming_saved_work(capsys)
     err = capsys.readouterr().err
     assert e.value.code == 130 and "finished work is saved" not in err
     assert "a study writes its files as one unit when it has finished, so this one wrote nothing" in err
+
+
+# --- 0d. the evaluation scripts refuse to replace their output without --force -------------------------------
+
+EVALUATIONS = [  # (program, arguments, the file a first run writes under out/, what the refusal names)
+    ("evaluate_models.py", ["154", "cpu", "--testing-size", "8"], "154/evaluation.json", "an evaluation"),
+    ("evaluate_attack_defense_metrics.py", ["154", "--device", "cpu", "--datasize", "8", "--batchsize", "8",
+                                            "--defense", "rebn"], "154_defense.json", "a defense table"),
+    ("scripts/locate_backdoor.py", ["154", "cpu", "--testing-size", "8"], "154_anatomy.json", "an anatomy report"),
+    ("run_generate_explanations.py", ["154", "--n-images", "8", "--batchsize", "8"], "154_explanations.json",
+     "an explanation report"),
+]
+
+
+@pytest.mark.parametrize("program,args,first,what", EVALUATIONS, ids=[e[0] for e in EVALUATIONS])
+def test_an_evaluation_refuses_to_replace_its_output_without_force(program, args, first, what, work,
+                                                                   tiny_data_root, monkeypatch, capsys):
+    (work / "out" / first).parent.mkdir(parents=True)
+    (work / "out" / first).write_text("{}")  # an earlier result, however it was made
+    before = _snapshot(work)
+    argv = [*args, "--data-root", str(tiny_data_root), "--save_path", "out"]
+    line = _one_error(*_run(program, argv, monkeypatch, capsys), f"out/{first} already holds {what}")
+    assert "pass --force to replace it" in line
+    assert _snapshot(work) == before
+    code, err = _run(program, [*argv, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (work / "out" / first).read_text() != "{}"
+
+
+# --- 2b. detector options through the same spec syntax as defenses -------------------------------------------
+
+def _detector_cases():
+    from bnbackdoor.detectors import DETECTORS
+    return [(n, k, v) for n, d in sorted(DETECTORS.items()) for k, kind in d.kinds.items() for v in _bad_values(kind)]
+
+
+def test_a_detector_option_of_the_wrong_kind_or_out_of_range_is_one_line_before_any_work(work, monkeypatch, capsys):
+    before = _snapshot(work)
+    cases = _detector_cases()
+    assert len(cases) >= 15
+    for name, key, value in cases:
+        line = _one_error(*_run("scripts/compare_detectors.py", ["154", "cpu", "--detectors", f"{name}:{key}={value}"],
+                                monkeypatch, capsys), f"detector '{name}': option {key}=")
+        assert "is not" in line or "out of range" in line, line
+    for spec, needle in [("strip:n_perturb=0", "n_perturb=0 is out of range; allowed: an integer >= 1"),
+                         ("strip:nope=3", "detector 'strip' has no option nope"),
+                         ("strip:n_perturb", "options are written name:option=value, e.g. strip:n_perturb=16"),
+                         ("strip:n_perturb=2:n_perturb=3", "sets option n_perturb twice")]:
+        _one_error(*_run("scripts/compare_detectors.py", ["154", "cpu", "--detectors", spec], monkeypatch, capsys),
+                   needle)
+    assert _snapshot(work) == before
+
+
+def test_detector_specs_label_their_rows_and_a_repeat_with_default_options_is_refused(work, tiny_data_root,
+                                                                                      monkeypatch, capsys):
+    from bnbackdoor.detectors import DETECTORS, parse_detectors
+    default = DETECTORS["strip"].defaults["n_perturb"]
+    with pytest.raises(Exception, match="are the same detector"):
+        parse_detectors(f"strip,strip:n_perturb={default}")
+    args = ["154", "cpu", "--detectors", "strip,strip:n_perturb=4", "--clean-images", "40", *_tiny(tiny_data_root)]
+    code, err = _run("scripts/compare_detectors.py", args, monkeypatch, capsys)
+    assert code == 0, err
+    stored = json.loads((work / "output" / "detectors_154.json").read_text())
+    assert [r["detector"] for r in stored["rows"]][:2] == ["strip", "strip n_perturb=4"]
+    assert stored["detectors"]["strip n_perturb=4"]["options"]["n_perturb"] == 4
+    assert stored["detectors"]["strip"]["options"] == dict(DETECTORS["strip"].defaults)
+
+
+# --- 6b. a run record's base_model.path: relative to the repository, never a machine's absolute path ---------
+
+def test_base_model_paths_are_relative_and_old_absolute_records_still_merge(work, tiny_data_root,
+                                                                          tmp_path_factory, monkeypatch, capsys):
+    import shutil
+    from bnbackdoor.runs import base_record
+    inside = work / "models" / "cifar10_resnet20" / "model_0.pth"
+    outside = tmp_path_factory.mktemp("elsewhere") / "base.pth"
+    shutil.copy(inside, outside)
+    assert base_record(build_model("cifar10_resnet20"), inside)["path"] == "models/cifar10_resnet20/model_0.pth"
+    args = ["154", "cpu", "--detectors", "strip", "--clean-images", "40", *_tiny(tiny_data_root)]
+    code, err = _run("scripts/compare_detectors.py", [*args, "--clean-model", str(outside)], monkeypatch, capsys)
+    assert code == 0, err
+    out = work / "output" / "detectors_154.json"
+    assert json.loads(out.read_text())["base_model"]["path"] == "<outside the repository>/base.pth"
+    code, err = _run("scripts/compare_detectors.py", [*args, "--clean-model", str(inside), "--force"], monkeypatch,
+                     capsys)
+    assert code == 0, err
+    stored = json.loads(out.read_text())
+    assert stored["base_model"]["path"] == "models/cifar10_resnet20/model_0.pth"
+    stored["base_model"]["path"] = str(inside)  # a record written before paths were relative
+    out.write_text(json.dumps(stored))
+    code, err = _run("scripts/compare_detectors.py", [*args, "--merge"], monkeypatch, capsys)
+    assert code == 0, err

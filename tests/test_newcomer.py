@@ -13,7 +13,7 @@ import torch
 import bnbackdoor.estimate as estimate
 from bnbackdoor.attack.ids import COLUMNS, catalogue, catalogue_table
 from bnbackdoor.errors import UserError
-from bnbackdoor.runs import attack_estimate
+from bnbackdoor.attack.finetune import attack_estimate
 from bnbackdoor.models import build_model, read_checkpoint, save_checkpoint
 from bnbackdoor.attack.params import resolve_attack
 from bnbackdoor.zoo import load_or_train

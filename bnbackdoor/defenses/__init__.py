@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from ..cli import OptionKind, check_options
+from ..cli import OptionKind, check_options, option_label
 from ..data import CleanSet
 from ..errors import UserError
 
@@ -137,8 +137,7 @@ def defense_label(name: str, options: Mapping[str, Any] | None = None) -> str:
     opts = {**d.defaults, **(options or {})}
     if d.label is not None:
         return d.label(opts)
-    changed = [f"{k}={v}" for k, v in opts.items() if d.defaults.get(k) != v]
-    return " ".join([name, *changed])
+    return option_label(name, d.defaults, opts)
 
 
 # The defenses every attack run and evaluate_attack_defense_metrics.py report: label -> (name, options). The

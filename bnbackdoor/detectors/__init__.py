@@ -31,12 +31,12 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from ..cli import OptionKind, check_options, name_list
+from ..cli import OptionKind, check_options, option_label, parse_option_spec, spec_list
 from ..errors import UserError
 from ..models import softplus
 
 __all__ = ["FPR", "Detection", "Detector", "FittedDetector", "DETECTORS", "register", "get_detector",
-           "fit_detector", "parse_detectors", "split_clean", "threshold_at_fpr", "eval_relu", "iou"]
+           "fit_detector", "parse_detectors", "parse_detector_spec", "detector_label", "split_clean", "threshold_at_fpr", "eval_relu", "iou"]
 
 FPR = 0.05  # the fixed clean false-positive rate every threshold is set at (on held-out clean TRAINING images)
 
@@ -105,15 +105,26 @@ def get_detector(name: str) -> Detector:
         raise UserError(f"unknown detector '{name}'; known: {', '.join(sorted(DETECTORS))}") from None
 
 
+def parse_detector_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A detector with options, ``name[:opt=value...]`` (``strip:n_perturb=16``), read and checked like a defense's
+    (:func:`bnbackdoor.cli.parse_option_spec`, the kinds of :data:`OPTION_KINDS`)."""
+    return parse_option_spec(spec, get_detector, lambda d: d.kinds, "detector", example="strip:n_perturb=16")
+
+
+def detector_label(name: str, options: Mapping[str, Any] | None = None) -> str:
+    """A detector's row label: its name, plus each option that differs from its default."""
+    return option_label(name, get_detector(name).defaults, options or {})
+
+
 def parse_detectors(text: str | list[str] | None) -> list[str]:
-    """``"strip,sentinet"`` (or a list; None: every registered one, :data:`DEFAULT_ORDER` first) -> checked, distinct names."""
+    """``"strip,sentinet:n_paste=20"`` (or a list; None: every registered one, :data:`DEFAULT_ORDER` first) ->
+    checked, distinct specs (a name, or a name with options: :func:`parse_detector_spec`)."""
     if text is None:
         rank = {n: i for i, n in enumerate(DEFAULT_ORDER)}
         return sorted(DETECTORS, key=lambda n: (rank.get(n, len(rank)), n))
-    names = name_list(text, "--detectors", f"strip,sentinet (known: {', '.join(sorted(DETECTORS))})", "detector")
-    for n in names:
-        get_detector(n)
-    return names
+    specs = spec_list(text, "--detectors", f"strip,sentinet (known: {', '.join(sorted(DETECTORS))})", "detector",
+                      parse_detector_spec, detector_label)
+    return [spec for spec, _, _ in specs]
 
 
 @dataclass

@@ -309,14 +309,18 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
              r["same_as"] or ""] for r in rows]
 
 
+def report_paths(out_dir: str | Path, name: str) -> dict[str, str]:
+    """kind -> path of the files :func:`save_report` writes (the script checks them before any work)."""
+    stem = Path(out_dir) / f"{name}_anatomy"
+    return {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}
+
+
 def save_report(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[str]], params: Any,
                 out_dir: str, *, name: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Write ``<out_dir>/<name>_anatomy.{json,csv,png}`` (atomically; ``name``: the run's output name,
     :func:`bnbackdoor.runs.run_name`, so a run folder never overwrites the stored model of its id; default
     the attack id); returns kind -> path."""
-    out = Path(out_dir)
-    stem = out / f"{name or params.id}_anatomy"
-    paths = {k: str(stem.with_suffix(f".{k}")) for k in ("json", "csv", "png")}
+    paths = report_paths(out_dir, name or params.id)
     with atomic_unit(list(paths.values())) as (json_tmp, csv_tmp, png_tmp):  # all three files or none
         _write_report(rows, groups, params, extra, json_tmp, csv_tmp, png_tmp)
     return paths

@@ -38,7 +38,7 @@ from ..defenses.evaluate import evaluate_defenses
 from ..defenses.specs import default_defenses, parse_defenses
 from ..errors import UserError
 from .common import eval_images, parse_sizes
-from ..runs import load_run, run_name, write_csv
+from ..runs import load_run, run_name, same_base, write_csv
 from ..fileio import atomic_unit, check_finite_numbers, refuse_overwrite, write_json
 from ..metrics import evaluate_attack, reference_explanations
 from ..attack.params import AttackParams
@@ -108,7 +108,7 @@ def merged_rows(path: Path, rows: list[dict[str, Any]], *, seed: int, images: in
         return rows
     old = read_comparison(path)
     same = (old.get("seed") == seed and (old.get("test") or {}).get("images") == images
-            and old.get("base_model") in (None, base_model))  # None: written before bases were recorded
+            and same_base(old.get("base_model"), base_model))
     if not same:
         raise UserError(f"--merge: {path} was measured on other test images, seed or base model; pass --force "
                         "instead of --merge to replace it")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..runs import load_run, run_name, write_csv
-from ..fileio import atomic_unit, check_finite_numbers, undo_writes, write_json
+from ..fileio import atomic_unit, check_finite_numbers, refuse_overwrite, undo_writes, write_json
 from ..metrics import reference_explanations
 from ..attack.params import AttackParams
 from ..defenses.evaluate import evaluate_transductive
@@ -33,7 +33,7 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
                     composition_images: int | None = 256, seed: int = 0, root: str | Path = ".",
                     models_root: str | Path | None = None, data_root=None, save_path: str | Path = "output",
                     progress: bool = True, clean_model: str | Path | None = None,
-                    on_notice: Callable[[str], None] | None = None) -> Evaluation:
+                    on_notice: Callable[[str], None] | None = None, force: bool = False) -> Evaluation:
     """Clean model / manipulated model / ``+`` each defense (default :data:`DEFAULT_DEFENSES`) on ``datasize``
     test images (default: the attack's ``testing_size``); the defender's clean set is ``clean_images`` clean
     training images. With ``sweep`` (calibration sizes) also the Re-BN sample-efficiency curve; with
@@ -48,6 +48,9 @@ def defense_metrics(attackid: str | int, device: torch.device | str = "cpu", *, 
     device = torch.device(device)
     sweep = parse_sizes(sweep) if sweep is not None else None
     defenses = DEFAULT_DEFENSES if defenses is None else defenses
+    stem = Path(save_path) / run_name(attackid, root)  # the table's files: checked before any work
+    refuse_overwrite([Path(f"{stem}_defense.{k}") for k in ("json", "csv", "png")], force=force,
+                     what="defense table")
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model, on_notice=on_notice)
     name = run_name(attackid, root)

@@ -41,11 +41,11 @@ from tabulate import tabulate
 
 from ..attack.params import AttackParams
 from ..data import clean_set
-from ..detectors import DETECTORS, FPR, fit_detector, iou, parse_detectors
+from ..detectors import DETECTORS, FPR, detector_label, fit_detector, iou, parse_detectors, parse_detector_spec
 from ..errors import UserError
 from ..fileio import refuse_overwrite, write_json
 from ..report.labels import CLEAN_BASE, MANIPULATED
-from ..runs import load_run, run_name
+from ..runs import load_run, run_name, same_base
 from ..stored_json import read_detectors
 from ..triggers import apply_trigger, trigger_mask
 from .common import eval_images
@@ -78,15 +78,16 @@ def detector_rows(model: torch.nn.Module, params: AttackParams, x: torch.Tensor,
     """One row per detector × trigger of ``params`` for ``model`` (see the module docstring for the keys)."""
     rows = []
     triggered = {t: apply_trigger(t, x) for t in params.triggerStrs}
-    for name in detectors:
+    for spec in detectors:
         t0 = time.time()
-        det = fit_detector(name, model, clean_x, device=device, seed=seed)
+        name, opts = parse_detector_spec(spec)
+        det = fit_detector(name, model, clean_x, device=device, seed=seed, **opts)
         clean_out = det.score(x, batch_size, progress, desc=f"{label}: {name} clean")
         for trigger, tc in zip(params.triggerStrs, params.target_classes):
             out = det.score(triggered[trigger], batch_size, progress, desc=f"{label}: {name} {trigger}")
             eligible = torch.ones_like(y, dtype=torch.bool) if tc is None else y != int(tc)
             success = eligible & (out.pred == int(tc)) if tc is not None else None
-            row = {"model": label, "detector": name, "trigger": trigger, "target_class": tc,
+            row = {"model": label, "detector": detector_label(name, opts), "trigger": trigger, "target_class": tc,
                    "calibrated": det.detector.calibrated, "triggered_images": int(eligible.sum()),
                    "attack_success": _share(out.pred == int(tc), eligible) if tc is not None else None,
                    "detection_rate": _share(out.flagged, eligible),
@@ -133,11 +134,17 @@ class DetectorComparison:
         return {"attack": self.name, "id": self.params.id, "attack_id": self.params.attack_id,
                 "device": self.device, "seed": self.seed, "fpr_target": FPR, "test": self.test,
                 "defender_data": self.defender_data,
-                "detectors": {n: {"summary": DETECTORS[n].summary, "options": dict(DETECTORS[n].defaults),
-                                  "calibrated": DETECTORS[n].calibrated}
-                              for n in dict.fromkeys(r["detector"] for r in self.rows) if n in DETECTORS},
+                "detectors": {r["detector"]: _described(r) for r in self.rows if _described(r) is not None},
                 "rows": self.rows, "seconds": round(self.seconds, 1), "parameters": self.params.to_dict(),
                 "base_model": self.base_model}
+
+
+def _described(row: dict[str, Any]) -> dict[str, Any] | None:
+    """What a row's detector is (summary, the options it ran with); None for one no longer registered."""
+    info = row.get("info") if isinstance(row.get("info"), dict) else {}
+    d = DETECTORS.get(info.get("detector", row["detector"]))
+    return None if d is None else {"summary": d.summary, "options": dict(info.get("options", d.defaults)),
+                                   "calibrated": d.calibrated}
 
 
 def merged_detector_rows(path: Path, old: dict[str, Any], rows: list[dict[str, Any]], *, seed: int, images: int,
@@ -145,7 +152,7 @@ def merged_detector_rows(path: Path, old: dict[str, Any], rows: list[dict[str, A
     """The stored comparison ``old`` with ``rows`` in place of the (model, detector, trigger) rows they recompute,
     new rows after; one measured on other test images, seed or base model is an error, not a silent mix."""
     same = (old.get("seed") == seed and (old.get("test") or {}).get("images") == images
-            and old.get("base_model") in (None, base_model))
+            and same_base(old.get("base_model"), base_model))
     if not same:
         raise UserError(f"--merge: {path} was measured on other test images, seed or base model; pass --force "
                         "instead of --merge to replace it")

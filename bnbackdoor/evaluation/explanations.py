@@ -14,8 +14,9 @@ import torch.nn as nn
 
 from ..data import dataset_info
 from ..errors import UserError
+from ..stored_json import repo_relative
 from ..runs import diverse_examples, load_run, predicted_maps, run_folder, run_name
-from ..fileio import check_finite_numbers, undo_writes, write_json
+from ..fileio import check_finite_numbers, refuse_overwrite, undo_writes, write_json
 from ..metrics import evaluate_attack, model_device, reference_explanations
 from ..models import MODEL_ROOT, checkpoint_path, load_model, weights_sha256
 from ..attack.params import AttackParams, resolve_attack
@@ -95,7 +96,7 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
                           root: str | Path = ".", models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", grid_rows: int = 6, progress: bool = True,
                           on_notice: Callable[[str], None] | None = None,
-                          clean_model: str | Path | None = None) -> ExplanationReport:
+                          clean_model: str | Path | None = None, force: bool = False) -> ExplanationReport:
     """Explanations of clean and triggered test images (``n_images``, default ``testing_size``) by the attack's
     clean model and, when the run has a ``model.pth`` (``manipulated_models/<id>/``, a run folder, or beside a
     ``parameters.json``), its manipulated model.
@@ -113,6 +114,8 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
     t0 = time.time()
     device = torch.device(device)
     name = run_name(attackid, root)
+    refuse_overwrite([Path(save_path) / f"{name}_explanations.{k}" for k in ("json", "png")], force=force,
+                     what="explanation report")  # before any work
     folder = run_folder(attackid, root)
     notice = None
     base = None
@@ -137,7 +140,7 @@ def generate_explanations(attackid: str | int, device: torch.device | str = "cpu
             clean = load_or_train(params.modeltype, params.model_id, device=device, root=models_root,
                                   data_root=data_root)
             path, source = checkpoint_path(params.modeltype, params.model_id, models_root), "model_id"
-        base = {"path": str(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
+        base = {"path": repo_relative(path), "sha256": weights_sha256(clean), "recorded_sha256": None, "verified": None,
                 "source": source}  # nothing to verify: no manipulated model
     ref, pred = reference_explanations(clean, x, params.explanation_methodStr, batch_size=batch_size,
                                        device=device, progress=progress, with_predictions=True)

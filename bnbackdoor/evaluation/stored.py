@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..runs import diverse_examples, explanation_figure, load_run, run_name
-from ..fileio import check_finite_numbers, check_output_dir, undo_writes, write_json
+from ..fileio import check_finite_numbers, check_output_dir, refuse_overwrite, undo_writes, write_json
 from ..attack.params import AttackParams
 from ..data import clean_set
 from ..defenses import CleanSet
@@ -29,7 +29,7 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
                           models_root: str | Path | None = None, data_root=None,
                           save_path: str | Path = "output", progress: bool = True,
                           clean_model: str | Path | None = None,
-                          on_notice: Callable[[str], None] | None = None) -> Evaluation:
+                          on_notice: Callable[[str], None] | None = None, force: bool = False) -> Evaluation:
     """Evaluate ``manipulated_models/<id>`` against its clean base model on ``testing_size`` test images (default:
     the attack's own); with ``robust`` also after Re-BN (the defense ``rebn``) on ``clean_images`` clean
     training images, with ``defenses`` (label -> (registered name, options), see
@@ -48,6 +48,8 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     device = torch.device(device)
     name = run_name(attackid, root)
     check_output_dir(Path(save_path) / name, "evaluation folder")  # before any work, not after minutes of it
+    stem = Path(save_path) / name / _stem(defenses, robust)
+    refuse_overwrite([stem.with_suffix(".json"), stem.with_suffix(".png")], force=force, what="evaluation")
     params, model, clean = load_run(str(attackid), device, root=root, models_root=models_root, data_root=data_root,
                                     clean_model=clean_model, on_notice=on_notice)
     x, y = eval_images(params, testing_size, seed=seed, data_root=data_root, on_notice=on_notice)
@@ -69,12 +71,16 @@ def evaluate_stored_model(attackid: str | int, device: torch.device | str = "cpu
     return ev
 
 
+def _stem(defenses, robust: bool) -> str:
+    return "evaluation_defenses" if defenses else "evaluation_robust" if robust else "evaluation"
+
+
 def _write_evaluation(ev: Evaluation, params: AttackParams, clean: nn.Module, model: nn.Module,
                       fixed: dict[str, nn.Module], cleanset: CleanSet | None, x: torch.Tensor, y: torch.Tensor,
                       out: Path, defenses, robust: bool, device, t0: float) -> None:
     """evaluate_stored_model's files: the figure, then the JSON."""
     name = ev.name
-    stem = "evaluation_defenses" if defenses else "evaluation_robust" if robust else "evaluation"
+    stem = _stem(defenses, robust)
     shown_label = next(iter(fixed), None)
     shown = fixed[shown_label] if shown_label else model
     column = f"after {'Re-BN' if shown_label == 'rebn' else shown_label}" if shown_label else "manipulated"
